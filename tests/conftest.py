@@ -1,0 +1,45 @@
+"""Test lanes and the leftover check.
+
+Lanes are chosen by directory: ``tests/unit`` (pure, no root), ``tests/host`` (root on this machine: real loop
+devices, QEMU processes, files), ``tests/vm`` (a real kernel with nbd and dm-mod: only inside the VM lane).
+A lane that cannot run fails under ``CI=true`` instead of skipping (see :func:`require`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support import leftovers
+
+LANES = ("unit", "host", "vm")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        lane = Path(str(item.fspath)).relative_to(Path(__file__).parent).parts[0]
+        if lane in LANES:
+            item.add_marker(getattr(pytest.mark, lane))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_leftovers(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Fail the run if it leaves loop/nbd devices, device-mapper tables, mounts or QEMU processes behind."""
+    before = leftovers.snapshot()
+    yield
+    left = leftovers.snapshot().new_since(before)
+    if left:
+        pytest.fail("the test run left these behind:\n  " + "\n  ".join(left), pytrace=False)
+
+
+@pytest.fixture
+def workdir(tmp_path: Path) -> Path:
+    """A scratch directory on a real filesystem (tmp_path lives under /tmp, which is fine for images)."""
+    return tmp_path
+
+
+def in_ci() -> bool:
+    return os.environ.get("CI", "").lower() in ("1", "true", "yes")

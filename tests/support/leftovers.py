@@ -1,0 +1,65 @@
+"""What a test run can leave behind: loop and nbd devices, device-mapper tables, mounts, QEMU processes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    items: frozenset[str]
+
+    def new_since(self, before: Snapshot) -> list[str]:
+        return sorted(self.items - before.items)
+
+
+def snapshot() -> Snapshot:
+    return Snapshot(frozenset(_loops() | _nbds() | _dm_tables() | _mounts() | _qemu_processes()))
+
+
+def _loops() -> set[str]:
+    found = set()
+    for dev in Path("/sys/block").glob("loop*"):
+        backing = dev / "loop" / "backing_file"
+        if backing.exists():
+            found.add(f"loop device /dev/{dev.name} -> {backing.read_text().strip()}")
+    return found
+
+
+def _nbds() -> set[str]:
+    return {f"nbd device /dev/{d.name} (pid {(d / 'pid').read_text().strip()})"
+            for d in Path("/sys/block").glob("nbd*") if (d / "pid").exists()}
+
+
+def _dm_tables() -> set[str]:
+    if not Path("/dev/mapper/control").exists():
+        return set()
+    out = subprocess.run(["dmsetup", "table"], capture_output=True, text=True, check=False).stdout
+    return {f"device-mapper table {line}" for line in out.splitlines() if line and "No devices" not in line}
+
+
+def _mounts() -> set[str]:
+    found = set()
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        fields = line.split()
+        sep = fields.index("-")
+        source, mountpoint = fields[sep + 2], fields[4]
+        if source.startswith(("/dev/loop", "/dev/nbd", "/dev/mapper", "/dev/dm-")) or fields[sep + 1] == "fuse":
+            found.add(f"mount {source} on {mountpoint}")
+    return found
+
+
+def _qemu_processes() -> set[str]:
+    found = set()
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        name = os.path.basename(cmd[0].decode(errors="replace")) if cmd and cmd[0] else ""
+        if name.startswith(("qemu-nbd", "qemu-storage-daemon", "qemu-system")):
+            found.add(f"process {name} pid {pid}: {b' '.join(cmd).decode(errors='replace')[:160]}")
+    return found
