@@ -1,0 +1,146 @@
+"""Inspect: everything about an image without mounting anything (design: ``Inspect``).
+
+Reads the image in user space (raw files directly, every other format through a private ``qemu-nbd``), then
+runs the pure parsers: partition table, LVM metadata, filesystem signatures; and asks who holds each file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from .blockio import BlockReader, FileReader, SliceReader
+from .fsprobe import Signature, probe
+from .holders import FileUsage, file_usage
+from .imageinfo import ImageInfo, probe_image
+from .lvmmeta import PhysicalVolume, VolumeGroup, read_pv
+from .nbdclient import open_image
+from .partitions import Partition, PartitionTable, read_partition_table
+
+WHOLE_DISK = "disk"
+
+
+@dataclass(frozen=True)
+class Volume:
+    """A place that may hold a filesystem: the whole disk, a partition, or an LVM logical volume."""
+
+    name: str  # what ``--volume`` takes: "disk", "p1", "vg/lv"
+    kind: str  # "disk" | "partition" | "lv"
+    offset: int | None  # bytes from the start of the virtual disk; None: not one linear piece of it
+    size: int
+    signature: Signature | None
+    partition: Partition | None = None
+    vg: str = ""  # an LV's volume group, or the VG a PV partition belongs to
+    note: str = ""  # what stands in the way of mounting it, or what it is instead
+
+    @property
+    def filesystem(self) -> str:
+        return self.signature.type if self.signature and self.signature.usage == "filesystem" else ""
+
+
+@dataclass(frozen=True)
+class Inspection:
+    image: ImageInfo
+    usage: tuple[FileUsage, ...]  # one per file of image.files()
+    table: PartitionTable | None
+    volume_groups: tuple[VolumeGroup, ...]
+    volumes: tuple[Volume, ...]
+
+
+@dataclass(frozen=True)
+class _Region:
+    """The whole disk, or one partition: where a filesystem or an LVM physical volume may start."""
+
+    name: str
+    offset: int
+    size: int
+    partition: Partition | None
+    pv: PhysicalVolume | None = None
+
+
+def inspect_image(path: str, *, fmt: str | None = None) -> Inspection:
+    image = probe_image(path, fmt=fmt)
+    usage = tuple(file_usage(f) for f in image.files())
+    with open_reader(image) as disk:
+        table = read_partition_table(disk)
+        regions = _regions(disk, table)
+        groups = _volume_groups(regions)
+        volumes = [*_region_volumes(disk, regions, table, groups)]
+        volumes += [v for vg in groups for v in _vg_volumes(disk, vg, regions)]
+    return Inspection(image, usage, table, tuple(groups), tuple(volumes))
+
+
+@contextlib.contextmanager
+def open_reader(image: ImageInfo) -> Iterator[BlockReader]:
+    """Raw single files are read directly; every other format through QEMU's block layer."""
+    if image.format == "raw" and len(image.chain) == 1:
+        fd = os.open(image.top.path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            yield FileReader(fd)
+        finally:
+            os.close(fd)
+    else:
+        with open_image(image) as reader:
+            yield reader
+
+
+def _regions(disk: BlockReader, table: PartitionTable | None) -> list[_Region]:
+    """The whole disk, or every partition, each with the LVM physical volume it holds if any."""
+    if table is None:
+        bounds = [(WHOLE_DISK, 0, disk.size, None)]
+    else:
+        bounds = [(f"p{p.number}", p.start, p.size, p) for p in table.partitions]
+    return [
+        _Region(name, offset, size, part,
+                None if part and part.container else read_pv(SliceReader(disk, offset, size)))
+        for name, offset, size, part in bounds
+    ]
+
+
+def _volume_groups(regions: list[_Region]) -> list[VolumeGroup]:
+    """Each volume group found, from its newest metadata among its physical volumes."""
+    newest: dict[str, VolumeGroup] = {}
+    for region in regions:
+        vg = region.pv.vg if region.pv else None
+        if vg is not None and (vg.uuid not in newest or vg.seqno > newest[vg.uuid].seqno):
+            newest[vg.uuid] = vg
+    return list(newest.values())
+
+
+def _vg_volumes(disk: BlockReader, vg: VolumeGroup, regions: list[_Region]) -> Iterator[Volume]:
+    present = {region.pv.uuid: region.offset for region in regions if region.pv}
+    missing = [pv.uuid for pv in vg.pvs if pv.uuid not in present]
+    for lv in vg.lvs:
+        if not lv.visible:
+            continue
+        name = f"{vg.name}/{lv.name}"
+        extent = vg.linear_extent(lv.name)
+        if extent is None:
+            note = "not one linear extent (striped, mirrored, thin or split): needs device-mapper"
+            yield Volume(name, "lv", None, lv.size, None, vg=vg.name, note=note)
+        elif extent[0] not in present:
+            yield Volume(name, "lv", None, lv.size, None, vg=vg.name,
+                         note=f"its physical volume {extent[0]} is not in this image")
+        else:
+            offset = present[extent[0]] + extent[1]
+            signature = probe(SliceReader(disk, offset, extent[2]))
+            note = f"volume group {vg.name} is missing physical volumes" if missing else ""
+            yield Volume(name, "lv", offset, extent[2], signature, vg=vg.name, note=note)
+
+
+def _region_volumes(
+    disk: BlockReader, regions: list[_Region], table: PartitionTable | None, groups: list[VolumeGroup]
+) -> Iterator[Volume]:
+    kind = "partition" if table is not None else "disk"
+    vg_names = {vg.uuid: vg.name for vg in groups}
+    for r in regions:
+        if r.partition is not None and r.partition.container:
+            yield Volume(r.name, kind, r.offset, r.size, None, r.partition,
+                         note="extended partition (holds the logical partitions)")
+            continue
+        signature = probe(SliceReader(disk, r.offset, r.size))
+        vg = vg_names.get(r.pv.vg.uuid, "") if r.pv and r.pv.vg else ""
+        note = "" if r.pv is None else f"LVM physical volume of {vg}" if vg else "LVM physical volume, no VG"
+        yield Volume(r.name, kind, r.offset, r.size, signature, r.partition, vg=vg, note=note)
