@@ -1,0 +1,132 @@
+"""The state journal: one JSON file per mount under the state directory (``/run/imgmount/`` by default).
+
+Each layer records its identity *before* it creates a kernel object and again once it exists, so a crash at
+any point leaves a record that says exactly what may exist (design: "Daemon life cycle"). Files are written
+atomically: a temporary file, fsync, rename, fsync of the directory. ``/run`` is a tmpfs: what a record
+describes dies with the kernel, and so does the record.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from .errors import FailedError, NotFoundError
+
+DEFAULT_STATE_DIR = "/run/imgmount"
+STATE_DIR_ENV = "IMGMOUNT_STATE_DIR"
+
+
+@dataclass(frozen=True)
+class LayerRecord:
+    """What one layer made or is about to make; ``state`` is "attaching" until the kernel object exists."""
+
+    kind: str  # "lock" | "nbd" | "fuse" | "loop" | "dm" | "partition" | "mount"
+    volume: str  # the volume it serves ("" for the whole disk)
+    state: str  # "attaching" | "attached"
+    identity: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class MountRecord:
+    id: str
+    image: str
+    format: str
+    read_only: bool
+    owner: int
+    backend: str
+    options: dict[str, Any]
+    layers: tuple[LayerRecord, ...] = ()
+    state: str = "mounting"  # "mounting" | "mounted" | "unmounting" | "broken"
+
+    def with_layer(self, layer: LayerRecord) -> MountRecord:
+        """This record with ``layer`` added, or replacing the last layer of the same kind and volume."""
+        layers = list(self.layers)
+        if layers and (layers[-1].kind, layers[-1].volume) == (layer.kind, layer.volume) \
+                and layers[-1].state == "attaching":
+            layers[-1] = layer
+        else:
+            layers.append(layer)
+        return replace(self, layers=tuple(layers))
+
+    def without_layer(self, layer: LayerRecord) -> MountRecord:
+        return replace(self, layers=tuple(x for x in self.layers if x != layer))
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> MountRecord:
+        layers = tuple(LayerRecord(**x) for x in data.pop("layers", ()))
+        return cls(**data, layers=layers)
+
+
+class Journal:
+    def __init__(self, state_dir: str | None = None) -> None:
+        self.root = Path(state_dir or os.environ.get(STATE_DIR_ENV) or DEFAULT_STATE_DIR)
+        self.mounts = self.root / "mounts"
+
+    def ensure(self) -> None:
+        self.mounts.mkdir(parents=True, exist_ok=True, mode=0o700)
+
+    def write(self, record: MountRecord) -> None:
+        self.ensure()
+        data = json.dumps(record.to_json(), indent=1, sort_keys=True).encode()
+        fd, tmp = tempfile.mkstemp(dir=self.mounts, prefix=f".{record.id}.")
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp, self.mounts / f"{record.id}.json")
+        _fsync_dir(self.mounts)
+
+    def remove(self, mount_id: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            (self.mounts / f"{mount_id}.json").unlink()
+            _fsync_dir(self.mounts)
+
+    def read(self, mount_id: str) -> MountRecord:
+        try:
+            data = json.loads((self.mounts / f"{mount_id}.json").read_text())
+        except FileNotFoundError:
+            raise NotFoundError(f"no mount with id {mount_id}") from None
+        except (OSError, ValueError) as exc:
+            raise FailedError(f"the state record of mount {mount_id} is unreadable: {exc}") from None
+        return MountRecord.from_json(data)
+
+    def all(self) -> list[MountRecord]:
+        if not self.mounts.is_dir():
+            return []
+        ids = sorted(p.stem for p in self.mounts.glob("*.json"))
+        records = []
+        for mount_id in ids:
+            with contextlib.suppress(NotFoundError):  # removed by another process meanwhile
+                records.append(self.read(mount_id))
+        return records
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Serialise state changes across processes (every imgmount command and the daemon)."""
+        self.ensure()
+        fd = os.open(self.root / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
