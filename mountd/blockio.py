@@ -25,7 +25,8 @@ class FileReader:
 
     def __init__(self, fd: int, size: int | None = None) -> None:
         self._fd = fd
-        self._size = os.fstat(fd).st_size if size is None else size
+        # lseek to the end sizes block devices too (their st_size is 0).
+        self._size = os.lseek(fd, 0, os.SEEK_END) if size is None else size
 
     @property
     def size(self) -> int:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from .blockio import BlockReader, FileReader, SliceReader
 from .fsprobe import Signature, probe
-from .holders import FileUsage, file_usage
+from .holders import FileUsage, files_usage
 from .imageinfo import ImageInfo, probe_image
 from .lvmmeta import PhysicalVolume, VolumeGroup, read_pv
 from .nbdclient import open_image
@@ -41,12 +41,34 @@ class Volume:
 
 
 @dataclass(frozen=True)
-class Inspection:
-    image: ImageInfo
-    usage: tuple[FileUsage, ...]  # one per file of image.files()
+class DiskLayout:
+    """What a virtual disk holds: its partition table, volume groups and volumes."""
+
     table: PartitionTable | None
     volume_groups: tuple[VolumeGroup, ...]
     volumes: tuple[Volume, ...]
+
+    def volume(self, name: str) -> Volume | None:
+        return next((v for v in self.volumes if v.name == name), None)
+
+
+@dataclass(frozen=True)
+class Inspection:
+    image: ImageInfo
+    usage: tuple[FileUsage, ...]  # one per file of image.files()
+    layout: DiskLayout
+
+    @property
+    def table(self) -> PartitionTable | None:
+        return self.layout.table
+
+    @property
+    def volume_groups(self) -> tuple[VolumeGroup, ...]:
+        return self.layout.volume_groups
+
+    @property
+    def volumes(self) -> tuple[Volume, ...]:
+        return self.layout.volumes
 
 
 @dataclass(frozen=True)
@@ -62,14 +84,19 @@ class _Region:
 
 def inspect_image(path: str, *, fmt: str | None = None) -> Inspection:
     image = probe_image(path, fmt=fmt)
-    usage = tuple(file_usage(f) for f in image.files())
+    usage = files_usage(image.files())
     with open_reader(image) as disk:
-        table = read_partition_table(disk)
-        regions = _regions(disk, table)
-        groups = _volume_groups(regions)
-        volumes = [*_region_volumes(disk, regions, table, groups)]
-        volumes += [v for vg in groups for v in _vg_volumes(disk, vg, regions)]
-    return Inspection(image, usage, table, tuple(groups), tuple(volumes))
+        return Inspection(image, usage, analyse_disk(disk))
+
+
+def analyse_disk(disk: BlockReader) -> DiskLayout:
+    """Run the parsers on a virtual disk: partition table, LVM metadata, filesystem signatures."""
+    table = read_partition_table(disk)
+    regions = _regions(disk, table)
+    groups = _volume_groups(regions)
+    volumes = [*_region_volumes(disk, regions, table, groups)]
+    volumes += [v for vg in groups for v in _vg_volumes(disk, vg, regions)]
+    return DiskLayout(table, tuple(groups), tuple(volumes))
 
 
 @contextlib.contextmanager
@@ -88,6 +115,7 @@ def open_reader(image: ImageInfo) -> Iterator[BlockReader]:
 
 def _regions(disk: BlockReader, table: PartitionTable | None) -> list[_Region]:
     """The whole disk, or every partition, each with the LVM physical volume it holds if any."""
+    bounds: list[tuple[str, int, int, Partition | None]]
     if table is None:
         bounds = [(WHOLE_DISK, 0, disk.size, None)]
     else:

@@ -121,7 +121,7 @@ def render_tree(ins: Inspection) -> str:
         lines.append(f"{t.label.upper() if t.label == 'gpt' else 'MBR (dos)'} partition table, "
                      f"{t.sector_size}-byte sectors, disk id {t.disk_id}")
         lines += [f"  warning: {w}" for w in t.warnings]
-    rows = [("NAME", "OFFSET", "SIZE", "TYPE", "FSTYPE", "LABEL", "UUID / NOTE")]
+    rows: list[tuple[str, ...]] = [("NAME", "OFFSET", "SIZE", "TYPE", "FSTYPE", "LABEL", "UUID / NOTE")]
     rows += _volume_rows(ins)
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
     lines += ["  ".join([*(c.ljust(w) if i in (0, 3, 4, 5) else c.rjust(w)

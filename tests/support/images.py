@@ -150,7 +150,8 @@ class LvExtent:
 
 
 def lvm_args(dev: str) -> list[str]:
-    return ["--devices", dev, "--driverloaded", "n"]
+    """Only ever look at ``dev``; no device-mapper; and no metadata backups left in the host's /etc/lvm."""
+    return ["--devices", dev, "--driverloaded", "n", "--config", "backup { backup = 0 archive = 0 }"]
 
 
 def make_lvm(image: Path, offset: int, size: int, vg: str, lvs: Sequence[LvSpec], *,
