@@ -139,3 +139,13 @@ def _imgmount(*args: str) -> str:
     proc = subprocess.run([imgmount, *args], capture_output=True, text=True, check=False)
     assert proc.returncode == 0, proc.stderr
     return proc.stdout
+
+
+def test_read_only_cloop_format(guest: tuple[Path, list[Expected]], tmp_path: Path) -> None:
+    """cloop is one of the formats QEMU reads but cannot write; Debian's cloop-utils makes one."""
+    raw, expected = guest
+    image = tmp_path / "guest.cloop"
+    images.run(["create_compressed_fs", "-q", "-B", "65536", str(raw), str(image)])
+    ins = inspect_image(str(image))
+    assert (ins.image.format, ins.image.virtual_size) == ("cloop", 128 * MiB)
+    assert _volumes(ins) == expected

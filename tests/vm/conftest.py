@@ -1,0 +1,50 @@
+"""The VM lane: these tests run only inside the guest that ``scripts/vm-run`` boots (a real kernel with nbd,
+partition scanning and device-mapper). Anywhere else they fail, never skip: a lane that cannot run must
+show up as a failure, not as a quietly green run.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support import nbd
+
+RUN_THEM = "run them with scripts/vm-run -- .venv/bin/pytest tests/vm"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def vm_lane() -> Path:
+    """The guest's writable work directory (shared with the host), after checking we are really in the lane."""
+    work = os.environ.get("IMGMOUNT_VM_WORK", "")
+    if os.environ.get("IMGMOUNT_VM_LANE") != "1" or not work:
+        pytest.fail(f"tests/vm run only inside the VM lane (a real kernel with nbd and dm-mod): {RUN_THEM}",
+                    pytrace=False)
+    for module in ("nbd", "dm_mod"):
+        if not Path("/sys/module", module).is_dir():
+            pytest.fail(f"the {module} module is not loaded in this kernel: {RUN_THEM}", pytrace=False)
+    max_part = Path("/sys/module/nbd/parameters/max_part").read_text().strip()
+    if max_part == "0":
+        pytest.fail("nbd was loaded with max_part=0 (no partition nodes): the VM lane loads it with "
+                    "max_part=16", pytrace=False)
+    return Path(work)
+
+
+@pytest.fixture
+def scratch(tmp_path: Path, vm_lane: Path) -> Path:
+    """A directory for images in the lane's writable work dir (the guest root is read-only)."""
+    assert tmp_path.is_relative_to(vm_lane), f"TMPDIR is not in the lane's work dir {vm_lane}: {tmp_path}"
+    return tmp_path
+
+
+@pytest.fixture
+def free_nbd() -> Iterator[str]:
+    """A free ``/dev/nbdN`` (no ``pid``, size 0); checked free again afterwards."""
+    free = nbd.free_devices()
+    assert free, "no free nbd device in the guest"
+    device = f"/dev/{free[0]}"
+    yield device
+    assert nbd.is_free(free[0]), f"{device} is still attached after the test"
