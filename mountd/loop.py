@@ -280,8 +280,11 @@ class LoopLayer(Layer):
             users = users or ["claimed by the kernel (a mount in another namespace, or a lazy unmount)"]
             if not force:
                 raise BusyError(f"{self.node} is busy: {'; '.join(users)}: stop using it first")
-            _clear(self.node)  # deferred: the kernel detaches it at its last close
-            raise BusyError(f"{self.node} is busy ({'; '.join(users)}): it will detach itself once released")
+            # Forced (after a lazy unmount): the kernel detaches it at its last close. Nothing is at risk, the
+            # backing file stays open until then, so the mount record can go.
+            _clear(self.node)
+            log.warning("%s is busy (%s): it will detach itself once released", self.node, "; ".join(users))
+            return
         try:
             fcntl.ioctl(fd, LOOP_CLR_FD)
         except OSError as exc:

@@ -1,0 +1,201 @@
+"""The mount engine: image file to mounted filesystems and back (design: "A mount is a stack of layers").
+
+This is the API the D-Bus daemon wraps and that ``imgmount`` runs in-process. Every state change happens under
+the journal's cross-process lock, so a mount made by one process is listed and unmounted by another.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pwd
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from . import backends, dm, fuse, loop, mounts, nbd  # noqa: F401 - importing registers the layer kinds
+from .errors import InUseError, InvalidArgumentError, NotFoundError, UnsupportedError
+from .filesystems import mount_type, mountable_types
+from .holders import check_not_in_use
+from .imageinfo import ImageInfo, image_path, probe_image
+from .inspect import DiskLayout, Volume
+from .journal import Journal, MountRecord
+from .layer import layer_from_record
+from .stack import MountStack
+from .volumes import VolumeAttacher
+
+log = logging.getLogger(__name__)
+BACKENDS = ("auto", "nbd", "loop", "fuse")
+
+
+@dataclass(frozen=True)
+class MountRequest:
+    image: str
+    read_only: bool = True
+    volumes: tuple[str, ...] = ()  # empty: every volume holding a mountable filesystem
+    mount_root: str | None = None
+    format: str | None = None
+    snapshot: str | None = None
+    backend: str = "auto"
+    mount_options: tuple[str, ...] = ()
+    owner: int = 0
+
+
+@dataclass(frozen=True)
+class MountedVolume:
+    name: str
+    device: str
+    filesystem: str
+    mountpoint: str
+
+
+@dataclass(frozen=True)
+class MountInfo:
+    id: str
+    image: str
+    format: str
+    read_only: bool
+    owner: int
+    backend: str
+    device: str
+    volumes: tuple[MountedVolume, ...]
+    state: str
+
+    @classmethod
+    def from_record(cls, record: MountRecord) -> MountInfo:
+        disk = next((x for x in record.layers if x.volume == "" and x.kind != "mount"), None)
+        mount_layers = [x for x in record.layers if x.kind == "mount"]
+        volumes = tuple(
+            MountedVolume(m.volume, str(m.identity.get("device", "")), str(m.identity.get("fstype", "")),
+                          str(m.identity.get("mountpoint", "")))
+            for m in mount_layers
+        )
+        device = str(disk.identity.get("node", "")) if disk else ""
+        return cls(record.id, record.image, record.format, record.read_only, record.owner, record.backend,
+                   device, volumes, record.state)
+
+
+class Engine:
+    def __init__(self, journal: Journal | None = None) -> None:
+        self.journal = journal or Journal()
+
+    # --- queries -----------------------------------------------------------------------------------------
+
+    def mounts(self) -> list[MountInfo]:
+        return [MountInfo.from_record(r) for r in self.journal.all()]
+
+    def find(self, what: str) -> MountInfo:
+        """A mount by id, by image path, or by a mountpoint (or any path inside one)."""
+        records = self.journal.all()
+        full = os.path.realpath(what) if os.path.isabs(what) or os.path.exists(what) else what
+        for r in records:
+            info = MountInfo.from_record(r)
+            if what == r.id or full == r.image or any(
+                full == v.mountpoint or full.startswith(v.mountpoint.rstrip("/") + "/") for v in info.volumes
+            ):
+                return info
+        raise NotFoundError(f"{what} is not mounted by imgmount (imgmount --list shows what is)")
+
+    def verify(self, mount_id: str) -> list[str]:
+        """The layers of a mount that the kernel no longer shows as we made them."""
+        record = self.journal.read(mount_id)
+        return [layer.describe() for rec in record.layers if not (layer := layer_from_record(rec)).verify()]
+
+    # --- mount -------------------------------------------------------------------------------------------
+
+    def mount(self, req: MountRequest) -> MountInfo:
+        _check_request(req)
+        image = image_path(req.image)
+        with self.journal.locked():
+            existing = self._existing(image, req)
+            if existing is not None:
+                return existing
+            info = probe_image(image, fmt=req.format)
+            _check_snapshot(info, req)
+            check_not_in_use(info.files(), read_write=not req.read_only)
+            backend = backends.choose(req.backend, info)
+            record = MountRecord(id=uuid.uuid4().hex[:12], image=image, format=info.format,
+                                 read_only=req.read_only, owner=req.owner, backend=backend,
+                                 options=_options(req))
+            stack = MountStack(self.journal, record)
+            with stack.building():
+                disk = backends.attach_disk(stack, backend, info, read_only=req.read_only,
+                                            snapshot=req.snapshot, state_dir=self.journal.root)
+                layout = backends.analyse(disk)
+                attacher = VolumeAttacher(stack, disk, layout, req,
+                                          req.mount_root or default_mount_root(req.owner))
+                for volume in _selected(layout, req.volumes, disk.device_mapper):
+                    attacher.mount(volume)
+            log.info("mounted %s (%s, %s) as %s", image, info.format, backend, record.id)
+            return MountInfo.from_record(stack.record)
+
+    def _existing(self, image: str, req: MountRequest) -> MountInfo | None:
+        """The same image mounted twice returns the existing mount (if it fits the request)."""
+        for r in self.journal.all():
+            if r.image != image:
+                continue
+            if r.read_only != req.read_only:
+                mode = "read-only" if r.read_only else "read-write"
+                raise InUseError(f"{image} is already mounted {mode} by imgmount (mount {r.id}): "
+                                 "unmount it first")
+            return MountInfo.from_record(r)
+        return None
+
+    # --- unmount -----------------------------------------------------------------------------------------
+
+    def unmount(self, mount_id: str, *, force: bool = False) -> None:
+        with self.journal.locked():
+            record = self.journal.read(mount_id)
+            MountStack(self.journal, record).teardown(force=force)
+            log.info("unmounted %s (%s)", record.image, record.id)
+
+
+def default_mount_root(uid: int) -> str:
+    """``/run/media/<user>``, where desktop file managers look."""
+    try:
+        user = pwd.getpwuid(uid).pw_name
+    except KeyError:
+        user = str(uid)
+    return f"/run/media/{user}"
+
+
+def _check_request(req: MountRequest) -> None:
+    if req.backend not in BACKENDS:
+        raise InvalidArgumentError(f"unknown backend {req.backend!r}: use one of {', '.join(BACKENDS)}")
+    if req.mount_root is not None and not os.path.isabs(req.mount_root):
+        raise InvalidArgumentError(f"the mount root must be an absolute path: {req.mount_root}")
+    if req.snapshot is not None and not req.read_only:
+        raise InvalidArgumentError("an internal snapshot can only be mounted read-only")
+
+
+def _check_snapshot(info: ImageInfo, req: MountRequest) -> None:
+    if req.snapshot is None:
+        return
+    names = {s.name for s in info.top.snapshots} | {s.id for s in info.top.snapshots}
+    if req.snapshot not in names:
+        known = ", ".join(sorted(s.name for s in info.top.snapshots)) or "none"
+        raise NotFoundError(f"{info.top.path} has no internal snapshot {req.snapshot!r} (it has: {known})")
+
+
+def _options(req: MountRequest) -> dict[str, Any]:
+    return {"volumes": list(req.volumes), "mount-root": req.mount_root, "snapshot": req.snapshot,
+            "requested-backend": req.backend, "mount-options": list(req.mount_options)}
+
+
+def _selected(layout: DiskLayout, names: tuple[str, ...], device_mapper: bool) -> list[Volume]:
+    """The volumes asked for, or every volume that holds a mountable filesystem and can be reached."""
+    if names:
+        missing = [n for n in names if layout.volume(n) is None]
+        if missing:
+            known = ", ".join(v.name for v in layout.volumes) or "none"
+            raise NotFoundError(f"no volume named {', '.join(missing)} in this image (it has: {known})")
+        return [v for n in names if (v := layout.volume(n)) is not None]
+    types = mountable_types()
+    chosen = [v for v in layout.volumes if v.filesystem and mount_type(v.filesystem, types) in types
+              and (v.offset is not None or device_mapper)]
+    if not chosen:
+        found = ", ".join(f"{v.name}: {v.signature.type if v.signature else 'nothing'}"
+                          for v in layout.volumes)
+        raise UnsupportedError(f"no mountable filesystem in this image (found {found})")
+    return chosen
+
