@@ -1,0 +1,239 @@
+"""Benchmarks for imgmount (issue 3): run by scripts/bench on the host and inside the VM lane.
+
+Every figure is a median of several runs measured side by side in one process, so ratios are comparable run
+to run; nothing here is asserted. Caches are dropped before each cold read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from mountd.engine import Engine, MountRequest
+from tests.support import images
+
+MiB = images.MiB
+BIN = Path(sys.executable).parent
+ENV = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}  # measure as installed
+ENV.update({"DM_DISABLE_UDEV": "1", "LVM_SUPPRESS_FD_WARNINGS": "1"})
+
+
+def sh(script: str) -> None:
+    subprocess.run(["bash", "-euc", script], check=True, capture_output=True, env=ENV)
+
+
+def timed(action: Callable[[], object], repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        action()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def drop_caches() -> None:
+    os.sync()
+    Path("/proc/sys/vm/drop_caches").write_text("3\n")
+
+
+def imgmount(*args: str) -> str:
+    out = subprocess.run(
+        [str(BIN / "imgmount"), *args, "--json"], check=True, capture_output=True, text=True, env=ENV
+    ).stdout
+    return out
+
+
+def imgumount(target: str) -> None:
+    subprocess.run([str(BIN / "imgumount"), target], check=True, capture_output=True, env=ENV)
+
+
+# --- images ---------------------------------------------------------------------------------------------
+
+
+def build(work: Path) -> dict[str, Path]:
+    ext4 = images.blank(work / "ext4.raw", 384 * MiB)
+    images.partition(ext4, "label: gpt\nsize=320MiB\n")
+    p1 = images.sfdisk_json(ext4)["partitions"][0]
+    images.format_region(
+        ext4, p1["start"] * 512, p1["size"] * 512, "ext4", files={"big.bin": os.urandom(256 * MiB)}
+    )
+    lvm = images.blank(work / "lvm.raw", 128 * MiB)
+    images.partition(lvm, "label: gpt\ntype=E6D6D379-F507-44C2-A23C-238F2A3DF928\n")
+    p = images.sfdisk_json(lvm)["partitions"][0]
+    (lv,) = images.make_lvm(
+        lvm, p["start"] * 512, p["size"] * 512, "benchvg", [images.LvSpec("data", 64, "ext4")]
+    )
+    small = images.blank(work / "small.raw", 32 * MiB)
+    images.format_region(small, 0, 32 * MiB, "ext4", files={"f": b"x"})
+    found = {
+        "ext4.raw": ext4,
+        "ext4.qcow2": images.convert(ext4, work / "ext4.qcow2", "qcow2"),
+        "lvm.qcow2": images.convert(lvm, work / "lvm.qcow2", "qcow2"),
+    }
+    found.update(
+        {f"small{i}.qcow2": images.convert(small, work / f"small{i}.qcow2", "qcow2") for i in range(16)}
+    )
+    (work / "offsets.json").write_text(
+        json.dumps({"p1": p1["start"] * 512, "lv": p["start"] * 512 + lv.offset, "lv_size": lv.size})
+    )
+    return found
+
+
+# --- the bare commands a person types -------------------------------------------------------------------
+
+
+def bare_nbd(image: Path, mnt: Path, lvm: bool) -> None:
+    dev = next(f"/dev/{d.name}" for d in sorted(Path("/sys/block").glob("nbd*")) if not (d / "pid").exists())
+    if lvm:
+        sh(
+            f"qemu-nbd --fork -r -f qcow2 -c {dev} {image}; partprobe {dev};"
+            f" vgscan --devices {dev}p1 >/dev/null;"
+            f" vgchange -ay --devices {dev}p1 benchvg >/dev/null; mount -o ro /dev/benchvg/data {mnt};"
+            f" umount {mnt}; vgchange -an --devices {dev}p1 benchvg >/dev/null; qemu-nbd -d {dev} >/dev/null"
+        )
+    else:
+        sh(
+            f"qemu-nbd --fork -r -f qcow2 -c {dev} {image}; partprobe {dev}; mount -o ro {dev}p1 {mnt};"
+            f" umount {mnt}; qemu-nbd -d {dev} >/dev/null"
+        )
+
+
+def bare_fuse(image: Path, mnt: Path, offset: int, size: int) -> None:
+    export = mnt.parent / "export.raw"
+    sh(
+        f"touch {export}; qemu-storage-daemon --daemonize --pidfile {export}.pid --blockdev "
+        f"driver=qcow2,node-name=q,file.driver=file,file.filename={image} --export "
+        f"type=fuse,id=e,node-name=q,mountpoint={export},writable=off;"
+        f" dev=$(losetup -f --show -r -o {offset} --sizelimit {size} {export}); mount -o ro $dev {mnt};"
+        f" umount {mnt}; losetup -d $dev; pid=$(cat {export}.pid); kill $pid;"
+        f" while kill -0 $pid 2>/dev/null && ! grep -q zombie /proc/$pid/status 2>/dev/null; do :; done;"
+        f" umount -l {export} 2>/dev/null || true; rm -f {export} {export}.pid"
+    )
+
+
+# --- measurements ---------------------------------------------------------------------------------------
+
+
+def latency(
+    found: dict[str, Path], work: Path, where: str, repeats: int
+) -> list[tuple[str, float, float, float]]:
+    offsets = json.loads((work / "offsets.json").read_text())
+    mnt = work / "mnt"
+    mnt.mkdir(exist_ok=True)
+    rows = []
+    for name, key, volume, lvm in (
+        ("qcow2 GPT ext4", "ext4.qcow2", "p1", False),
+        ("qcow2 LVM ext4", "lvm.qcow2", "benchvg/data", True),
+    ):
+        image = found[key]
+
+        def ours(image: Path = image, volume: str = volume) -> None:
+            imgmount(str(image), "--volume", volume, "--mount-root", str(work / "media"))
+            imgumount(str(image))
+
+        def engine(image: Path = image, volume: str = volume) -> None:
+            eng = Engine()
+            info = eng.mount(MountRequest(str(image), volumes=(volume,), mount_root=str(work / "media")))
+            eng.unmount(info.id)
+
+        if where == "vm":
+
+            def bare(image: Path = image, lvm: bool = lvm) -> None:
+                bare_nbd(image, mnt, lvm)
+        else:
+            off, size = (offsets["lv"], offsets["lv_size"]) if lvm else (offsets["p1"], 320 * MiB)
+
+            def bare(image: Path = image, off: int = off, size: int = size) -> None:
+                bare_fuse(image, mnt, off, size)
+
+        rows.append((name, timed(ours, repeats), timed(engine, repeats), timed(bare, repeats)))
+    return rows
+
+
+def throughput(found: dict[str, Path], work: Path, where: str) -> list[tuple[str, float, float]]:
+    offsets = json.loads((work / "offsets.json").read_text())
+    raw = found["ext4.raw"]
+
+    def direct() -> None:
+        with open(raw, "rb", buffering=0) as f:
+            f.seek(offsets["p1"])
+            for _ in range(256):
+                f.read(MiB)
+
+    drop_caches()
+    direct_s = timed(direct, 1)
+    rows = []
+    backends = [("loop", "ext4.raw"), ("fuse", "ext4.qcow2")] + (
+        [("nbd", "ext4.qcow2")] if where == "vm" else []
+    )
+    for backend, key in backends:
+        info = json.loads(
+            imgmount(str(found[key]), "--backend", backend, "--mount-root", str(work / "media"))
+        )
+        big = Path(info["volumes"][0]["mountpoint"]) / "big.bin"
+        drop_caches()
+        seconds = timed(lambda big=big: big.read_bytes(), 1)
+        imgumount(str(found[key]))
+        rows.append((f"{backend} ({key})", 256 / seconds, 256 / direct_s))
+    return rows
+
+
+def concurrency(found: dict[str, Path], work: Path) -> list[tuple[int, float]]:
+    rows = []
+    for n in (1, 4, 16):
+        targets = [found[f"small{i}.qcow2"] for i in range(n)]
+        start = time.perf_counter()
+        procs = [
+            subprocess.Popen(
+                [str(BIN / "imgmount"), str(t), "--mount-root", str(work / "media")],
+                stdout=subprocess.DEVNULL,
+                env=ENV,
+            )
+            for t in targets
+        ]
+        if any(p.wait() != 0 for p in procs):
+            raise RuntimeError("a concurrent mount failed")
+        rows.append((n, (time.perf_counter() - start) / n))
+        subprocess.run([str(BIN / "imgumount"), "--all"], check=True, capture_output=True, env=ENV)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--where", choices=("host", "vm"), required=True)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    os.environ["IMGMOUNT_STATE_DIR"] = ENV["IMGMOUNT_STATE_DIR"] = tempfile.mkdtemp(prefix="imgmount-bench-")
+    with tempfile.TemporaryDirectory(prefix="imgmount-bench-", dir=os.environ.get("TMPDIR")) as tmp:
+        work = Path(tmp)
+        found = build(work)
+        bare = (
+            "qemu-nbd/partprobe/vgchange/mount" if args.where == "vm" else "qemu-storage-daemon/losetup/mount"
+        )
+        print(f"\n## {args.where}: mount+unmount latency, median of {args.repeats}")
+        print(f"(imgmount = the commands, engine = the same engine in-process, bare = {bare})")
+        print(f"{'image':<18} {'imgmount':>9} {'engine':>9} {'bare':>9} {'ratio':>6} {'engine ratio':>12}")
+        for name, ours, eng, bare_s in latency(found, work, args.where, args.repeats):
+            ratios = f"{ours / bare_s:6.2f} {eng / bare_s:12.2f}"
+            print(f"{name:<18} {ours:8.3f}s {eng:8.3f}s {bare_s:8.3f}s {ratios}")
+        print(f"\n## {args.where}: cold-cache read of a 256 MiB file (direct = the raw image file)")
+        print(f"{'backend':<22} {'MiB/s':>8} {'direct':>8} {'ratio':>6}")
+        for name, mbs, direct in throughput(found, work, args.where):
+            print(f"{name:<22} {mbs:8.0f} {direct:8.0f} {mbs / direct:6.2f}")
+        print(f"\n## {args.where}: N images mounted at once by N imgmount processes")
+        print(f"{'N':>3} {'seconds per image':>18}")
+        for n, per in concurrency(found, work):
+            print(f"{n:>3} {per:17.3f}s")
+
+
+if __name__ == "__main__":
+    main()
