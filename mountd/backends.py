@@ -90,7 +90,8 @@ def attach_disk(stack: MountStack, backend: str, info: ImageInfo, *, read_only: 
                 state_dir: Path) -> Disk:
     if backend == "loop":
         layer = stack.push(LayerRecord("loop", "", "attaching", {
-            "backing": info.top.path, "offset": 0, "size": 0, "read_only": read_only, "qemu_locks": True}))
+            "backing": info.top.path, "offset": 0, "size": 0, "read_only": read_only, "qemu_locks": True,
+            "direct_io": True}))
         return Disk(backend, layer.node, info.top.path, False, device_mapper_available())
     if backend == "fuse":
         exports = state_dir / "exports"

@@ -53,7 +53,7 @@ log = logging.getLogger(__name__)
 
 LOOP_CLR_FD, LOOP_SET_STATUS64, LOOP_GET_STATUS64, LOOP_CONFIGURE = 0x4C01, 0x4C04, 0x4C05, 0x4C0A
 LOOP_CTL_GET_FREE = 0x4C82
-LO_FLAGS_READ_ONLY, LO_FLAGS_AUTOCLEAR = 1, 4
+LO_FLAGS_READ_ONLY, LO_FLAGS_AUTOCLEAR, LO_FLAGS_DIRECT_IO = 1, 4, 16
 #: struct loop_info64: lo_device, lo_inode, lo_rdevice, lo_offset, lo_sizelimit (u64); lo_number,
 #: lo_encrypt_type, lo_encrypt_key_size, lo_flags (u32); file name, crypt name, key; lo_init[2].
 INFO64 = struct.Struct("=5Q4I64s64s32s2Q")
@@ -169,13 +169,15 @@ class LoopSpec:
     read_only: bool
     qemu_locks: bool
     block_size: int  # 0: the kernel's default (512)
+    direct_io: bool = False  # not over FUSE: the export serves O_DIRECT reads wrongly
 
     @classmethod
     def parse(cls, identity: dict[str, Any]) -> LoopSpec:
         try:
             spec = cls(os.path.realpath(str(identity["backing"])), int(identity.get("offset") or 0),
                        int(identity.get("size") or 0), bool(identity.get("read_only", True)),
-                       bool(identity.get("qemu_locks", False)), int(identity.get("block_size") or 0))
+                       bool(identity.get("qemu_locks", False)), int(identity.get("block_size") or 0),
+                       bool(identity.get("direct_io", False)))
         except (KeyError, TypeError, ValueError) as exc:
             raise InvalidArgumentError(f"bad loop layer plan {identity}: {exc}") from None
         if not os.path.isabs(str(identity["backing"])):
@@ -356,7 +358,9 @@ def _ensure_node(number: int) -> str:
 
 def _configure(node: str, fd: int, spec: LoopSpec) -> None:
     name = os.fsencode(spec.backing)[:63]
-    flags = LO_FLAGS_READ_ONLY if spec.read_only else 0
+    # Direct I/O: the data is cached once, by the filesystem on the loop device, not again as the backing
+    # file's pages. The kernel quietly falls back to buffered I/O where the offset or block size forbid it.
+    flags = (LO_FLAGS_READ_ONLY if spec.read_only else 0) | (LO_FLAGS_DIRECT_IO if spec.direct_io else 0)
     info = INFO64.pack(0, 0, 0, spec.offset, spec.size, 0, 0, 0, flags, name, b"", b"", 0, 0)
     dev = os.open(node, os.O_RDWR | os.O_CLOEXEC)
     try:

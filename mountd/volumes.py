@@ -90,7 +90,8 @@ class VolumeAttacher:
         assert volume.offset is not None
         return self.stack.push(LayerRecord("loop", volume.name, "attaching", {
             "backing": self.disk.offset_base, "offset": volume.offset, "size": volume.size,
-            "read_only": self.request.read_only, "qemu_locks": False})).node
+            "read_only": self.request.read_only, "qemu_locks": False,
+            "direct_io": self.disk.backend != "fuse"})).node
 
     def _node_of(self, volume: str) -> str:
         return next((str(x.identity.get("node", "")) for x in self.stack.record.layers
