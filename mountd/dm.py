@@ -261,7 +261,10 @@ def deactivate_guest_vg(vg: VolumeGroup, nodes: Sequence[str]) -> list[str]:
         return []
     allowed = {os.path.basename(os.path.realpath(n)) for n in nodes} | {d.sysname for d in active}
     for device in active:
-        under = {p.name for p in Path("/sys/block", device.sysname, "slaves").iterdir()}
+        try:
+            under = {p.name for p in Path("/sys/block", device.sysname, "slaves").iterdir()}
+        except OSError:  # removed meanwhile
+            continue
         if not under <= allowed:
             log.warning("not deactivating VG %s: %s is active on %s, which is not ours", vg.name,
                         device.name, ", ".join(sorted(under - allowed)))

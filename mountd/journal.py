@@ -73,6 +73,18 @@ class Journal:
         self.root = Path(state_dir or os.environ.get(STATE_DIR_ENV) or DEFAULT_STATE_DIR)
         self.mounts = self.root / "mounts"
 
+    def claim(self, node: object) -> None:
+        """Mark an nbd or loop device as ours before the kernel configures it (systemd/60-imgmount.rules
+        reads the mark, so the host's LVM auto-activation and udisks leave the device alone)."""
+        if name := _claimable(node):
+            (self.root / "claimed").mkdir(parents=True, exist_ok=True, mode=0o700)
+            (self.root / "claimed" / name).touch()
+
+    def release(self, node: object) -> None:
+        if name := _claimable(node):
+            with contextlib.suppress(FileNotFoundError):
+                (self.root / "claimed" / name).unlink()
+
     def ensure(self) -> None:
         self.mounts.mkdir(parents=True, exist_ok=True, mode=0o700)
 
@@ -122,6 +134,11 @@ class Journal:
             yield
         finally:
             os.close(fd)
+
+
+def _claimable(node: object) -> str:
+    name = os.path.basename(str(node or ""))
+    return name if str(node).startswith("/dev/") and name.startswith(("nbd", "loop")) else ""
 
 
 def _fsync_dir(path: Path) -> None:

@@ -60,12 +60,12 @@ SYS_CLASS_BLOCK = Path("/sys/class/block")
 SECTOR = 512  # sysfs start/size unit, whatever the device's logical sector size
 ATTACH_TIMEOUT = 30.0
 DETACH_TIMEOUT = 30.0
-PARTITION_TIMEOUT = 10.0
 UDEV_LOCK_TIMEOUT = 10.0
 #: Re-check interval while waiting: events wake us at once, but some states have no event of their own
 #: (the nbd ``pid`` attribute is removed after the last uevent of a disconnect).
 TICK = 0.05
 BLKFLSBUF = 0x1261  # _IO(0x12, 97): what ``blockdev --flushbufs`` does
+BLKRRPART = 0x125F  # _IO(0x12, 95): re-read the partition table
 CACHE_MODE = "writeback"  # qemu-nbd's default; cache=none needs O_DIRECT, which tmpfs and 9p lack
 
 
@@ -203,8 +203,10 @@ def block_holders(name: str, ignore_pids: Collection[int] = ()) -> list[str]:
     """What holds block device ``name`` (``nbd3``, ``nbd3p1``, ``dm-2``) or one of its partitions: mounts,
     stacked devices (device-mapper, md), loop devices on it, processes that have it open."""
     names = [name, *_partitions(name)]
-    devnums = {(SYS_CLASS_BLOCK / n / "dev").read_text().strip(): n for n in names
-               if (SYS_CLASS_BLOCK / n / "dev").exists()}
+    devnums = {}
+    for n in names:
+        with contextlib.suppress(OSError):  # a partition removed while we look
+            devnums[(SYS_CLASS_BLOCK / n / "dev").read_text().strip()] = n
     found = []
     for line in Path("/proc/self/mountinfo").read_text().splitlines():
         fields = line.split()
@@ -212,9 +214,11 @@ def block_holders(name: str, ignore_pids: Collection[int] = ()) -> list[str]:
             found.append(f"/dev/{devnums[fields[2]]} mounted on {_unescape(fields[4])}")
     for n in names:
         for holder in sorted((SYS_CLASS_BLOCK / n / "holders").glob("*")):
-            dm_name = holder / "dm" / "name"
-            label = f"device-mapper {dm_name.read_text().strip()}" if dm_name.exists() else holder.name
-            found.append(f"{label} ({holder.name}) on /dev/{n}")
+            try:
+                label = f"device-mapper {(holder / 'dm' / 'name').read_text().strip()} ({holder.name})"
+            except OSError:  # not a device-mapper device (md, bcache, ...)
+                label = holder.name
+            found.append(f"{label} on /dev/{n}")
     nodes = {f"/dev/{n}" for n in names}
     for backing in sorted(SYS_BLOCK.glob("loop*/loop/backing_file")):
         with contextlib.suppress(OSError):
@@ -465,18 +469,29 @@ class KernelPartitionLayer(Layer):
             f"/dev/{self._name}")
 
     def attach(self, progress: Progress) -> LayerRecord:
+        """Re-read the table only if the kernel's scan at connect time did not already get partition K right.
+
+        Not ``partprobe``: it opens the disk read-write, and when it closes it udevd's watch re-reads the
+        whole table (BLKRRPART) *after* partprobe has returned, so every partition node vanishes for a moment
+        (seen in the VM lane). BLKRRPART through a read-only descriptor, under udev's lock, is synchronous
+        (devtmpfs makes the nodes before it returns) and triggers nothing.
+        """
         parent, number = str(self.identity["parent"]), int(self.identity["number"])
-        if not self._matches():  # the kernel's own scan at connect time usually got it right already
-            # partprobe changes the kernel's partitions with BLKPG ioctls, serialised with any scan under way,
-            # and devtmpfs makes each node before the ioctl returns: when it is done, what we see is final.
-            try:
-                command.run(["partprobe", parent], timeout=PARTITION_TIMEOUT)
-            except CommandError as exc:  # the check below decides; say why if it fails
-                log.warning("partprobe %s: %s", parent, exc)
+        fd = os.open(parent, os.O_RDONLY | os.O_CLOEXEC)
+        reread = ""
+        try:
+            lock_out_udev(fd)  # udev neither probes nor re-reads the table while we look
+            if not self._matches():
+                try:
+                    fcntl.ioctl(fd, BLKRRPART)
+                except OSError as exc:  # EBUSY: another partition of the disk is in use
+                    reread = f" (the kernel could not re-read the table: {exc.strerror})"
             if not self._matches():
                 raise InvalidImageError(f"the kernel sees partition {number} of {parent} at "
                                         f"{_where(self._seen())}, our parser at "
-                                        f"{_where((self.identity['start'], self.identity['size']))}")
+                                        f"{_where((self.identity['start'], self.identity['size']))}{reread}")
+        finally:
+            os.close(fd)
         node = f"/dev/{self._name}"
         return replace(self.record, state="attached", identity={**self.identity, "node": node})
 

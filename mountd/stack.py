@@ -37,6 +37,7 @@ class MountStack:
 
         def progress(rec: LayerRecord) -> None:
             layer.record = rec
+            self.journal.claim(rec.identity.get("node"))
             self._save(self.record.with_layer(rec))
 
         try:
@@ -55,6 +56,7 @@ class MountStack:
         except MountdError as exc:
             log.warning("could not undo a failed %s: %s", layer.describe(), exc)
             return
+        self.journal.release(layer.node)
         self._save(self.record.without_layer(layer.record))
 
     @contextmanager
@@ -83,5 +85,6 @@ class MountStack:
                 exc.message = f"{exc.message} (still in place: {left})"
                 exc.args = (exc.message,)
                 raise
+            self.journal.release(layer.node)
             self._save(self.record.without_layer(rec))
         self.journal.remove(self.record.id)

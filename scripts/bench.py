@@ -46,10 +46,11 @@ def drop_caches() -> None:
 
 
 def imgmount(*args: str) -> str:
-    out = subprocess.run(
-        [str(BIN / "imgmount"), *args, "--json"], check=True, capture_output=True, text=True, env=ENV
-    ).stdout
-    return out
+    argv = [str(BIN / "imgmount"), *args, "--json"]
+    proc = subprocess.run(argv, capture_output=True, text=True, env=ENV, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"imgmount {' '.join(args)} failed: {proc.stderr.strip()}")
+    return proc.stdout
 
 
 def imgumount(target: str) -> None:
