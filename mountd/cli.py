@@ -1,5 +1,11 @@
 """The ``imgmount`` and ``imgumount`` commands.
 
+They call the daemon on the system bus (D-Bus activation starts it). With no system bus, or no daemon that
+is running or can be activated, root runs the same engine in-process, so a fresh machine needs no installed
+units for a first try; so does a command given ``IMGMOUNT_STATE_DIR`` (only an in-process engine can use
+another state directory). ``--info`` always runs in-process: it mounts nothing, and reads the image with the
+caller's own rights.
+
 Every failure is one line on stderr naming the cause and the fix, and an exit code per error kind
 (:mod:`mountd.errors`); ``--json`` prints machine-readable results, and errors as
 ``{"error": ..., "message": ...}``.
@@ -8,6 +14,7 @@ Every failure is one line on stderr naming the cause and the fix, and an exit co
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import logging
 import os
@@ -15,15 +22,52 @@ import sys
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
+from dbus_fast import BusType, Message, MessageFlag, MessageType, Variant
+from dbus_fast.aio import MessageBus
+from dbus_fast.errors import AuthError, InvalidAddressError
+
+from .dbusapi import BUS_NAME, ERROR_PREFIX, MANAGER_IFACE, MANAGER_PATH, MOUNT_IFACE, mount_info, mount_path
 from .engine import BACKENDS, Engine, MountInfo, MountRequest
-from .errors import InvalidArgumentError, MountdError
+from .errors import (
+    BusyError,
+    FailedError,
+    InUseError,
+    InvalidArgumentError,
+    InvalidImageError,
+    MountdError,
+    NoFreeDeviceError,
+    NotAuthorizedError,
+    NotFoundError,
+    OperationTimeoutError,
+    UnsupportedError,
+)
 from .imageinfo import FORMATS
 from .inspect import inspect_image
+from .journal import STATE_DIR_ENV
 from .render import inspection_to_dict, render_tree
 
 log = logging.getLogger("mountd")
+T = TypeVar("T")
+CONNECT_TIMEOUT = 5.0
+BUS_ERROR = "org.freedesktop.DBus.Error"
+# Each D-Bus error name of the API and the error (message, exit code) it becomes here.
+ERRORS: dict[str, type[MountdError]] = {cls.dbus_name: cls for cls in (
+    InvalidArgumentError, NotFoundError, InvalidImageError, UnsupportedError, InUseError, BusyError,
+    NoFreeDeviceError, NotAuthorizedError, OperationTimeoutError, FailedError)}
+
+
+class Mounter(Protocol):
+    """What the commands need: the engine in-process, or the daemon over D-Bus."""
+
+    def mounts(self) -> list[MountInfo]: ...
+
+    def find(self, what: str) -> MountInfo: ...
+
+    def mount(self, req: MountRequest) -> MountInfo: ...
+
+    def unmount(self, mount_id: str, *, force: bool = False) -> None: ...
 
 
 def imgmount_parser() -> argparse.ArgumentParser:
@@ -60,9 +104,8 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 def imgmount_main(argv: Sequence[str] | None = None) -> int:
     args = imgmount_parser().parse_args(argv)
-    engine = Engine()
     if args.list:
-        return _guarded("imgmount", args, engine.mounts, _mounts_json, _mounts_text)
+        return _guarded("imgmount", args, _using(lambda m: m.mounts()), _mounts_json, _mounts_text)
     if not args.image:
         return _guarded("imgmount", args, _usage("name an image (or use --list)"), dict, str)
     image = os.path.abspath(args.image)
@@ -73,23 +116,46 @@ def imgmount_main(argv: Sequence[str] | None = None) -> int:
                            mount_root=args.mount_root and os.path.abspath(args.mount_root),
                            format=args.format, snapshot=args.snapshot, backend=args.backend,
                            mount_options=tuple(args.option), owner=os.getuid())
-    return _guarded("imgmount", args, lambda: engine.mount(request), _mount_json, _mount_text)
+    return _guarded("imgmount", args, _using(lambda m: m.mount(request)), _mount_json, _mount_text)
 
 
 def imgumount_main(argv: Sequence[str] | None = None) -> int:
     args = imgumount_parser().parse_args(argv)
-    engine = Engine()
     if args.all == bool(args.target):
         return _guarded("imgumount", args, _usage("name one image, mountpoint or id, or --all"), dict, str)
 
-    def unmount() -> list[MountInfo]:
-        targets = engine.mounts() if args.all else [engine.find(_as_path(args.target))]
+    def unmount(mounter: Mounter) -> list[MountInfo]:
+        targets = mounter.mounts() if args.all else [mounter.find(_as_path(args.target))]
         for m in targets:
-            engine.unmount(m.id, force=args.force)
+            mounter.unmount(m.id, force=args.force)
         return targets
 
-    return _guarded("imgumount", args, unmount, _mounts_json,
+    return _guarded("imgumount", args, _using(unmount), _mounts_json,
                     lambda ms: "\n".join(f"unmounted {m.image}" for m in ms) or "nothing was mounted")
+
+
+def _using(action: Callable[[Mounter], T]) -> Callable[[], T]:
+    """``action`` run against the daemon if there is one to talk to, else (as root) the in-process engine."""
+
+    def run() -> T:
+        client = None if os.environ.get(STATE_DIR_ENV) else DaemonClient.connect()
+        if client is None:
+            if os.geteuid() != 0:
+                raise FailedError("the imgmount daemon is not reachable (no system bus, or imgmountd is not "
+                                  "installed): install it with scripts/install, or run this as root")
+            log.debug("no imgmount daemon to talk to: running the engine in-process")
+            return action(Engine())
+        try:
+            return action(client)
+        except DaemonUnavailableError as exc:
+            if os.geteuid() != 0:
+                raise
+            log.warning("%s: running the engine in-process instead", exc.message)
+            return action(Engine())
+        finally:
+            client.close()
+
+    return run
 
 
 def _as_path(target: str) -> str:
@@ -101,6 +167,112 @@ def _usage(message: str) -> Callable[[], Any]:
         raise InvalidArgumentError(message)
 
     return fail
+
+
+class DaemonUnavailableError(FailedError):
+    """The bus could not start the daemon (activation failed): root may run the engine in-process."""
+
+
+class DaemonClient:
+    """The engine's interface, over D-Bus to imgmountd (blocking: each call runs a private event loop)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, bus: MessageBus) -> None:
+        self.loop = loop
+        self.bus = bus
+
+    @classmethod
+    def connect(cls) -> DaemonClient | None:
+        """A client, or None when there is no system bus or the daemon is neither running nor activatable."""
+        loop = asyncio.new_event_loop()
+        bus = loop.run_until_complete(_system_bus())
+        if bus is None or not loop.run_until_complete(_daemon_available(bus)):
+            if bus is not None:
+                bus.disconnect()
+            loop.close()
+            return None
+        return cls(loop, bus)
+
+    def close(self) -> None:
+        self.bus.disconnect()
+        self.loop.close()
+
+    def _call(self, path: str, interface: str, member: str, signature: str = "",
+              body: Sequence[Any] = ()) -> list[Any]:
+        # A command run from a terminal lets polkit ask for a password, if the session has an agent.
+        flags = MessageFlag.ALLOW_INTERACTIVE_AUTHORIZATION if sys.stdin.isatty() else MessageFlag.NONE
+        msg = Message(destination=BUS_NAME, path=path, interface=interface, member=member,
+                      signature=signature, body=list(body), flags=flags)
+        reply = self.loop.run_until_complete(self.bus.call(msg))
+        if reply is None or reply.message_type is not MessageType.ERROR:
+            return [] if reply is None else list(reply.body)
+        raise _error(reply.error_name or "", str(reply.body[0]) if reply.body else "")
+
+    def mounts(self) -> list[MountInfo]:
+        objects = self._call(MANAGER_PATH, "org.freedesktop.DBus.ObjectManager", "GetManagedObjects")[0]
+        found = [mount_info(path, ifaces[MOUNT_IFACE]) for path, ifaces in objects.items()
+                 if MOUNT_IFACE in ifaces]
+        return sorted(found, key=lambda m: m.id)
+
+    def find(self, what: str) -> MountInfo:
+        full = os.path.realpath(what) if os.path.isabs(what) or os.path.exists(what) else what
+        for m in self.mounts():
+            if what == m.id or full == m.image or any(
+                full == v.mountpoint or full.startswith(v.mountpoint.rstrip("/") + "/") for v in m.volumes
+            ):
+                return m
+        raise NotFoundError(f"{what} is not mounted by imgmount (imgmount --list shows what is)")
+
+    def mount(self, req: MountRequest) -> MountInfo:
+        options = {"read-only": Variant("b", req.read_only), "backend": Variant("s", req.backend)}
+        for key, value in (("volumes", list(req.volumes)), ("mount-options", list(req.mount_options))):
+            if value:
+                options[key] = Variant("as", value)
+        for key, text in (("mount-root", req.mount_root), ("format", req.format), ("snapshot", req.snapshot)):
+            if text is not None:
+                options[key] = Variant("s", text)
+        path = self._call(MANAGER_PATH, MANAGER_IFACE, "Mount", "sa{sv}", [req.image, options])[0]
+        props = self._call(path, "org.freedesktop.DBus.Properties", "GetAll", "s", [MOUNT_IFACE])[0]
+        return mount_info(path, props)
+
+    def unmount(self, mount_id: str, *, force: bool = False) -> None:
+        self._call(MANAGER_PATH, MANAGER_IFACE, "Unmount", "oa{sv}",
+                   [mount_path(mount_id), {"force": Variant("b", force)}])
+
+
+async def _system_bus() -> MessageBus | None:
+    try:
+        return await asyncio.wait_for(MessageBus(bus_type=BusType.SYSTEM).connect(), CONNECT_TIMEOUT)
+    except (OSError, TimeoutError, AuthError, InvalidAddressError, EOFError) as exc:
+        log.debug("no system bus: %s", exc)
+        return None
+
+
+async def _daemon_available(bus: MessageBus) -> bool:
+    async def ask(member: str, signature: str = "", body: Sequence[Any] = ()) -> Any:
+        reply = await bus.call(Message(destination="org.freedesktop.DBus", path="/org/freedesktop/DBus",
+                                       interface="org.freedesktop.DBus", member=member, signature=signature,
+                                       body=list(body)))
+        ok = reply is not None and reply.message_type is MessageType.METHOD_RETURN
+        return reply.body[0] if ok and reply is not None else None
+
+    if await ask("NameHasOwner", "s", [BUS_NAME]):
+        return True
+    return BUS_NAME in (await ask("ListActivatableNames") or [])
+
+
+def _error(name: str, text: str) -> MountdError:
+    """One D-Bus error as the error (message and exit code) the commands print."""
+    if name.startswith(ERROR_PREFIX):
+        return ERRORS.get(name.removeprefix(ERROR_PREFIX), FailedError)(text)
+    if name == f"{BUS_ERROR}.AccessDenied":
+        return NotAuthorizedError(f"the system bus does not let you call imgmountd ({text}): its bus policy "
+                                  "(io.github.imgmount.Mountd1.conf) is missing or changed")
+    if name in (f"{BUS_ERROR}.NoReply", f"{BUS_ERROR}.Timeout"):
+        return OperationTimeoutError(f"imgmountd did not answer in time ({text}): see its log "
+                                     "(journalctl -u imgmountd)")
+    if name == f"{BUS_ERROR}.ServiceUnknown" or name.startswith(f"{BUS_ERROR}.Spawn"):
+        return DaemonUnavailableError(f"imgmountd could not be started ({text}): see journalctl -u imgmountd")
+    return FailedError(f"imgmountd: {name}: {text}")
 
 
 def _mount_json(m: MountInfo) -> dict[str, Any]:

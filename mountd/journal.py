@@ -107,12 +107,11 @@ class Journal:
 
     def read(self, mount_id: str) -> MountRecord:
         try:
-            data = json.loads((self.mounts / f"{mount_id}.json").read_text())
+            return MountRecord.from_json(json.loads((self.mounts / f"{mount_id}.json").read_text()))
         except FileNotFoundError:
             raise NotFoundError(f"no mount with id {mount_id}") from None
-        except (OSError, ValueError) as exc:
-            raise FailedError(f"the state record of mount {mount_id} is unreadable: {exc}") from None
-        return MountRecord.from_json(data)
+        except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
+            raise FailedError(f"the state record of mount {mount_id} is unreadable: {exc!r}") from None
 
     def all(self) -> list[MountRecord]:
         if not self.mounts.is_dir():

@@ -58,7 +58,7 @@ class VolumeAttacher:
         disk = self.disk
         if volume.kind == "lv":
             return self._lv_node(volume)
-        if volume.kind == "disk" and disk.node.startswith("/dev/"):
+        if volume.kind == "disk" and disk.backend != "fuse":  # the FUSE export is a file: it needs a loop
             return disk.node
         if volume.kind == "partition" and disk.kernel_partitions and volume.partition is not None:
             return self.stack.push(LayerRecord("partition", volume.name, "attaching", {

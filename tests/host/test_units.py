@@ -40,6 +40,7 @@ TARGETS = {
     "io.github.imgmount.policy": ("/usr/share/polkit-1/actions/io.github.imgmount.policy", 0o644),
     "imgmount.desktop": ("/usr/local/share/applications/imgmount.desktop", 0o644),
     "imgmount.sysusers.conf": ("/usr/local/lib/sysusers.d/imgmount.conf", 0o644),
+    "60-imgmount.rules": ("/etc/udev/rules.d/60-imgmount.rules", 0o644),
     "imgmount-open": ("/usr/local/bin/imgmount-open", 0o755),
 }
 POLKIT_ACTIONS = ("io.github.imgmount.mount", "io.github.imgmount.mount-read-write",
