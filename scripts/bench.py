@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -18,8 +19,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from dbus_fast import Variant
+
+from mountd.dbusapi import MOUNT_IFACE
 from mountd.engine import Engine, MountRequest
 from tests.support import images
+from tests.support.bus import Daemon, client, private_bus, tmpfs
 
 MiB = images.MiB
 BIN = Path(sys.executable).parent
@@ -208,6 +213,63 @@ def concurrency(found: dict[str, Path], work: Path) -> list[tuple[int, float]]:
     return rows
 
 
+def daemon_costs(found: dict[str, Path], work: Path, repeats: int) -> list[tuple[str, str]]:
+    """What imgmountd adds: a D-Bus round trip per call, its start-up and its memory."""
+    rows = []
+    small = work / "small.raw"
+    copies = [work / f"s{i}.raw" for i in range(64)]
+    for copy in copies:
+        subprocess.run(["cp", "--sparse=always", str(small), str(copy)], check=True)
+    with private_bus() as bus, tmpfs() as run, client(bus.address) as c:
+        daemon = Daemon(bus, run)
+        start = time.perf_counter()
+        daemon.start()
+        rows.append(("daemon start-up, 0 mounts", f"{time.perf_counter() - start:.3f} s"))
+        rows.append(("daemon memory (RSS), 0 mounts", f"{_rss(daemon.pid)} KiB"))
+        media = Variant("s", str(work / "media"))
+
+        def over_dbus() -> None:
+            path = c.mount(found["ext4.raw"], volumes=Variant("as", ["p1"]), **{"mount-root": media}).value()
+            assert c.call(path, MOUNT_IFACE, "Unmount", "a{sv}", [{}]).error is None
+
+        def in_process() -> None:
+            eng = Engine()
+            info = eng.mount(
+                MountRequest(str(found["ext4.raw"]), volumes=("p1",), mount_root=str(work / "media"))
+            )
+            eng.unmount(info.id)
+
+        rows.append(("mount+unmount over D-Bus (raw, loop)", f"{timed(over_dbus, repeats):.3f} s"))
+        rows.append(("mount+unmount in-process (same)", f"{timed(in_process, repeats):.3f} s"))
+        for image in copies:
+            c.mount(image, **{"mount-root": media}).value()
+        env = {**ENV, "DBUS_SYSTEM_BUS_ADDRESS": bus.address}
+        env.pop("IMGMOUNT_STATE_DIR", None)
+        listing = timed(
+            lambda: subprocess.run(
+                [str(BIN / "imgmount"), "--list"], env=env, check=True, capture_output=True
+            ),
+            repeats,
+        )
+        rows.append(("imgmount --list, 64 mounts", f"{listing:.3f} s"))
+        rows.append(("daemon memory (RSS), 64 mounts", f"{_rss(daemon.pid)} KiB"))
+        daemon.signal(signal.SIGKILL)  # the mounts stay; a new daemon adopts them
+        again = Daemon(bus, run)
+        again.home, again.state, again.logfile = daemon.home, daemon.state, daemon.logfile
+        start = time.perf_counter()
+        again.start()
+        rows.append(("daemon start-up adopting 64 mounts", f"{time.perf_counter() - start:.3f} s"))
+        rows.append(("daemon memory (RSS) after adopting 64", f"{_rss(again.pid)} KiB"))
+        assert len(c.manager("ListMounts").value()) == 64
+        again.close()  # SIGTERM: unmounts all 64
+    return rows
+
+
+def _rss(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS:")))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--where", choices=("host", "vm"), required=True)
@@ -234,6 +296,10 @@ def main() -> None:
         print(f"{'N':>3} {'seconds per image':>18}")
         for n, per in concurrency(found, work):
             print(f"{n:>3} {per:17.3f}s")
+        if args.where == "host":
+            print("\n## host: the daemon")
+            for what, value in daemon_costs(found, work, args.repeats):
+                print(f"{what:<40} {value:>12}")
 
 
 if __name__ == "__main__":
