@@ -32,6 +32,9 @@ ENV = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}  #
 ENV.update({"DM_DISABLE_UDEV": "1", "LVM_SUPPRESS_FD_WARNINGS": "1"})
 
 
+WORK_DIR = os.environ.get("IMGMOUNT_VM_WORK") or os.environ.get("TMPDIR")  # the VM lane's shared dir
+
+
 def sh(script: str) -> None:
     subprocess.run(["bash", "-euc", script], check=True, capture_output=True, env=ENV)
 
@@ -276,7 +279,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     os.environ["IMGMOUNT_STATE_DIR"] = ENV["IMGMOUNT_STATE_DIR"] = tempfile.mkdtemp(prefix="imgmount-bench-")
-    with tempfile.TemporaryDirectory(prefix="imgmount-bench-", dir=os.environ.get("TMPDIR")) as tmp:
+    with tempfile.TemporaryDirectory(prefix="imgmount-bench-", dir=WORK_DIR) as tmp:
         work = Path(tmp)
         found = build(work)
         bare = (

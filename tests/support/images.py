@@ -169,11 +169,29 @@ def make_lvm(image: Path, offset: int, size: int, vg: str, lvs: Sequence[LvSpec]
             run(["lvcreate", "-q", *lvm, "-an", "-Zn", "-L", f"{lv.size_mib}m", "-n", lv.name, vg],
                 env=LVM_ENV)
         extents = lv_extents(dev)
+        _undo_auto_activation(dev, vg)
     for lv in lvs:
         ext = extents[lv.name]
         if lv.fstype:
             format_region(image, offset + ext.offset, ext.size, lv.fstype, label=lv.label, files=lv.files)
     return [extents[lv.name] for lv in lvs]
+
+
+def _undo_auto_activation(dev: str, vg: str) -> None:
+    """Where a udevd runs (the VM lane), Debian's LVM rules auto-activate the new VG on our loop device, as
+    they would on any host: wait for udev to finish, then deactivate it, so the loop device can go."""
+    if subprocess.run(["udevadm", "control", "--ping"], capture_output=True, check=False).returncode != 0:
+        return
+    run(["udevadm", "settle", "--timeout=60"])
+    run(["vgchange", "-q", "-an", "--devices", dev, vg], env=LVM_ENV)
+    forget_vg_online(vg)
+
+
+def forget_vg_online(vg: str) -> None:
+    """LVM's event activation activates a VG only the first time it is complete, and remembers that in
+    /run/lvm/vgs_online until reboot: forget it, so the next attach behaves as on a host that never saw it."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(f"/run/lvm/vgs_online/{vg}")
 
 
 def lv_extents(dev: str) -> dict[str, LvExtent]:
