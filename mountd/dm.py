@@ -24,11 +24,12 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from . import command
+from .blockdev import lock_out_udev
 from .errors import BusyError, CommandError, FailedError, InvalidArgumentError, UnsupportedError
 from .journal import LayerRecord
 from .layer import Layer, Progress
 from .lvmmeta import VolumeGroup
-from .nbd import block_holders, lock_out_udev
+from .nbd import block_holders
 
 log = logging.getLogger(__name__)
 

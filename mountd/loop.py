@@ -27,6 +27,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from .blockdev import claim_exclusive, lock_out_udev
 from .errors import (
     BusyError,
     FailedError,
@@ -271,8 +272,8 @@ class LoopLayer(Layer):
         if not ours:
             log.warning("%s now backs something else: leaving it alone", self.node)
             return
-        fd = _open_exclusive(self.node)  # EBUSY: mounted or claimed by the kernel, even where we cannot see
-        if fd is not None and not _lock_out_udev(fd):
+        fd = claim_exclusive(self.node)  # EBUSY: mounted or claimed by the kernel, even where we cannot see
+        if fd is not None and not lock_out_udev(fd, SETTLE_TIMEOUT):
             os.close(fd)
             raise BusyError(f"{self.node} is locked by another program (udev probing it?): try again")
         users = device_users(number, self.node, own_fd=fd)
@@ -389,34 +390,6 @@ def _same_dev(kernel: int, ours: int) -> bool:
     """lo_device is the kernel's huge_encode_dev; st_dev is glibc's: compare major and minor."""
     k_major, k_minor = (kernel & 0xFFF00) >> 8, (kernel & 0xFF) | ((kernel >> 12) & 0xFFF00)
     return (k_major, k_minor) == (os.major(ours), os.minor(ours))
-
-
-def _open_exclusive(node: str) -> int | None:
-    try:
-        return os.open(node, os.O_RDONLY | os.O_CLOEXEC | os.O_EXCL)
-    except OSError as exc:
-        if exc.errno == errno.EBUSY:
-            return None
-        raise FailedError(f"cannot open {node}: {exc.strerror}") from None
-
-
-def _lock_out_udev(fd: int) -> bool:
-    """Take the device's BSD lock: udevd probes a block device only under a shared one and leaves it alone
-    while we hold it exclusively, so its short-lived opens cannot make a detach fail. flock has no timeout:
-    poll it, bounded."""
-
-    def locked() -> bool:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return False
-        return True
-
-    try:
-        wait_until(locked, SETTLE_TIMEOUT, "the device lock")
-    except OperationTimeoutError:
-        return False
-    return True
 
 
 def _clear(node: str) -> None:

@@ -20,7 +20,6 @@ Facts this code relies on, checked on Debian 12 (QEMU 7.2, kernel 6.1):
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import logging
 import os
@@ -37,6 +36,7 @@ from typing import Any
 import pyudev
 
 from . import command
+from .blockdev import claim_exclusive, lock_out_udev
 from .errors import (
     BusyError,
     CommandError,
@@ -60,7 +60,6 @@ SYS_CLASS_BLOCK = Path("/sys/class/block")
 SECTOR = 512  # sysfs start/size unit, whatever the device's logical sector size
 ATTACH_TIMEOUT = 30.0
 DETACH_TIMEOUT = 30.0
-UDEV_LOCK_TIMEOUT = 10.0
 #: Re-check interval while waiting: events wake us at once, but some states have no event of their own
 #: (the nbd ``pid`` attribute is removed after the last uevent of a disconnect).
 TICK = 0.05
@@ -228,31 +227,6 @@ def block_holders(name: str, ignore_pids: Collection[int] = ()) -> list[str]:
         for usage in files_usage(sorted(p for p in nodes if os.path.exists(p)), ignore_pids=ignore_pids):
             found += [f"{h.program} (pid {h.pid}) has {usage.path} open" for h in usage.holders]
     return found
-
-
-def claim_exclusive(node: str) -> int | None:
-    """An O_EXCL open, or None (EBUSY) while the device or a partition of it is mounted or stacked on."""
-    try:
-        return os.open(node, os.O_RDONLY | os.O_EXCL | os.O_CLOEXEC)
-    except OSError as exc:
-        if exc.errno == errno.EBUSY:
-            return None
-        raise FailedError(f"cannot open {node}: {exc.strerror}") from None
-
-
-def lock_out_udev(fd: int) -> bool:
-    """flock(LOCK_EX) on a whole-disk device: udevd holds LOCK_SH on it (and has it open) while it processes
-    one of its events, and leaves a device locked this way alone (systemd.io/BLOCK_DEVICE_LOCKING). Nothing
-    signals when udev lets go, so the lock is polled with a deadline. Released when ``fd`` is closed."""
-    deadline = time.monotonic() + UDEV_LOCK_TIMEOUT
-    while True:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return True
-        except BlockingIOError:
-            if time.monotonic() > deadline:
-                return False
-            select.select([], [], [], TICK)
 
 
 def _busy(what: str, holders: list[str]) -> BusyError:
