@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import subprocess
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
@@ -180,7 +181,8 @@ def make_lvm(image: Path, offset: int, size: int, vg: str, lvs: Sequence[LvSpec]
 def _undo_auto_activation(dev: str, vg: str) -> None:
     """Where a udevd runs (the VM lane), Debian's LVM rules auto-activate the new VG on our loop device, as
     they would on any host: wait for udev to finish, then deactivate it, so the loop device can go."""
-    if subprocess.run(["udevadm", "control", "--ping"], capture_output=True, check=False).returncode != 0:
+    if shutil.which("udevadm") is None or \
+            subprocess.run(["udevadm", "control", "--ping"], capture_output=True, check=False).returncode != 0:
         return
     run(["udevadm", "settle", "--timeout=60"])
     run(["vgchange", "-q", "-an", "--devices", dev, vg], env=LVM_ENV)
