@@ -1,4 +1,4 @@
-"""Block devices the engine claims: an exclusive open, and udev's device lock."""
+"""Block devices the engine claims: an exclusive open, udev's device lock, and waiting for kernel uevents."""
 
 from __future__ import annotations
 
@@ -7,6 +7,10 @@ import fcntl
 import os
 import select
 import time
+from collections.abc import Callable
+from typing import Any
+
+import pyudev
 
 from .errors import FailedError
 
@@ -37,3 +41,31 @@ def lock_out_udev(fd: int, timeout: float = UDEV_LOCK_TIMEOUT) -> bool:
             if time.monotonic() > deadline:
                 return False
             select.select([], [], [], TICK)
+
+
+class BlockEvents:
+    """Kernel block uevents (netlink: needs no udevd), from the moment of creation: create it first, then act,
+    then :meth:`wait`. The socket closes when the object is freed (pyudev's Monitor has no stop())."""
+
+    def __init__(self) -> None:
+        self._monitor: Any = pyudev.Monitor.from_netlink(pyudev.Context(), source="kernel")
+        self._monitor.filter_by("block")
+        self._monitor.start()
+
+    def wait(self, condition: Callable[[], bool], timeout: float, also: int | None = None) -> bool:
+        """Re-check ``condition`` on each block uevent, when ``also`` (a pidfd) becomes readable, and every
+        TICK s, until it holds (True) or ``timeout`` passes (False). ``also`` wakes us once only."""
+        deadline = time.monotonic() + timeout
+        fds = [self._monitor.fileno(), *([also] if also is not None else [])]
+        while not condition():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return condition()
+            ready, _, _ = select.select(fds, [], [], min(remaining, TICK))
+            if also in ready:
+                fds.remove(also)  # a pidfd stays readable once the process is gone
+            if fds[0] in ready:
+                for _ in range(1000):  # drain what arrived; bounded even under an event flood
+                    if self._monitor.poll(timeout=0) is None:
+                        break
+        return True

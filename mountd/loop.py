@@ -21,13 +21,12 @@ import logging
 import os
 import stat
 import struct
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from .blockdev import claim_exclusive, lock_out_udev
+from .blockdev import BlockEvents, claim_exclusive, lock_out_udev
 from .errors import (
     BusyError,
     FailedError,
@@ -119,13 +118,10 @@ def loops_backed_by(path: str) -> list[str]:
 
 
 def wait_until(check: Callable[[], bool], timeout: float, what: str) -> None:
-    """Poll ``check`` until true or raise naming ``what``. Only for kernel state that sends no event we can
-    take without udev (sysfs attributes): each call says why it polls."""
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise OperationTimeoutError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(0.005)
+    """Wait for sysfs state that a block uevent announces (re-checked on each event, and now and then), or
+    raise naming ``what``."""
+    if not BlockEvents().wait(check, timeout):
+        raise OperationTimeoutError(f"timed out after {timeout:g} s waiting for {what}")
 
 
 # ---- QEMU's locks ----------------------------------------------------------------------------------------

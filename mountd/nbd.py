@@ -26,17 +26,13 @@ import os
 import re
 import select
 import signal
-import time
 import uuid
-from collections.abc import Callable, Collection
+from collections.abc import Collection
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
-
-import pyudev
 
 from . import command
-from .blockdev import claim_exclusive, lock_out_udev
+from .blockdev import BlockEvents, claim_exclusive, lock_out_udev
 from .errors import (
     BusyError,
     CommandError,
@@ -131,34 +127,6 @@ def is_free(name: str) -> bool:
 def nbd_devices() -> list[str]:
     names = [p.name for p in SYS_BLOCK.glob("nbd*") if re.fullmatch(r"nbd\d+", p.name)]
     return sorted(names, key=lambda n: int(n[3:]))
-
-
-class BlockEvents:
-    """Kernel block uevents (netlink: needs no udevd), from the moment of creation: create it first, then act,
-    then :meth:`wait`. The socket closes when the object is freed (pyudev's Monitor has no stop())."""
-
-    def __init__(self) -> None:
-        self._monitor: Any = pyudev.Monitor.from_netlink(pyudev.Context(), source="kernel")
-        self._monitor.filter_by("block")
-        self._monitor.start()
-
-    def wait(self, condition: Callable[[], bool], timeout: float, also: int | None = None) -> bool:
-        """Re-check ``condition`` on each block uevent, when ``also`` (a pidfd) becomes readable, and every
-        TICK s, until it holds (True) or ``timeout`` passes (False). ``also`` wakes us once only."""
-        deadline = time.monotonic() + timeout
-        fds = [self._monitor.fileno(), *([also] if also is not None else [])]
-        while not condition():
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return condition()
-            ready, _, _ = select.select(fds, [], [], min(remaining, TICK))
-            if also in ready:
-                fds.remove(also)  # a pidfd stays readable once the process is gone
-            if fds[0] in ready:
-                for _ in range(1000):  # drain what arrived; bounded even under an event flood
-                    if self._monitor.poll(timeout=0) is None:
-                        break
-        return True
 
 
 def _exited(pidfd: int) -> bool:

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import pytest
 
+from mountd.blockdev import BlockEvents
 from mountd.errors import BusyError, InvalidArgumentError, InvalidImageError, NoFreeDeviceError
 from mountd.journal import LayerRecord
 from mountd.layer import layer_from_record
 from mountd.nbd import (
-    BlockEvents,
     KernelPartitionLayer,
     NbdLayer,
     NbdModule,
