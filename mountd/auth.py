@@ -24,6 +24,7 @@ from dbus_fast import Message, MessageType, Variant
 from dbus_fast.aio import MessageBus
 
 from .errors import FailedError, NotAuthorizedError
+from .processes import start_time
 
 log = logging.getLogger(__name__)
 
@@ -133,14 +134,12 @@ def _proc_groups(pid: int) -> tuple[int, ...]:
     return (gid, *(int(g) for g in lines.get("Groups", "").split()))
 
 
-def start_time(pid: int) -> int:
-    """Field 22 of /proc/PID/stat: polkit ties a pid to its start time so a reused pid is not trusted."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            stat = f.read()
-    except OSError:
-        raise NotAuthorizedError("the calling process has gone") from None
-    return int(stat.rsplit(")", 1)[1].split()[19])
+def caller_start_time(pid: int) -> int:
+    """polkit ties a pid to its start time so a reused pid is not trusted."""
+    started = start_time(pid)
+    if started is None:
+        raise NotAuthorizedError("the calling process has gone")
+    return started
 
 
 class Authority:
@@ -167,7 +166,7 @@ class Authority:
     async def _polkit(self, caller: Caller, action: str, interactive: bool,
                       details: Mapping[str, str]) -> tuple[bool, bool]:
         subject = ["unix-process", {"pid": Variant("u", caller.pid),
-                                    "start-time": Variant("t", start_time(caller.pid)),
+                                    "start-time": Variant("t", caller_start_time(caller.pid)),
                                     "uid": Variant("i", caller.uid)}]
         flags = POLKIT_ALLOW_USER_INTERACTION if interactive else 0
         body = await bus_call(self.bus, Message(

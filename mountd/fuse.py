@@ -45,6 +45,7 @@ from .journal import LayerRecord
 from .layer import Layer, Progress
 from .loop import in_use_error, loops_backed_by
 from .mounts import mountinfo
+from .processes import is_alive, proc_state
 
 log = logging.getLogger(__name__)
 
@@ -53,31 +54,6 @@ NODE_NAME, EXPORT_ID = "disk", "export"
 START_TIMEOUT = 60.0
 STOP_TIMEOUT = 60.0  # flushing a large write-back cache to slow storage takes a while
 KILL_TIMEOUT = 10.0
-
-
-# ---- processes named by pid and start time ---------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ProcState:
-    start_time: int  # /proc/PID/stat field 22: clock ticks after boot
-    state: str  # R, S, D, Z, ...
-
-
-def proc_state(pid: int) -> ProcState | None:
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = text[text.rindex(")") + 2:].split()  # comm may hold spaces and parentheses
-    return ProcState(int(fields[19]), fields[0])
-
-
-def is_alive(pid: int, start_time: int) -> bool:
-    """The process that had this start time still runs (a zombie does not: nothing reaps a daemon whose
-    parent, pid 1 in some containers, never waits)."""
-    found = proc_state(pid)
-    return found is not None and found.start_time == start_time and found.state not in ("Z", "X")
 
 
 def stop_process(pid: int, start_time: int, name: str, *, force: bool) -> None:

@@ -48,6 +48,8 @@ from .errors import (
 from .holders import files_usage
 from .journal import DEFAULT_STATE_DIR, Journal, LayerRecord
 from .layer import Layer, Progress
+from .mounts import mountinfo
+from .processes import start_time
 
 log = logging.getLogger(__name__)
 
@@ -89,15 +91,6 @@ def _read_int(path: Path, default: int = 0) -> int:
         return int(path.read_text().strip())
     except (OSError, ValueError):
         return default
-
-
-def start_time(pid: int) -> int | None:
-    """Field 22 of ``/proc/PID/stat`` (clock ticks after boot): with the pid, names one process for ever."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return int(stat.rsplit(")", 1)[1].split()[19])  # fields after "(comm)" start at field 3
 
 
 def _tgid(tid: int) -> int | None:
@@ -162,10 +155,6 @@ def _partitions(name: str) -> list[str]:
     return sorted(p.name for p in (SYS_CLASS_BLOCK / name).glob(f"{name}*") if (p / "partition").exists())
 
 
-def _unescape(path: str) -> str:
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), path)
-
-
 def block_holders(name: str, ignore_pids: Collection[int] = ()) -> list[str]:
     """What holds block device ``name`` (``nbd3``, ``nbd3p1``, ``dm-2``) or one of its partitions: mounts,
     stacked devices (device-mapper, md), loop devices on it, processes that have it open."""
@@ -175,10 +164,7 @@ def block_holders(name: str, ignore_pids: Collection[int] = ()) -> list[str]:
         with contextlib.suppress(OSError):  # a partition removed while we look
             devnums[(SYS_CLASS_BLOCK / n / "dev").read_text().strip()] = n
     found = []
-    for line in Path("/proc/self/mountinfo").read_text().splitlines():
-        fields = line.split()
-        if fields[2] in devnums:
-            found.append(f"/dev/{devnums[fields[2]]} mounted on {_unescape(fields[4])}")
+    found += [f"/dev/{devnums[m.dev]} mounted on {m.mountpoint}" for m in mountinfo() if m.dev in devnums]
     for n in names:
         for holder in sorted((SYS_CLASS_BLOCK / n / "holders").glob("*")):
             try:

@@ -28,6 +28,7 @@ from mountd.nbd import (
     is_free,
     server_pid,
 )
+from mountd.processes import proc_state
 from tests.support import images
 from tests.support.nbd_layers import (
     attach,
@@ -76,7 +77,9 @@ def gpt_image(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _server_gone(pid: int) -> bool:
-    return not Path(f"/proc/{pid}").exists()
+    """The server exited: no such process, or a zombie that the guest's init has not reaped yet."""
+    found = proc_state(pid)
+    return found is None or found.state in ("Z", "X")
 
 
 def read_direct(path: str, offset: int = 0, length: int = 4096) -> bytes:
