@@ -19,7 +19,7 @@ import logging
 import os
 import re
 import socket
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -246,33 +246,57 @@ class DmLinearLayer(Layer):
             command.run(["dmsetup", "mknodes", self._name, *extra], env=env, timeout=DM_TIMEOUT)
 
 
-# --- a guest VG the host activated -------------------------------------------------------------------------
+# --- LVs the host activated on our devices ---------------------------------------------------------------
 
 
-def deactivate_guest_vg(vg: VolumeGroup, nodes: Sequence[str]) -> list[str]:
-    """Deactivate guest VG ``vg`` where LVM activated it on our devices ``nodes`` (a host's udev rules may
-    auto-activate a VG as soon as its PVs appear), before those devices are detached.
+def release_host_activations(nodes: Iterable[str]) -> list[str]:
+    """Remove the LVs a host's LVM auto-activation mapped on our devices ``nodes``, before they are detached.
 
-    Only LVs that sit on ``nodes`` alone are ours: when an LV of the same VG uuid is active on anything else
-    (the host's own VG, cloned into the image), nothing is done. Returns the dm names deactivated.
+    A host's udev rules run ``vgchange -aay`` as soon as a VG's PVs appear, unless systemd/60-imgmount.rules
+    is installed; such LVs would keep our devices busy for ever. Only device-mapper devices that LVM made
+    (uuid "LVM-...") and that sit on nothing but ``nodes`` (or on each other) are removed, topmost first; one
+    in use stays, and the detach below it names it. Reads sysfs only, unless there is something to remove.
     """
-    prefix = "LVM-" + vg.uuid.replace("-", "")
-    active = [d for d in dm_devices() if d.uuid.startswith(prefix)]
-    if not active:
-        return []
-    allowed = {os.path.basename(os.path.realpath(n)) for n in nodes} | {d.sysname for d in active}
-    for device in active:
+    ours = {os.path.basename(os.path.realpath(n)) for n in nodes if n.startswith("/dev/")}
+    stacked = _lvm_devices_on(ours)
+    removed: list[str] = []
+    env, extra = _udev_mode()
+    for sysname in stacked:  # topmost first
+        name = _sys_read(sysname, "dm/name")
         try:
-            under = {p.name for p in Path("/sys/block", device.sysname, "slaves").iterdir()}
-        except OSError:  # removed meanwhile
-            continue
-        if not under <= allowed:
-            log.warning("not deactivating VG %s: %s is active on %s, which is not ours", vg.name,
-                        device.name, ", ".join(sorted(under - allowed)))
-            return []
-    command.run(["lvm", "vgchange", "-an", "--devices", ",".join(nodes), vg.name],
-                env={"DM_DISABLE_UDEV": "1"}, timeout=DM_TIMEOUT)
-    left = [d.name for d in dm_devices() if d.uuid.startswith(prefix)]
-    if left:
-        raise BusyError(f"volume group {vg.name} is still active after vgchange -an: {', '.join(left)}")
-    return [d.name for d in active]
+            command.run(["dmsetup", "remove", name, *extra], env=env, timeout=DM_TIMEOUT)
+        except CommandError as exc:
+            log.warning("the host activated %s on imgmount's devices and it is in use: %s", name, exc.message)
+            break  # everything below it is still needed
+        removed.append(name)
+    if removed:
+        log.warning("the host auto-activated %s on imgmount's devices (is 60-imgmount.rules installed?): "
+                    "removed", ", ".join(removed))
+    return removed
+
+
+def _lvm_devices_on(ours: set[str]) -> list[str]:
+    """The LVM-made dm devices (sysnames) stacked on ``ours`` alone, topmost first."""
+    found: list[str] = []
+    frontier = sorted(ours)
+    while frontier:
+        holders = {h for name in frontier for h in _sys_list(name, "holders")}
+        frontier = sorted(h for h in holders - set(found)
+                          if _sys_read(h, "dm/uuid").startswith("LVM-")
+                          and set(_sys_list(h, "slaves")) <= ours | set(found) | holders)
+        found += frontier
+    return found[::-1]
+
+
+def _sys_list(sysname: str, entry: str) -> list[str]:
+    try:
+        return os.listdir(f"/sys/class/block/{sysname}/{entry}")
+    except OSError:
+        return []
+
+
+def _sys_read(sysname: str, entry: str) -> str:
+    try:
+        return Path(f"/sys/class/block/{sysname}/{entry}").read_text().strip()
+    except OSError:
+        return ""

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 
+from .dm import release_host_activations
 from .errors import BusyError, MountdError
 from .journal import Journal, LayerRecord, MountRecord
 from .layer import FaultPoints, Layer, layer_from_record
@@ -75,6 +76,7 @@ class MountStack:
     def teardown(self, *, force: bool = False) -> None:
         """Detach every layer top-down; stop at the first that will not come off and say what is left."""
         self._save(replace(self.record, state="unmounting"))
+        release_host_activations(layer_from_record(r).node for r in self.record.layers)
         for rec in reversed(self.record.layers):
             layer = layer_from_record(rec)
             try:

@@ -190,10 +190,19 @@ def _undo_auto_activation(dev: str, vg: str) -> None:
 
 
 def forget_vg_online(vg: str) -> None:
-    """LVM's event activation activates a VG only the first time it is complete, and remembers that in
-    /run/lvm/vgs_online until reboot: forget it, so the next attach behaves as on a host that never saw it."""
+    """Make LVM's event activation treat ``vg`` as never seen, as on a host that just booted.
+
+    pvscan records each PV it saw in /run/lvm/pvs_online/<pvid> (never removed: Debian's rule skips remove
+    events) and each VG it activated in /run/lvm/vgs_online/<vg>. A PV already recorded on another device
+    (our build loop device, long gone) is not counted again, so the VG never looks complete and is never
+    activated: forget both.
+    """
+    run_lvm = Path("/run/lvm")
     with contextlib.suppress(FileNotFoundError):
-        os.unlink(f"/run/lvm/vgs_online/{vg}")
+        (run_lvm / "vgs_online" / vg).unlink()
+    for record in (run_lvm / "pvs_online").glob("*"):
+        if f"vg:{vg}" in record.read_text().splitlines():
+            record.unlink(missing_ok=True)
 
 
 def lv_extents(dev: str) -> dict[str, LvExtent]:

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from mountd.blockio import FileReader
-from mountd.dm import DmLinearLayer, deactivate_guest_vg, dm_devices, lv_table, udev_running
+from mountd.dm import DmLinearLayer, dm_devices, lv_table, release_host_activations, udev_running
 from mountd.errors import BusyError, FailedError
 from mountd.journal import LayerRecord
 from mountd.layer import Layer
@@ -107,7 +107,7 @@ def mapped(image: Path, mount_id: str, lvs: tuple[str, ...] = LVS) -> Iterator[M
             # The lane's udevd runs Debian's 69-lvm.rules, which auto-activates a VG ("vgchange -aay") when its
             # PVs appear, as a host would: let it, then undo it on our devices, as the engine does.
             images.run(["udevadm", "settle"])
-            deactivate_guest_vg(vg, nodes)
+            release_host_activations(nodes)
             for name in lvs:
                 lv = vg.lv(name)
                 layers[name], _ = attach("dm", f"{VG}/{name}", name=f"imgmount-{mount_id}-{VG}-{name}",
@@ -117,7 +117,7 @@ def mapped(image: Path, mount_id: str, lvs: tuple[str, ...] = LVS) -> Iterator[M
         finally:
             for layer in reversed(layers.values()):
                 layer.detach()
-            deactivate_guest_vg(vg, nodes)
+            release_host_activations(nodes)
 
 
 def blkid(node: str) -> dict[str, str]:
@@ -178,10 +178,10 @@ def test_a_guest_vg_named_like_an_active_host_vg(guest: Guest) -> None:
                 with mounted_ro(f"/dev/mapper/{VG}-lin") as host_mnt, mounted_ro(ours.lvs["lin"].node) as mnt:
                     assert (mnt / "data.bin").read_bytes() == (host_mnt / "data.bin").read_bytes()
                 # Same VG uuid, but active on devices that are not the guest's: left alone.
-                assert deactivate_guest_vg(ours.vg, ours.nodes) == []
+                assert release_host_activations([*ours.nodes, *(lv.node for lv in ours.lvs.values())]) == []
                 assert len(lvm_active(host_vg)) == 3
                 # Activated on devices we attached (as a host's udev rules would): deactivated, ours untouched.
-                assert sorted(deactivate_guest_vg(host_vg, host_nodes)) == [f"{VG}-{lv}" for lv in sorted(LVS)]
+                assert sorted(release_host_activations(host_nodes)) == [f"{VG}-{lv}" for lv in sorted(LVS)]
                 assert lvm_active(host_vg) == []
                 assert all(layer.verify() for layer in ours.lvs.values())
         finally:
