@@ -22,14 +22,13 @@ import sys
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from dbus_fast import BusType, Message, MessageFlag, MessageType, Variant
 from dbus_fast.aio import MessageBus
 from dbus_fast.errors import AuthError, InvalidAddressError
 
 from .dbusapi import BUS_NAME, ERROR_PREFIX, MANAGER_IFACE, MANAGER_PATH, MOUNT_IFACE, mount_info, mount_path
-from .engine import BACKENDS, Engine, MountInfo, MountRequest
 from .errors import (
     BusyError,
     FailedError,
@@ -44,9 +43,11 @@ from .errors import (
     UnsupportedError,
 )
 from .imageinfo import FORMATS
-from .inspect import inspect_image
 from .journal import STATE_DIR_ENV
-from .render import inspection_to_dict, render_tree
+from .model import BACKENDS, MountInfo, MountRequest
+
+if TYPE_CHECKING:
+    from .engine import Engine
 
 log = logging.getLogger("mountd")
 T = TypeVar("T")
@@ -110,6 +111,8 @@ def imgmount_main(argv: Sequence[str] | None = None) -> int:
         return _guarded("imgmount", args, _usage("name an image (or use --list)"), dict, str)
     image = os.path.abspath(args.image)
     if args.info:
+        from .inspect import inspect_image  # noqa: PLC0415 - deferred, as _engine() says
+        from .render import inspection_to_dict, render_tree  # noqa: PLC0415
         return _guarded("imgmount", args, lambda: inspect_image(image, fmt=args.format),
                         inspection_to_dict, render_tree)
     request = MountRequest(image=image, read_only=not args.rw, volumes=tuple(args.volume),
@@ -144,18 +147,25 @@ def _using(action: Callable[[Mounter], T]) -> Callable[[], T]:
                 raise FailedError("the imgmount daemon is not reachable (no system bus, or imgmountd is not "
                                   "installed): install it with scripts/install, or run this as root")
             log.debug("no imgmount daemon to talk to: running the engine in-process")
-            return action(Engine())
+            return action(_engine())
         try:
             return action(client)
         except DaemonUnavailableError as exc:
             if os.geteuid() != 0:
                 raise
             log.warning("%s: running the engine in-process instead", exc.message)
-            return action(Engine())
+            return action(_engine())
         finally:
             client.close()
 
     return run
+
+
+def _engine() -> Engine:
+    """The engine in-process, imported only here: a command that talks to the daemon needs none of it, and
+    importing it costs a third of the command's start-up."""
+    from .engine import Engine  # noqa: PLC0415
+    return Engine()
 
 
 def _as_path(target: str) -> str:

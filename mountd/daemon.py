@@ -41,10 +41,11 @@ from .dbusapi import (
     check_text,
     mount_path,
 )
-from .engine import Engine, MountInfo, MountRequest
+from .engine import Engine
 from .errors import BusyError, InvalidArgumentError, MountdError, NotAuthorizedError, NotFoundError
 from .imageinfo import ImageInfo, image_path, probe_image
 from .inspect import inspect_image
+from .model import MountInfo, MountRequest
 from .render import inspection_to_dict
 
 log = logging.getLogger("mountd.daemon")

@@ -23,8 +23,8 @@ from dbus_fast.constants import ArgDirection, PropertyAccess
 from dbus_fast.service import ServiceInterface, dbus_property, dbus_signal
 
 from . import __version__
-from .engine import MountedVolume, MountInfo
 from .errors import InvalidArgumentError, MountdError
+from .model import MountedVolume, MountInfo
 
 if TYPE_CHECKING:
     from .auth import Caller

@@ -10,7 +10,6 @@ import logging
 import os
 import pwd
 import uuid
-from dataclasses import dataclass
 from typing import Any
 
 from . import backends, dm, fuse, loop, mounts, nbd  # noqa: F401 - importing registers the layer kinds
@@ -21,58 +20,11 @@ from .imageinfo import ImageInfo, image_path, probe_image
 from .inspect import DiskLayout, Volume
 from .journal import Journal, MountRecord
 from .layer import layer_from_record
+from .model import BACKENDS, MountInfo, MountRequest
 from .stack import MountStack
 from .volumes import VolumeAttacher
 
 log = logging.getLogger(__name__)
-BACKENDS = ("auto", "nbd", "loop", "fuse")
-
-
-@dataclass(frozen=True)
-class MountRequest:
-    image: str
-    read_only: bool = True
-    volumes: tuple[str, ...] = ()  # empty: every volume holding a mountable filesystem
-    mount_root: str | None = None
-    format: str | None = None
-    snapshot: str | None = None
-    backend: str = "auto"
-    mount_options: tuple[str, ...] = ()
-    owner: int = 0
-
-
-@dataclass(frozen=True)
-class MountedVolume:
-    name: str
-    device: str
-    filesystem: str
-    mountpoint: str
-
-
-@dataclass(frozen=True)
-class MountInfo:
-    id: str
-    image: str
-    format: str
-    read_only: bool
-    owner: int
-    backend: str
-    device: str
-    volumes: tuple[MountedVolume, ...]
-    state: str
-
-    @classmethod
-    def from_record(cls, record: MountRecord) -> MountInfo:
-        disk = next((x for x in record.layers if x.volume == "" and x.kind != "mount"), None)
-        mount_layers = [x for x in record.layers if x.kind == "mount"]
-        volumes = tuple(
-            MountedVolume(m.volume, str(m.identity.get("device", "")), str(m.identity.get("fstype", "")),
-                          str(m.identity.get("mountpoint", "")))
-            for m in mount_layers
-        )
-        device = str(disk.identity.get("node", "")) if disk else ""
-        return cls(record.id, record.image, record.format, record.read_only, record.owner, record.backend,
-                   device, volumes, record.state)
 
 
 class Engine:

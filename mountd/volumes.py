@@ -18,7 +18,7 @@ from .mounts import unique_mountpoint
 from .stack import MountStack
 
 if TYPE_CHECKING:  # the engine imports this module
-    from .engine import MountRequest
+    from .model import MountRequest
 
 
 @dataclass(frozen=True)

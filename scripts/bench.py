@@ -7,6 +7,8 @@ to run; nothing here is asserted. Caches are dropped before each cold read.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import os
 import signal
@@ -15,14 +17,15 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from dbus_fast import Variant
 
 from mountd.dbusapi import MOUNT_IFACE
-from mountd.engine import Engine, MountRequest
+from mountd.engine import Engine
+from mountd.model import MountRequest
 from tests.support import images
 from tests.support.bus import Daemon, client, private_bus, tmpfs
 
@@ -33,6 +36,24 @@ ENV.update({"DM_DISABLE_UDEV": "1", "LVM_SUPPRESS_FD_WARNINGS": "1"})
 
 
 WORK_DIR = os.environ.get("IMGMOUNT_VM_WORK") or os.environ.get("TMPDIR")  # the VM lane's shared dir
+
+
+@contextlib.contextmanager
+def work_dir() -> Iterator[Path]:
+    """Where the images live: in the VM lane the guest-local disk (scripts/vm-run --disk), so cold reads
+    measure the backends and not the lane's 9p share of the host's files; else a temporary directory."""
+    disk = os.environ.get("IMGMOUNT_VM_DISK")
+    if not disk:
+        with tempfile.TemporaryDirectory(prefix="imgmount-bench-", dir=WORK_DIR) as tmp:
+            yield Path(tmp)
+        return
+    mnt = Path("/run/bench-disk")
+    mnt.mkdir(exist_ok=True)
+    sh(f"mkfs.ext4 -q -F {disk} && mount {disk} {mnt}")
+    try:
+        yield mnt
+    finally:
+        sh(f"umount {mnt}")
 
 
 def sh(script: str) -> None:
@@ -53,16 +74,36 @@ def drop_caches() -> None:
     Path("/proc/sys/vm/drop_caches").write_text("3\n")
 
 
-def imgmount(*args: str) -> str:
+def imgmount(*args: str, env: dict[str, str] = ENV) -> str:
     argv = [str(BIN / "imgmount"), *args, "--json"]
-    proc = subprocess.run(argv, capture_output=True, text=True, env=ENV, check=False)
+    proc = subprocess.run(argv, capture_output=True, text=True, env=env, check=False)
     if proc.returncode != 0:
         raise RuntimeError(f"imgmount {' '.join(args)} failed: {proc.stderr.strip()}")
     return proc.stdout
 
 
-def imgumount(target: str) -> None:
-    subprocess.run([str(BIN / "imgumount"), target], check=True, capture_output=True, env=ENV)
+def imgumount(target: str, env: dict[str, str] = ENV) -> None:
+    subprocess.run([str(BIN / "imgumount"), target], check=True, capture_output=True, env=env)
+
+
+@contextlib.contextmanager
+def daemon_for_commands() -> Iterator[dict[str, str]]:
+    """A real imgmountd on a private system bus; yields the environment in which the commands use it, as
+    they do on an installed host (without it, and as root, they run the engine in-process)."""
+    with private_bus() as bus, tmpfs() as run:
+        daemon = Daemon(bus, run).start()
+        try:
+            env = {**ENV, "DBUS_SYSTEM_BUS_ADDRESS": bus.address}
+            env.pop("IMGMOUNT_STATE_DIR", None)
+            yield env
+        finally:
+            close_quietly(daemon)
+
+
+def close_quietly(daemon: Daemon) -> None:
+    """Stop the daemon without printing its log (the test helper prints it for pytest)."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        daemon.close()
 
 
 # --- images ---------------------------------------------------------------------------------------------
@@ -133,8 +174,8 @@ def bare_fuse(image: Path, mnt: Path, offset: int, size: int) -> None:
 
 
 def latency(
-    found: dict[str, Path], work: Path, where: str, repeats: int
-) -> list[tuple[str, float, float, float]]:
+    found: dict[str, Path], work: Path, where: str, repeats: int, daemon_env: dict[str, str]
+) -> list[tuple[str, float, float, float, float]]:
     offsets = json.loads((work / "offsets.json").read_text())
     mnt = work / "mnt"
     mnt.mkdir(exist_ok=True)
@@ -145,9 +186,12 @@ def latency(
     ):
         image = found[key]
 
-        def ours(image: Path = image, volume: str = volume) -> None:
-            imgmount(str(image), "--volume", volume, "--mount-root", str(work / "media"))
-            imgumount(str(image))
+        def commands(image: Path = image, volume: str = volume, env: dict[str, str] = ENV) -> None:
+            imgmount(str(image), "--volume", volume, "--mount-root", str(work / "media"), env=env)
+            imgumount(str(image), env=env)
+
+        def via_daemon(image: Path = image, volume: str = volume) -> None:
+            commands(image, volume, daemon_env)
 
         def engine(image: Path = image, volume: str = volume) -> None:
             eng = Engine()
@@ -164,11 +208,16 @@ def latency(
             def bare(image: Path = image, off: int = off, size: int = size) -> None:
                 bare_fuse(image, mnt, off, size)
 
-        rows.append((name, timed(ours, repeats), timed(engine, repeats), timed(bare, repeats)))
+        rows.append((name, timed(via_daemon, repeats), timed(commands, repeats), timed(engine, repeats),
+                     timed(bare, repeats)))
     return rows
 
 
-def throughput(found: dict[str, Path], work: Path, where: str) -> list[tuple[str, float, float]]:
+def throughput(
+    found: dict[str, Path], work: Path, where: str, repeats: int
+) -> list[tuple[str, float, float]]:
+    """Cold reads of the 256 MiB file through each backend, each alternated with a cold read of the same
+    bytes from the raw image file (so both see the same disk and cache weather): medians of ``repeats``."""
     offsets = json.loads((work / "offsets.json").read_text())
     raw = found["ext4.raw"]
 
@@ -178,8 +227,10 @@ def throughput(found: dict[str, Path], work: Path, where: str) -> list[tuple[str
             for _ in range(256):
                 f.read(MiB)
 
-    drop_caches()
-    direct_s = timed(direct, 1)
+    def cold(read: Callable[[], object]) -> float:
+        drop_caches()
+        return timed(read, 1)
+
     rows = []
     backends = [("loop", "ext4.raw"), ("fuse", "ext4.qcow2")] + (
         [("nbd", "ext4.qcow2")] if where == "vm" else []
@@ -189,10 +240,11 @@ def throughput(found: dict[str, Path], work: Path, where: str) -> list[tuple[str
             imgmount(str(found[key]), "--backend", backend, "--mount-root", str(work / "media"))
         )
         big = Path(info["volumes"][0]["mountpoint"]) / "big.bin"
-        drop_caches()
-        seconds = timed(lambda big=big: big.read_bytes(), 1)
+        pairs = [(cold(direct), cold(big.read_bytes)) for _ in range(repeats)]
         imgumount(str(found[key]))
-        rows.append((f"{backend} ({key})", 256 / seconds, 256 / direct_s))
+        direct_s = statistics.median(d for d, _ in pairs)
+        ours_s = statistics.median(o for _, o in pairs)
+        rows.append((f"{backend} ({key})", 256 / ours_s, 256 / direct_s))
     return rows
 
 
@@ -264,7 +316,7 @@ def daemon_costs(found: dict[str, Path], work: Path, repeats: int) -> list[tuple
         rows.append(("daemon start-up adopting 64 mounts", f"{time.perf_counter() - start:.3f} s"))
         rows.append(("daemon memory (RSS) after adopting 64", f"{_rss(again.pid)} KiB"))
         assert len(c.manager("ListMounts").value()) == 64
-        again.close()  # SIGTERM: unmounts all 64
+        close_quietly(again)  # SIGTERM: unmounts all 64
     return rows
 
 
@@ -279,21 +331,24 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     os.environ["IMGMOUNT_STATE_DIR"] = ENV["IMGMOUNT_STATE_DIR"] = tempfile.mkdtemp(prefix="imgmount-bench-")
-    with tempfile.TemporaryDirectory(prefix="imgmount-bench-", dir=WORK_DIR) as tmp:
-        work = Path(tmp)
+    with work_dir() as work:
         found = build(work)
         bare = (
             "qemu-nbd/partprobe/vgchange/mount" if args.where == "vm" else "qemu-storage-daemon/losetup/mount"
         )
         print(f"\n## {args.where}: mount+unmount latency, median of {args.repeats}")
-        print(f"(imgmount = the commands, engine = the same engine in-process, bare = {bare})")
-        print(f"{'image':<18} {'imgmount':>9} {'engine':>9} {'bare':>9} {'ratio':>6} {'engine ratio':>12}")
-        for name, ours, eng, bare_s in latency(found, work, args.where, args.repeats):
-            ratios = f"{ours / bare_s:6.2f} {eng / bare_s:12.2f}"
-            print(f"{name:<18} {ours:8.3f}s {eng:8.3f}s {bare_s:8.3f}s {ratios}")
-        print(f"\n## {args.where}: cold-cache read of a 256 MiB file (direct = the raw image file)")
+        print("(commands = imgmount + imgumount through a running imgmountd, as installed; in-process = the")
+        print(f"same commands without a daemon; engine = the engine called in this process; bare = {bare})")
+        print(f"{'image':<16} {'commands':>9} {'in-proc':>9} {'engine':>9} {'bare':>9}   ratios to bare")
+        with daemon_for_commands() as daemon_env:
+            rows = latency(found, work, args.where, args.repeats, daemon_env)
+        for name, via_daemon, commands, eng, bare_s in rows:
+            ratios = " / ".join(f"{t / bare_s:.2f}" for t in (via_daemon, commands, eng))
+            print(f"{name:<16} {via_daemon:8.3f}s {commands:8.3f}s {eng:8.3f}s {bare_s:8.3f}s   {ratios}")
+        print(f"\n## {args.where}: cold-cache read of a 256 MiB file, median of {args.repeats}")
+        print("(direct = the same bytes read from the raw image file, alternated with each read)")
         print(f"{'backend':<22} {'MiB/s':>8} {'direct':>8} {'ratio':>6}")
-        for name, mbs, direct in throughput(found, work, args.where):
+        for name, mbs, direct in throughput(found, work, args.where, args.repeats):
             print(f"{name:<22} {mbs:8.0f} {direct:8.0f} {mbs / direct:6.2f}")
         print(f"\n## {args.where}: N images mounted at once by N imgmount processes")
         print(f"{'N':>3} {'seconds per image':>18}")

@@ -36,10 +36,11 @@ from mountd.dbusapi import (
     ApiInterface,
     api_method,
 )
-from mountd.engine import Engine, MountRequest
+from mountd.engine import Engine
 from mountd.errors import MountdError
 from mountd.inspect import inspect_image
 from mountd.journal import Journal
+from mountd.model import MountRequest
 from mountd.render import inspection_to_dict
 from tests.support import guests, images, leftovers
 from tests.support.bus import (

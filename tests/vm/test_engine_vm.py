@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from mountd.engine import Engine, MountInfo, MountRequest
+from mountd.engine import Engine
 from mountd.journal import Journal
+from mountd.model import MountInfo, MountRequest
 from tests.support import guests, images, leftovers
 from tests.support.guests import Guest
 

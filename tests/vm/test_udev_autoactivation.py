@@ -18,8 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from mountd.engine import Engine, MountRequest
+from mountd.engine import Engine
 from mountd.journal import Journal
+from mountd.model import MountRequest
 from tests.support import guests, images, nbd
 
 RULE = Path(__file__).resolve().parents[2] / "systemd" / "60-imgmount.rules"
