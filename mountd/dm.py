@@ -259,6 +259,8 @@ def release_host_activations(nodes: Iterable[str]) -> list[str]:
     """
     ours = {os.path.basename(os.path.realpath(n)) for n in nodes if n.startswith("/dev/")}
     stacked = _lvm_devices_on(ours)
+    if not stacked:
+        return []
     removed: list[str] = []
     env, extra = _udev_mode()
     for sysname in stacked:  # topmost first
