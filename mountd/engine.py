@@ -18,7 +18,7 @@ from .filesystems import mount_type, mountable_types
 from .holders import check_not_in_use
 from .imageinfo import ImageInfo, image_path, probe_image
 from .inspect import DiskLayout, Volume
-from .journal import Journal, MountRecord, image_lock
+from .journal import Journal, MountRecord
 from .layer import layer_from_record
 from .model import BACKENDS, MountInfo, MountRequest
 from .stack import MountStack
@@ -58,7 +58,7 @@ class Engine:
     def mount(self, req: MountRequest) -> MountInfo:
         _check_request(req)
         image = image_path(req.image)
-        with self.journal.locked(image_lock(image)):
+        with self.journal.locked():
             existing = self._existing(image, req)
             if existing is not None:
                 return existing
@@ -96,8 +96,8 @@ class Engine:
     # --- unmount -----------------------------------------------------------------------------------------
 
     def unmount(self, mount_id: str, *, force: bool = False) -> None:
-        with self.journal.locked(image_lock(self.journal.read(mount_id).image)):
-            record = self.journal.read(mount_id)  # again: another process may have unmounted it meanwhile
+        with self.journal.locked():
+            record = self.journal.read(mount_id)
             MountStack(self.journal, record).teardown(force=force)
             log.info("unmounted %s (%s)", record.image, record.id)
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import json
 import os
 import tempfile
@@ -125,22 +124,15 @@ class Journal:
         return records
 
     @contextlib.contextmanager
-    def locked(self, name: str) -> Iterator[None]:
-        """Serialise changes to one thing across processes (every imgmount command and the daemon's
-        threads): an image (:func:`image_lock`), or the choice of mountpoint names (``"mountpoints"``)."""
-        locks = self.root / "locks"
-        locks.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd = os.open(locks / name, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    def locked(self) -> Iterator[None]:
+        """Serialise state changes across processes (every imgmount command and the daemon)."""
+        self.ensure()
+        fd = os.open(self.root / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield
         finally:
             os.close(fd)
-
-
-def image_lock(image: str) -> str:
-    """The lock name of one image path: mounts of different images go side by side."""
-    return "image-" + hashlib.sha256(os.fsencode(image)).hexdigest()[:24]
 
 
 def _claimable(node: object) -> str:

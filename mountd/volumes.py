@@ -43,14 +43,12 @@ class VolumeAttacher:
         os.makedirs(self.root, mode=0o755, exist_ok=True)
         stem = _stem(self.stack.record.image)
         name = stem if volume.kind == "disk" else f"{stem}-{volume.name}"
-        options = mount_options(fstype, read_only=req.read_only, requested=req.mount_options,
-                                owner_uid=req.owner)
-        # Mounts of other images run side by side: choosing a free name and taking it is one step.
-        with self.stack.journal.locked("mountpoints"):
-            self.stack.push(LayerRecord("mount", volume.name, "attaching", {
-                "device": node, "mountpoint": unique_mountpoint(self.root, name), "fstype": fstype,
-                "owner": req.owner, "options": options,
-            }))
+        self.stack.push(LayerRecord("mount", volume.name, "attaching", {
+            "device": node, "mountpoint": unique_mountpoint(self.root, name), "fstype": fstype,
+            "owner": req.owner,
+            "options": mount_options(fstype, read_only=req.read_only,
+                                     requested=req.mount_options, owner_uid=req.owner),
+        }))
 
     def node(self, volume: Volume) -> str:
         """The block device that exposes ``volume``, attaching what it takes."""

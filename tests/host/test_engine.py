@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import concurrent.futures
 import hashlib
 import json
 import os
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,7 +14,7 @@ import pytest
 
 from mountd.engine import Engine
 from mountd.errors import BusyError, InUseError, InvalidArgumentError, NotFoundError, UnsupportedError
-from mountd.journal import Journal, image_lock
+from mountd.journal import Journal
 from mountd.layer import InjectedFault
 from mountd.model import MountInfo, MountRequest
 from tests.support import guests, images, leftovers
@@ -285,38 +283,3 @@ def test_commands_share_mounts_across_processes(gpt: Guest, tmp_path: Path) -> N
     gone = run("imgumount", str(gpt.raw))
     assert gone.returncode == NotFoundError.exit_code
     assert gone.stderr.startswith("imgumount: ") and "not mounted" in gone.stderr and gone.stderr.count("\n") == 1
-
-
-def test_a_mount_in_progress_does_not_hold_up_another_image(engine: Engine, tmp_path: Path) -> None:
-    """While one image's mount is in progress (its lock held here, as a slow mount would), another image
-    mounts and unmounts; the held image's own mount waits for it."""
-    slow = guests.whole_disk_guest(tmp_path / "slow.raw")
-    other = guests.whole_disk_guest(tmp_path / "other.raw")
-    done: list[MountInfo] = []
-    with engine.journal.locked(image_lock(str(slow.raw))):
-        worker = threading.Thread(target=lambda: done.append(_mount(engine, other.raw, tmp_path / "media")))
-        worker.start()
-        worker.join(timeout=60)
-        assert not worker.is_alive(), "the mount of another image waited for a lock it does not need"
-        _check_all(done[0], other)
-        engine.unmount(done[0].id)
-        waiting = threading.Thread(target=lambda: done.append(_mount(engine, slow.raw, tmp_path / "media")))
-        waiting.start()
-    waiting.join(timeout=60)
-    assert not waiting.is_alive()
-    _check_all(done[1], slow)
-
-
-def test_concurrent_mounts_of_same_named_images_get_their_own_mountpoints(engine: Engine, tmp_path: Path) -> None:
-    guest = guests.whole_disk_guest(tmp_path / "disk.raw")
-    for i in range(4):
-        (tmp_path / f"d{i}").mkdir()
-    copies = [_copy(guest.raw, tmp_path / f"d{i}" / "disk.raw") for i in range(4)]
-    with concurrent.futures.ThreadPoolExecutor(len(copies)) as pool:
-        infos = list(pool.map(lambda image: _mount(engine, image, tmp_path / "media"), copies))
-    assert sorted(v.mountpoint for i in infos for v in i.volumes) == \
-        [str(tmp_path / "media" / n) for n in ("disk", "disk-2", "disk-3", "disk-4")]
-    for info in infos:
-        _check_all(info, guest)
-        engine.unmount(info.id)
-    assert engine.mounts() == [] and list((tmp_path / "media").iterdir()) == []
