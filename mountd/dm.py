@@ -29,7 +29,7 @@ from .errors import BusyError, CommandError, FailedError, InvalidArgumentError, 
 from .journal import LayerRecord
 from .layer import Layer, Progress
 from .lvmmeta import VolumeGroup
-from .nbd import block_holders
+from .nbd import SYS_CLASS_BLOCK, block_holders
 
 log = logging.getLogger(__name__)
 
@@ -292,13 +292,13 @@ def _lvm_devices_on(ours: set[str]) -> list[str]:
 
 def _sys_list(sysname: str, entry: str) -> list[str]:
     try:
-        return os.listdir(f"/sys/class/block/{sysname}/{entry}")
+        return os.listdir(SYS_CLASS_BLOCK / sysname / entry)
     except OSError:
         return []
 
 
 def _sys_read(sysname: str, entry: str) -> str:
     try:
-        return Path(f"/sys/class/block/{sysname}/{entry}").read_text().strip()
+        return (SYS_CLASS_BLOCK / sysname / entry).read_text().strip()
     except OSError:
         return ""

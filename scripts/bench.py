@@ -27,7 +27,7 @@ from mountd.dbusapi import MOUNT_IFACE
 from mountd.engine import Engine
 from mountd.model import MountRequest
 from tests.support import images
-from tests.support.bus import Daemon, client, private_bus, tmpfs
+from tests.support.bus import Bus, Daemon, client, private_bus, tmpfs
 
 MiB = images.MiB
 BIN = Path(sys.executable).parent
@@ -93,11 +93,16 @@ def daemon_for_commands() -> Iterator[dict[str, str]]:
     with private_bus() as bus, tmpfs() as run:
         daemon = Daemon(bus, run).start()
         try:
-            env = {**ENV, "DBUS_SYSTEM_BUS_ADDRESS": bus.address}
-            env.pop("IMGMOUNT_STATE_DIR", None)
-            yield env
+            yield commands_env(bus)
         finally:
             close_quietly(daemon)
+
+
+def commands_env(bus: Bus) -> dict[str, str]:
+    """Where the commands call the daemon on ``bus`` (a state dir would make them run in-process)."""
+    env = {**ENV, "DBUS_SYSTEM_BUS_ADDRESS": bus.address}
+    env.pop("IMGMOUNT_STATE_DIR", None)
+    return env
 
 
 def close_quietly(daemon: Daemon) -> None:
@@ -298,8 +303,7 @@ def daemon_costs(found: dict[str, Path], work: Path, repeats: int) -> list[tuple
         rows.append(("mount+unmount in-process (same)", f"{timed(in_process, repeats):.3f} s"))
         for image in copies:
             c.mount(image, **{"mount-root": media}).value()
-        env = {**ENV, "DBUS_SYSTEM_BUS_ADDRESS": bus.address}
-        env.pop("IMGMOUNT_STATE_DIR", None)
+        env = commands_env(bus)
         listing = timed(
             lambda: subprocess.run(
                 [str(BIN / "imgmount"), "--list"], env=env, check=True, capture_output=True

@@ -29,13 +29,9 @@ HOST_ACTIVATED = Path(f"/dev/mapper/{VG}-root")
 LVM_ENV = {**os.environ, "LVM_SUPPRESS_FD_WARNINGS": "1"}
 
 
-def udevadm(*args: str) -> None:
-    subprocess.run(["udevadm", *args], check=True, capture_output=True)
-
-
 def settle() -> None:
     """Wait until udevd has handled every queued event, the LVM rule's vgchange included (bounded)."""
-    udevadm("settle", "--timeout=60")
+    images.run(["udevadm", "settle", "--timeout=60"])
 
 
 @pytest.fixture(scope="module")
@@ -50,12 +46,12 @@ def our_rule_installed() -> Iterator[None]:
     rules = Path("/run/udev/rules.d")
     rules.mkdir(parents=True, exist_ok=True)
     shutil.copy(RULE, rules / RULE.name)
-    udevadm("control", "--reload")
+    images.run(["udevadm", "control", "--reload"])
     try:
         yield
     finally:
         (rules / RULE.name).unlink()
-        udevadm("control", "--reload")
+        images.run(["udevadm", "control", "--reload"])
 
 
 @pytest.fixture(scope="module")
@@ -75,31 +71,26 @@ def host_state_forgotten() -> Iterator[None]:
         images.forget_vg_online(VG)
 
 
-def run_quiet(*argv: str) -> None:
-    subprocess.run(argv, check=True, stdin=subprocess.DEVNULL, capture_output=True)
-
-
-def control_nbd(guest: guests.Guest, image: Path) -> Callable[[], None]:
+def control_nbd(guest: guests.Guest, image: Path) -> Callable[[], object]:
     """``qemu-nbd -c`` as a person types it; returns the detach."""
     device = f"/dev/{nbd.free_devices()[0]}"
-    run_quiet("qemu-nbd", "--fork", "-r", "-f", "qcow2", "-c", device, str(image))
-    return lambda: run_quiet("qemu-nbd", "-d", device)
+    images.run(["qemu-nbd", "--fork", "-r", "-f", "qcow2", "-c", device, str(image)])
+    return lambda: images.run(["qemu-nbd", "-d", device])
 
 
-def control_loop(guest: guests.Guest, image: Path) -> Callable[[], None]:
+def control_loop(guest: guests.Guest, image: Path) -> Callable[[], object]:
     """``losetup -o`` at the PV's partition, the way the fuse and loop backends attach it; returns the detach."""
     pv = images.sfdisk_json(guest.raw)["partitions"][3]
-    device = subprocess.run(["losetup", "--find", "--show", "--read-only", "-o", str(pv["start"] * 512),
-                             "--sizelimit", str(pv["size"] * 512), str(guest.raw)],
-                            check=True, capture_output=True, text=True).stdout.strip()
-    return lambda: run_quiet("losetup", "-d", device)
+    device = images.run(["losetup", "--find", "--show", "--read-only", "-o", str(pv["start"] * 512),
+                         "--sizelimit", str(pv["size"] * 512), str(guest.raw)]).strip()
+    return lambda: images.run(["losetup", "-d", device])
 
 
 @pytest.mark.parametrize(("backend", "control"), [("nbd", control_nbd), ("fuse", control_loop)],
                          ids=["nbd", "fuse"])
 def test_host_activates_a_plain_attach_but_leaves_imgmount_alone(
         udevd: None, guest: guests.Guest, tmp_path: Path, backend: str,
-        control: Callable[[guests.Guest, Path], Callable[[], None]]) -> None:
+        control: Callable[[guests.Guest, Path], Callable[[], object]]) -> None:
     image = images.convert(guest.raw, tmp_path / "gpt.qcow2", "qcow2")
 
     with host_state_forgotten():
@@ -108,7 +99,7 @@ def test_host_activates_a_plain_attach_but_leaves_imgmount_alone(
             settle()
             assert HOST_ACTIVATED.exists(), "the control failed: the host did not auto-activate a plain attach"
         finally:
-            subprocess.run(["vgchange", "-q", "-an", VG], env=LVM_ENV, check=True, capture_output=True)
+            images.run(["vgchange", "-q", "-an", VG])
             detach()
 
     engine = Engine(Journal())  # the default /run/imgmount: where the udev rule looks for claims
