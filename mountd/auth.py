@@ -5,19 +5,15 @@
 - uid 0 may do everything. Everyone else is asked about through polkit (``CheckAuthorization`` for a
   ``unix-process`` subject: pid, start time, uid) when polkitd is on the bus or can be activated; without
   polkit, only members of the group ``imgmount`` may call.
-- A non-root caller mounts only files it can open itself: a child process takes the caller's uid and groups
-  and opens each file, so the kernel decides (ACLs, LSMs, root-squashed NFS ...), not our reading of
-  permission bits.
+- A non-root caller mounts only files it can open itself: :mod:`mountd.opener` opens them as the caller, so
+  the kernel decides (ACLs, LSMs, root-squashed NFS ...), not our reading of permission bits.
 """
 
 from __future__ import annotations
 
 import grp
 import logging
-import os
-import subprocess
-import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from dbus_fast import Message, MessageType, Variant
@@ -39,33 +35,6 @@ POLKIT_IFACE = "org.freedesktop.PolicyKit1.Authority"
 POLKIT_ALLOW_USER_INTERACTION = 1
 # polkit is "not there" only when the bus says so; any other failure refuses the call (fail closed).
 ABSENT = ("org.freedesktop.DBus.Error.ServiceUnknown", "org.freedesktop.DBus.Error.NameHasNoOwner")
-OPEN_CHECK_TIMEOUT = 20.0
-# The opener runs as the caller, so its interpreter must be one every user may execute: the system's (a
-# virtualenv's may sit in a directory only root can enter), else ours.
-OPENER_PYTHON = "/usr/bin/python3" if os.access("/usr/bin/python3", os.X_OK) else sys.executable
-
-# Run as the caller (uid, gid and groups already switched by subprocess): open each file named on stdin
-# ("r PATH" or "w PATH", NUL-separated); O_NONBLOCK so a FIFO swapped in cannot block; report the first
-# failure.
-_OPENER = r"""
-import os, stat, sys
-for item in sys.stdin.buffer.read().split(b"\0"):
-    if not item:
-        continue
-    mode, path = item[:1], item[2:]
-    flags = (os.O_RDWR if mode == b"w" else os.O_RDONLY) | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
-    try:
-        fd = os.open(path, flags)
-    except OSError as exc:
-        sys.stdout.buffer.write(path + b"\0" + exc.strerror.encode())
-        sys.exit(1)
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        sys.stdout.buffer.write(path + b"\0" + b"not a regular file")
-        sys.exit(1)
-    os.close(fd)
-"""
-
-
 @dataclass(frozen=True)
 class Caller:
     """The sender of one call, as the bus knows it."""
@@ -192,30 +161,3 @@ class Authority:
 def _verb(action: str) -> str:
     return {ACTION_MOUNT: "mount images", ACTION_MOUNT_RW: "mount images read-write",
             ACTION_UNMOUNT_OTHERS: "unmount other users' mounts"}.get(action, action)
-
-
-def check_openable(caller: Caller, files: Sequence[tuple[str, bool]]) -> None:
-    """Raise NotAuthorizedError unless ``caller`` can open every (path, writable) in ``files`` itself.
-
-    Blocking (a child process): run it in a worker thread.
-    """
-    if caller.is_root or not files:
-        return
-    request = b"".join((b"w " if write else b"r ") + os.fsencode(path) + b"\0" for path, write in files)
-    try:
-        proc = subprocess.run([OPENER_PYTHON, "-I", "-S", "-c", _OPENER], input=request, capture_output=True,
-                              user=caller.uid, group=caller.gids[0] if caller.gids else caller.uid,
-                              extra_groups=list(caller.gids), env={}, cwd="/", timeout=OPEN_CHECK_TIMEOUT,
-                              check=False)
-    except subprocess.TimeoutExpired:
-        raise FailedError("checking whether the caller can open the image timed out") from None
-    if proc.returncode == 0:
-        return
-    path, _, reason = proc.stdout.partition(b"\0")
-    if not path:
-        detail = proc.stderr.decode(errors="replace")[-200:]
-        raise FailedError(f"checking the caller's access failed: {detail}")
-    write = dict(files).get(os.fsdecode(path), False)
-    raise NotAuthorizedError(f"you cannot open {os.fsdecode(path)} for {'writing' if write else 'reading'} "
-                             f"({reason.decode(errors='replace')}): imgmount mounts only what you can open "
-                             "yourself")

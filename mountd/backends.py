@@ -15,10 +15,12 @@ from pathlib import Path
 from . import command
 from .blockio import FileReader
 from .errors import UnsupportedError
-from .imageinfo import ImageInfo, block_options
+from .imageinfo import ImageInfo, block_options, chain_fds
 from .inspect import DiskLayout, analyse_disk
 from .journal import LayerRecord
-from .nbd import ensure_nbd_module
+from .nbd import ensure_nbd_module, run_dir
+from .opener import Credentials
+from .server import client_options
 from .stack import MountStack
 
 
@@ -31,6 +33,7 @@ class Disk:
     offset_base: str  # what per-volume loop devices map at byte offsets (the image file for loop)
     kernel_partitions: bool  # the kernel exposes nodeNpK partition nodes (nbd with max_part > 0)
     device_mapper: bool  # LVs can be mapped with device-mapper
+    offset_fds: tuple[int, ...] = ()  # the open image file, where offset_base is the image itself
 
 
 def nbd_available() -> bool:
@@ -87,23 +90,44 @@ def choose(requested: str, info: ImageInfo) -> str:
 
 
 def attach_disk(stack: MountStack, backend: str, info: ImageInfo, *, read_only: bool, snapshot: str | None,
-                state_dir: Path) -> Disk:
+                state_dir: Path, confined: Credentials | None = None) -> Disk:
+    """The whole disk, from the files the probe opened (``info``'s descriptors). For a ``confined`` caller
+    every QEMU that parses the image runs as that caller (:mod:`mountd.server`); root's side only reads NBD.
+    """
+    dm = device_mapper_available()
     if backend == "loop":
+        top = (info.top.fd,) if info.top.fd >= 0 else ()
         layer = stack.push(LayerRecord("loop", "", "attaching", {
             "backing": info.top.path, "offset": 0, "size": 0, "read_only": read_only, "qemu_locks": True,
-            "direct_io": True}))
-        return Disk(backend, layer.node, info.top.path, False, device_mapper_available())
+            "direct_io": True}), fds=top)
+        return Disk(backend, layer.node, info.top.path, False, dm, top)
+    source = block_options(info)
+    if confined is not None:
+        source = _caller_server(stack, info, read_only=read_only, snapshot=snapshot, creds=confined)
     if backend == "fuse":
         exports = state_dir / "exports"
         exports.mkdir(parents=True, exist_ok=True, mode=0o700)
         layer = stack.push(LayerRecord("fuse", "", "attaching", {
-            "blockdev": block_options(info), "export": str(exports / f"{stack.record.id}.raw"),
+            "blockdev": source, "export": str(exports / f"{stack.record.id}.raw"),
             "read_only": read_only, "snapshot": snapshot, "virtual_size": info.virtual_size}))
-        return Disk(backend, layer.node, layer.node, False, device_mapper_available())
+        return Disk(backend, layer.node, layer.node, False, dm)
     module = ensure_nbd_module()
     layer = stack.push(LayerRecord("nbd", "", "attaching", {
-        "image_opts": block_options(info), "read_only": read_only, "snapshot": snapshot}))
-    return Disk(backend, layer.node, layer.node, module.max_part > 0, device_mapper_available())
+        "image_opts": source, "read_only": read_only, "snapshot": snapshot}))
+    return Disk(backend, layer.node, layer.node, module.max_part > 0, dm)
+
+
+def _caller_server(stack: MountStack, info: ImageInfo, *, read_only: bool, snapshot: str | None,
+                   creds: Credentials) -> str:
+    """Serve the image with a QEMU running as the caller; the block options that read it."""
+    if snapshot:
+        raise UnsupportedError("only root can mount an internal snapshot for now: QEMU running as you "
+                               "(qemu-storage-daemon) has no way to open one")
+    sock = run_dir("servers") / f"{stack.record.id}.sock"
+    layer = stack.push(LayerRecord("server", "", "attaching", {
+        "blockdev": block_options(info, by_fd=True), "socket": str(sock), "read_only": read_only,
+        "uid": creds.uid, "gids": list(creds.gids), "image": info.top.path}), fds=tuple(chain_fds(info)))
+    return client_options(layer.node)
 
 
 def analyse(disk: Disk) -> DiskLayout:

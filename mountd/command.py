@@ -71,6 +71,7 @@ def run(
     env: Mapping[str, str] | None = None,
     check: bool = True,
     input_text: str | None = None,
+    pass_fds: Sequence[int] = (),
 ) -> Result:
     """Run ``argv`` to completion and return its output; raise :class:`CommandError` on failure."""
     full_env = dict(BASE_ENV)
@@ -87,6 +88,7 @@ def run(
             env=full_env,
             timeout=timeout,
             check=False,
+            pass_fds=tuple(pass_fds),
         )
     except subprocess.TimeoutExpired:
         raise OperationTimeoutError(f"{argv[0]} did not finish within {timeout:g} s") from None

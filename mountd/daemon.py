@@ -28,7 +28,7 @@ from dbus_fast import BusType, Message, MessageFlag, MessageType, NameFlag, Requ
 from dbus_fast.aio import MessageBus
 
 from . import auth
-from .auth import ACTION_MOUNT, ACTION_MOUNT_RW, ACTION_UNMOUNT_OTHERS, Authority, Caller, check_openable
+from .auth import ACTION_MOUNT, ACTION_MOUNT_RW, ACTION_UNMOUNT_OTHERS, Authority, Caller
 from .backends import available
 from .dbusapi import (
     BUS_NAME,
@@ -43,14 +43,16 @@ from .dbusapi import (
 )
 from .engine import Engine
 from .errors import BusyError, InvalidArgumentError, MountdError, NotAuthorizedError, NotFoundError
-from .imageinfo import ImageInfo, image_path, probe_image
+from .imageinfo import image_path
 from .inspect import inspect_image
 from .model import MountInfo, MountRequest
+from .opener import Credentials, check_path
 from .render import inspection_to_dict
 
 log = logging.getLogger("mountd.daemon")
 OBJECT_MANAGER = "org.freedesktop.DBus.ObjectManager"
 MOUNT_ID = re.compile(r"^[A-Za-z0-9_]{1,64}$")
+NOGROUP = 65534  # a caller in no group at all gets this one, never a group that happens to share its uid
 
 
 class DaemonBus(MessageBus):
@@ -105,13 +107,11 @@ class Service:
     async def inspect(self, caller: Caller, image: str, options: dict[str, Any]) -> dict[str, Any]:
         await self.authority.require(caller, ACTION_MOUNT, interactive=caller.interactive,
                                      details={"image": image})
-        full = await _image(image)
+        full = await _image(caller, image)
         async with self.locks.hold(full):
-            return await asyncio.to_thread(self._inspect, caller, full, options.get("format"))
-
-    def _inspect(self, caller: Caller, image: str, fmt: str | None) -> dict[str, Any]:
-        _check_caller_can_open(caller, image, fmt, write=False)
-        return inspection_to_dict(inspect_image(image, fmt=fmt))
+            found = await asyncio.to_thread(inspect_image, full, fmt=options.get("format"),
+                                            confined=confined(caller))
+            return inspection_to_dict(found)
 
     async def mount(self, caller: Caller, image: str, options: dict[str, Any]) -> MountInfo:
         read_only = bool(options.get("read-only", True))
@@ -121,19 +121,15 @@ class Service:
         if "mount-root" in options and not caller.is_root:
             raise NotAuthorizedError("only root may choose the mount root: leave out mount-root and the "
                                      "volumes are mounted under /run/media/<user>")
-        full = await _image(image)
+        full = await _image(caller, image)
         req = MountRequest(image=full, read_only=read_only, volumes=tuple(options.get("volumes", ())),
                            mount_root=options.get("mount-root"), format=options.get("format"),
                            snapshot=options.get("snapshot"), backend=options.get("backend", "auto"),
                            mount_options=tuple(options.get("mount-options", ())), owner=caller.uid)
         async with self.locks.hold(full):
-            info = await asyncio.to_thread(self._mount, caller, req)
+            info = await asyncio.to_thread(self.engine.mount, req, confined=confined(caller))
             self.publish(info, info.state)
         return info
-
-    def _mount(self, caller: Caller, req: MountRequest) -> MountInfo:
-        _check_caller_can_open(caller, req.image, req.format, write=not req.read_only)
-        return self.engine.mount(req)
 
     async def unmount(self, caller: Caller, mount_id: str, *, force: bool) -> None:
         obj = self.objects.get(mount_id)
@@ -261,26 +257,19 @@ def shutdown_order(mounts: Sequence[MountInfo]) -> list[MountInfo]:
     return order
 
 
-async def _image(image: str) -> str:
+async def _image(caller: Caller, image: str) -> str:
+    """The image path as given, checked as text; root's is resolved here, a caller's never as root (its
+    own opener resolves it, with its own rights: design, "The guarantee")."""
     check_text(image, "the image path")
-    if not os.path.isabs(image):
-        raise InvalidArgumentError(f"the image path must be absolute: {image}")
-    return await asyncio.to_thread(image_path, image)
+    check_path(image)
+    return await asyncio.to_thread(image_path, image) if caller.is_root else image
 
 
-def _check_caller_can_open(caller: Caller, image: str, fmt: str | None, *, write: bool) -> None:
-    """A non-root caller must be able to open the image and every file QEMU will open for it (the top
-    image's own files writable for a read-write mount; backing files are only ever read)."""
+def confined(caller: Caller) -> Credentials | None:
+    """Whom a caller's files are opened, and its QEMU run, as: None for root."""
     if caller.is_root:
-        return
-    check_openable(caller, [(image, write)])
-    check_openable(caller, _files(probe_image(image, fmt=fmt), write))
-
-
-def _files(info: ImageInfo, write: bool) -> list[tuple[str, bool]]:
-    top = info.top
-    own = [top.path, *([top.data_file] if top.data_file else []), *top.extents]
-    return [(path, write and path in own) for path in info.files()]
+        return None
+    return Credentials(caller.uid, caller.gids or (NOGROUP,))
 
 
 # --- dispatch ---------------------------------------------------------------------------------------------

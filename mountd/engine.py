@@ -12,15 +12,16 @@ import pwd
 import uuid
 from typing import Any
 
-from . import backends, dm, fuse, loop, mounts, nbd  # noqa: F401 - importing registers the layer kinds
+from . import backends, dm, fuse, loop, mounts, nbd, server  # noqa: F401 - importing registers the layer kinds
 from .errors import InUseError, InvalidArgumentError, NotFoundError, UnsupportedError
 from .filesystems import mount_type, mountable_types
 from .holders import check_not_in_use
-from .imageinfo import ImageInfo, image_path, probe_image
+from .imageinfo import ImageInfo, probe_image
 from .inspect import DiskLayout, Volume
 from .journal import Journal, MountRecord
 from .layer import layer_from_record
 from .model import BACKENDS, MountInfo, MountRequest
+from .opener import Credentials, Opener
 from .stack import MountStack
 from .volumes import VolumeAttacher
 
@@ -55,14 +56,20 @@ class Engine:
 
     # --- mount -------------------------------------------------------------------------------------------
 
-    def mount(self, req: MountRequest) -> MountInfo:
+    def mount(self, req: MountRequest, *, confined: Credentials | None = None) -> MountInfo:
+        """Mount ``req``; for a ``confined`` (non-root) caller every file is opened, and every QEMU that
+        parses the image runs, with that caller's credentials (design: "The guarantee")."""
         _check_request(req)
-        image = image_path(req.image)
+        with Opener(confined) as opener:  # the image's files, opened once: the descriptors are what we use
+            info = probe_image(req.image, fmt=req.format, opener=opener, write=not req.read_only)
+            return self._mount(req, info, confined)
+
+    def _mount(self, req: MountRequest, info: ImageInfo, confined: Credentials | None) -> MountInfo:
+        image = info.top.path
         with self.journal.locked():
             existing = self._existing(image, req)
             if existing is not None:
                 return existing
-            info = probe_image(image, fmt=req.format)
             _check_snapshot(info, req)
             check_not_in_use(info.files(), read_write=not req.read_only)
             backend = backends.choose(req.backend, info)
@@ -72,7 +79,8 @@ class Engine:
             stack = MountStack(self.journal, record)
             with stack.building():
                 disk = backends.attach_disk(stack, backend, info, read_only=req.read_only,
-                                            snapshot=req.snapshot, state_dir=self.journal.root)
+                                            snapshot=req.snapshot, state_dir=self.journal.root,
+                                            confined=confined)
                 layout = backends.analyse(disk)
                 attacher = VolumeAttacher(stack, disk, layout, req,
                                           req.mount_root or default_mount_root(req.owner))

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import re
-import stat
 import struct
 from dataclasses import dataclass
 from typing import BinaryIO
@@ -40,41 +39,39 @@ class References:
     extents: tuple[str, ...] = ()
 
 
-def scan_references(path: str) -> References:
-    """The external names in ``path``'s header; raises for formats nothing can read (UML cow)."""
+def scan_references(fd: int, name: str) -> References:
+    """The external names in the header of the file open at ``fd`` (called ``name``); raises for formats
+    nothing can read (UML cow). Reads through a duplicate of ``fd``: nothing is opened by name."""
     try:
-        return _scan(path)
+        with open(os.dup(fd), "rb") as f:
+            f.seek(0)
+            return _scan(f, name)
     except InvalidImageError as exc:
-        raise InvalidImageError(f"{path} is corrupt: {exc.message}") from None
+        raise InvalidImageError(f"{name} is corrupt: {exc.message}") from None
 
 
-def _scan(path: str) -> References:
-    with open(path, "rb") as f:
-        head = f.read(HEADER_READ)
-        if head.startswith(UML_COW_MAGIC) or head[:4] == UML_COW_MAGIC[::-1]:
-            raise UnsupportedError(
-                f"{path} is a User-Mode-Linux COW file, which QEMU cannot read: merge it into its backing "
-                "file with uml_moo (Debian package uml-utilities) and mount the result"
-            )
-        if head.startswith(QCOW2_MAGIC):
-            return _qcow2_references(f, head)
-        if head.startswith(QED_MAGIC):
-            return _qed_references(f, head)
-        if head.startswith(VMDK_SPARSE_MAGIC):
-            return _vmdk_sparse_references(f, head)
-        if head.startswith(VMDK_DESCRIPTOR):
-            return _vmdk_descriptor_references(head)
+def _scan(f: BinaryIO, path: str) -> References:
+    head = f.read(HEADER_READ)
+    if head.startswith(UML_COW_MAGIC) or head[:4] == UML_COW_MAGIC[::-1]:
+        raise UnsupportedError(
+            f"{path} is a User-Mode-Linux COW file, which QEMU cannot read: merge it into its backing "
+            "file with uml_moo (Debian package uml-utilities) and mount the result"
+        )
+    if head.startswith(QCOW2_MAGIC):
+        return _qcow2_references(f, head)
+    if head.startswith(QED_MAGIC):
+        return _qed_references(f, head)
+    if head.startswith(VMDK_SPARSE_MAGIC):
+        return _vmdk_sparse_references(f, head)
+    if head.startswith(VMDK_DESCRIPTOR):
+        return _vmdk_descriptor_references(head)
     return References()
 
 
-def has_vhd_footer(path: str) -> bool:
+def has_vhd_footer(fd: int) -> bool:
     """A fixed VHD is raw data plus a 512-byte footer ("conectix"): QEMU's probe sees only raw."""
-    with open(path, "rb") as f:
-        size = f.seek(0, os.SEEK_END)
-        if size < 512:
-            return False
-        f.seek(size - 512)
-        return f.read(8) == VHD_FOOTER_COOKIE
+    size = os.fstat(fd).st_size
+    return size >= 512 and os.pread(fd, 8, size - 512) == VHD_FOOTER_COOKIE
 
 
 def _read_name(f: BinaryIO, offset: int, size: int, what: str) -> str:
@@ -165,25 +162,13 @@ def _decode(data: bytes, what: str) -> str:
         raise InvalidImageError(f"the qcow2 {what} name is not valid UTF-8") from None
 
 
-def resolve_reference(image: str, name: str, what: str) -> str:
-    """The absolute path of a file that ``image`` refers to, or an error if it is not a plain regular file.
-
-    Relative names are relative to the image's directory, as QEMU resolves them.
-    """
+def reference_path(image: str, name: str, what: str) -> str:
+    """The path that ``image`` names as its ``what``, as QEMU would combine it (relative to the image's
+    directory), checked only as text: whoever opens it resolves it, with their own rights."""
     if not name:
         raise InvalidImageError(f"{image} names an empty {what}")
     if PROTOCOL.match(name):  # json:, nbd:, http:, ... (an absolute or ./ path never matches)
         raise InvalidImageError(
-            f"{image} names a protocol as its {what} ({name!r}): only plain files are allowed"
+            f"{image} names a protocol as its {what} ({name[:200]!r}): only plain files are allowed"
         )
-    full = os.path.realpath(os.path.join(os.path.dirname(image), name))
-    try:
-        st = os.stat(full)
-    except FileNotFoundError:
-        raise InvalidImageError(f"the {what} of {image} does not exist: {full}") from None
-    except OSError as exc:
-        raise InvalidImageError(f"the {what} of {image} cannot be read: {full}: {exc.strerror}") from None
-    if not stat.S_ISREG(st.st_mode):
-        raise InvalidImageError(f"the {what} of {image} is not a regular file: {full}")
-    return full
-
+    return name if os.path.isabs(name) else os.path.join(os.path.dirname(image), name)

@@ -7,17 +7,18 @@ runs the pure parsers: partition table, LVM metadata, filesystem signatures; and
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 from .blockio import BlockReader, FileReader, SliceReader
 from .fsprobe import Signature, probe
 from .holders import FileUsage, files_usage
-from .imageinfo import ImageInfo, probe_image
+from .imageinfo import ImageInfo, block_options, chain_fds, probe_image
 from .lvmmeta import PhysicalVolume, VolumeGroup, read_pv
 from .nbdclient import open_image
+from .opener import Credentials, Opener
 from .partitions import Partition, PartitionTable, read_partition_table
+from .server import serving
 
 WHOLE_DISK = "disk"
 
@@ -82,11 +83,14 @@ class _Region:
     pv: PhysicalVolume | None = None
 
 
-def inspect_image(path: str, *, fmt: str | None = None) -> Inspection:
-    image = probe_image(path, fmt=fmt)
-    usage = files_usage(image.files())
-    with open_reader(image) as disk:
-        return Inspection(image, usage, analyse_disk(disk))
+def inspect_image(path: str, *, fmt: str | None = None, confined: Credentials | None = None) -> Inspection:
+    """Everything about ``path``; for a ``confined`` caller its files are opened, and QEMU runs, as that
+    caller."""
+    with Opener(confined) as opener:
+        image = probe_image(path, fmt=fmt, opener=opener)
+        usage = files_usage(image.files())
+        with open_reader(image, confined) as disk:
+            return Inspection(image, usage, analyse_disk(disk))
 
 
 def analyse_disk(disk: BlockReader) -> DiskLayout:
@@ -100,14 +104,15 @@ def analyse_disk(disk: BlockReader) -> DiskLayout:
 
 
 @contextlib.contextmanager
-def open_reader(image: ImageInfo) -> Iterator[BlockReader]:
-    """Raw single files are read directly; every other format through QEMU's block layer."""
-    if image.format == "raw" and len(image.chain) == 1:
-        fd = os.open(image.top.path, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            yield FileReader(fd)
-        finally:
-            os.close(fd)
+def open_reader(image: ImageInfo, confined: Credentials | None = None) -> Iterator[BlockReader]:
+    """Raw single files are read directly from the descriptor the probe opened; every other format through
+    QEMU's block layer (a QEMU of the caller's, for a ``confined`` caller)."""
+    if image.format == "raw" and len(image.chain) == 1 and image.top.fd >= 0:
+        yield FileReader(image.top.fd)
+    elif confined is not None:
+        opts = block_options(image, force_share=True, by_fd=True)
+        with serving(opts, chain_fds(image), confined, image.top.path) as reader:
+            yield reader
     else:
         with open_image(image) as reader:
             yield reader

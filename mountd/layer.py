@@ -29,6 +29,8 @@ class Layer(ABC):
     """
 
     kind: ClassVar[str]
+    #: Descriptors handed to this attach in memory (a caller's open files), never through the journal.
+    fds: tuple[int, ...] = ()
 
     def __init__(self, record: LayerRecord) -> None:
         self.record = record

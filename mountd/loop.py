@@ -169,9 +169,11 @@ class LoopSpec:
     direct_io: bool = False  # not over FUSE: the export serves O_DIRECT reads wrongly
 
     @classmethod
-    def parse(cls, identity: dict[str, Any]) -> LoopSpec:
+    def parse(cls, identity: dict[str, Any], *, resolve: bool = True) -> LoopSpec:
+        """``resolve``: the backing file is root's to name (no descriptor given), so resolve its path."""
         try:
-            spec = cls(os.path.realpath(str(identity["backing"])), int(identity.get("offset") or 0),
+            backing = str(identity["backing"])
+            spec = cls(os.path.realpath(backing) if resolve else backing, int(identity.get("offset") or 0),
                        int(identity.get("size") or 0), bool(identity.get("read_only", True)),
                        bool(identity.get("qemu_locks", False)), int(identity.get("block_size") or 0),
                        bool(identity.get("direct_io", False)))
@@ -194,8 +196,8 @@ class LoopLayer(Layer):
     kind = "loop"
 
     def attach(self, progress: Progress) -> LayerRecord:
-        spec = LoopSpec.parse(self.identity)
-        fd = _open_backing(spec)
+        spec = LoopSpec.parse(self.identity, resolve=not self.fds)
+        fd = _given_backing(self.fds[0], spec) if self.fds else _open_backing(spec)
         try:
             st = os.fstat(fd)
             _check_extent(spec, fd, st)
@@ -313,6 +315,14 @@ def _open_backing(spec: LoopSpec) -> int:
         return os.open(spec.backing, flags)
     except OSError as exc:
         raise FailedError(f"cannot open {spec.backing}: {exc.strerror}") from None
+
+
+def _given_backing(fd: int, spec: LoopSpec) -> int:
+    """Our own duplicate of a descriptor the caller opened: the kernel gets exactly that file, and a
+    read-write device only from a descriptor opened read-write."""
+    if not spec.read_only and fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE != os.O_RDWR:
+        raise InvalidArgumentError(f"{spec.backing} was opened read-only: it cannot back a read-write device")
+    return fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 0)
 
 
 def _check_extent(spec: LoopSpec, fd: int, st: os.stat_result) -> None:

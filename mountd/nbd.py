@@ -211,13 +211,13 @@ class NbdLayer(Layer):
             raise InvalidArgumentError("an internal snapshot can only be attached read-only")
         ensure_nbd_module()
         events = BlockEvents()
-        run_dir = _run_dir()
+        servers = run_dir()
         devices = nbd_devices()
         planned = {k: self.identity.get(k) for k in ("image_opts", "read_only", "snapshot")}
         for name in devices:
             if not is_free(name):
                 continue
-            pid_file = run_dir / f"{name}-{uuid.uuid4().hex[:8]}.pid"
+            pid_file = servers / f"{name}-{uuid.uuid4().hex[:8]}.pid"
             self.record = replace(self.record, identity={
                 **planned, "node": f"/dev/{name}", "pid_file": str(pid_file)})
             progress(self.record)
@@ -340,13 +340,13 @@ class NbdLayer(Layer):
                 and device_size(name) == self.identity.get("size"))
 
 
-def _run_dir() -> Path:
+def run_dir(sub: str = "nbd") -> Path:
     """Where the servers' pid files and sockets go: under the state directory, unless its path is too long
     for a unix socket (108 bytes), as a test's temporary state directory may be."""
     root = Journal().root
-    run_dir = (root if len(str(root)) <= 64 else Path(DEFAULT_STATE_DIR)) / "nbd"
-    run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    return run_dir
+    found = (root if len(str(root)) <= 64 else Path(DEFAULT_STATE_DIR)) / sub
+    found.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return found
 
 
 def _remove_files(pid_file: Path) -> None:

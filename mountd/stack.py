@@ -29,12 +29,14 @@ class MountStack:
         self.record = record
         self.journal.write(record)
 
-    def push(self, planned: LayerRecord) -> Layer:
-        """Journal ``planned``, attach it, journal the result; a failed attach is undone before raising."""
+    def push(self, planned: LayerRecord, fds: tuple[int, ...] = ()) -> Layer:
+        """Journal ``planned``, attach it (with ``fds``, the caller's open files it needs), journal the
+        result; a failed attach is undone before raising."""
         where = f"{planned.kind} {planned.volume or 'disk'}".strip()
         self.faults.step(f"before {where}")
         self._save(self.record.with_layer(planned))
         layer = layer_from_record(planned)
+        layer.fds = fds
 
         def progress(rec: LayerRecord) -> None:
             layer.record = rec

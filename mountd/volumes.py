@@ -91,7 +91,7 @@ class VolumeAttacher:
         return self.stack.push(LayerRecord("loop", volume.name, "attaching", {
             "backing": self.disk.offset_base, "offset": volume.offset, "size": volume.size,
             "read_only": self.request.read_only, "qemu_locks": False,
-            "direct_io": self.disk.backend != "fuse"})).node
+            "direct_io": self.disk.backend != "fuse"}), fds=self.disk.offset_fds).node
 
     def _node_of(self, volume: str) -> str:
         return next((str(x.identity.get("node", "")) for x in self.stack.record.layers

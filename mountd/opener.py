@@ -1,0 +1,251 @@
+"""Open a caller's files as the caller, once, and keep only the descriptors (design: "The guarantee").
+
+A check by path followed by a second open of the same name is not a check: between the two, the caller can
+swap the file, or a directory on its path, for a symlink to something only root may read. So for a non-root
+caller every file of an image (the image, its backing files, data files and extents) is opened by a child
+process that runs with the caller's uid, gid and groups, no capabilities and ``no_new_privs``; it sends each
+descriptor back over a unix socket (``SCM_RIGHTS``) with the name the kernel gives the file it opened. From
+then on the daemon uses those descriptors, never the names; QEMU gets them as ``/proc/self/fd/N`` and runs as
+the caller too (:func:`confined_argv`), so a header rewritten after any check can only name what the caller
+could open itself.
+
+Each file is opened in two steps: ``O_PATH`` first (which opens nothing: no FIFO blocks, no device driver
+runs), then, only if ``fstat`` says it is a regular file, a real open through ``/proc/self/fd`` with
+``O_NONBLOCK``, so a lease the caller holds on her own file answers at once instead of stalling the daemon
+for ``lease-break-time``. Root (uid 0) opens the same way in-process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import socket
+import stat
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from types import TracebackType
+
+from .errors import FailedError, InvalidArgumentError, NotAuthorizedError, NotFoundError
+
+PATH_MAX = 4096
+OPEN_TIMEOUT = 20.0
+#: Names no image may refer to: the kernel's own files. Opening them as the caller could still describe the
+#: opener process (its pid, its fds), which is nobody's business.
+KERNEL_TREES = ("/proc/", "/sys/", "/dev/")
+# The opener runs as the caller, so its interpreter must be one every user may execute: the system's (a
+# virtualenv's may sit in a directory only root can enter), else ours.
+OPENER_PYTHON = "/usr/bin/python3" if os.access("/usr/bin/python3", os.X_OK) else sys.executable
+
+# Runs as the caller: one request per datagram ("r" or "w", NUL, path); one answer per request: "K" NUL name
+# with the fd attached, or "E" NUL errno. Ends when the daemon closes its end.
+_CHILD = r"""
+import os, socket, stat
+s = socket.socket(fileno=0)
+while True:
+    req = s.recv(8192)
+    if not req:
+        break
+    mode, _, path = req.partition(b"\0")
+    try:
+        pfd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+        try:
+            mode_bits = os.fstat(pfd).st_mode
+            if not stat.S_ISREG(mode_bits):
+                raise OSError(21 if stat.S_ISDIR(mode_bits) else 0, "")
+            flags = (os.O_RDWR if mode == b"w" else os.O_RDONLY) | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+            fd = os.open(f"/proc/self/fd/{pfd}", flags)
+        finally:
+            os.close(pfd)
+    except OSError as exc:
+        s.send(b"E\0%d" % exc.errno)
+        continue
+    socket.send_fds(s, [b"K\0" + os.fsencode(os.readlink(f"/proc/self/fd/{fd}"))], [fd])
+    os.close(fd)
+"""
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """Who a confined process runs as: the caller's uid and groups, as the bus reported them."""
+
+    uid: int
+    gids: tuple[int, ...]  # primary group first
+
+    @property
+    def gid(self) -> int:
+        return self.gids[0] if self.gids else self.uid
+
+
+def confined_argv(creds: Credentials) -> list[str]:
+    """The prefix that runs a program as ``creds``: no capabilities, no way to gain privileges."""
+    groups = ["--groups=" + ",".join(map(str, creds.gids))] if creds.gids else ["--clear-groups"]
+    return ["setpriv", f"--reuid={creds.uid}", f"--regid={creds.gid}", *groups, "--no-new-privs",
+            "--inh-caps=-all", "--bounding-set=-all", "--"]
+
+
+@dataclass(frozen=True)
+class OpenedFile:
+    """A file opened by (or for) the caller: the descriptor, and what the kernel calls the file."""
+
+    fd: int
+    name: str
+    writable: bool
+    dev: int
+    ino: int
+
+    @property
+    def proc_path(self) -> str:
+        """The name that opens this very file in a process that inherited ``fd`` at the same number."""
+        return f"/proc/self/fd/{self.fd}"
+
+
+def check_path(path: str, what: str = "the image path") -> None:
+    """Reject what no open could sensibly take, before anything is opened."""
+    if not path or "\0" in path or "\n" in path:
+        raise InvalidArgumentError(f"{what} is empty or contains a newline or NUL")
+    if len(os.fsencode(path)) >= PATH_MAX:
+        raise InvalidArgumentError(f"{what} is longer than PATH_MAX ({PATH_MAX} bytes)")
+    if not os.path.isabs(path):
+        raise InvalidArgumentError(f"{what} must be absolute")
+
+
+def in_kernel_tree(path: str) -> bool:
+    return path.startswith(KERNEL_TREES) or path in ("/proc", "/sys", "/dev")
+
+
+@dataclass
+class Opener:
+    """Opens files as ``creds`` (None: as this process, root) and owns every descriptor it hands out until
+    :meth:`close`. Use as a context manager."""
+
+    creds: Credentials | None = None
+    files: list[OpenedFile] = field(default_factory=list)
+    _sock: socket.socket | None = None
+    _child: subprocess.Popen[bytes] | None = None
+
+    def __enter__(self) -> Opener:
+        return self
+
+    def __exit__(self, t: type[BaseException] | None, e: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    @property
+    def confined(self) -> bool:
+        return self.creds is not None
+
+    def open(self, path: str, *, write: bool, what: str = "image") -> OpenedFile:
+        """Open ``path`` (absolute) read-only or read-write; raise a clear error the caller may see."""
+        check_path(path, f"the {what} path")
+        if self.creds is not None:
+            fd, name = self._open_as_caller(path, write, what)
+        else:
+            fd, name = self._open_here(path, write, what)
+        # O_NONBLOCK has done its work (no wait on a lease or a FIFO); reads and writes must block again.
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+        st = os.fstat(fd)
+        opened = OpenedFile(fd, name, write, st.st_dev, st.st_ino)
+        self.files.append(opened)
+        return opened
+
+    def find(self, dev: int, ino: int) -> OpenedFile | None:
+        return next((f for f in self.files if (f.dev, f.ino) == (dev, ino)), None)
+
+    def close(self) -> None:
+        for f in self.files:
+            with contextlib.suppress(OSError):
+                os.close(f.fd)
+        self.files.clear()
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+        if self._child is not None:
+            try:
+                self._child.wait(timeout=OPEN_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                self._child.kill()
+                self._child.wait()
+            self._child = None
+
+    # --- as root, in-process ------------------------------------------------------------------------------
+
+    @staticmethod
+    def _open_here(path: str, write: bool, what: str) -> tuple[int, str]:
+        try:
+            pfd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+        except OSError as exc:
+            raise _open_error(path, exc.errno or errno.EIO, write, what) from None
+        try:
+            mode = os.fstat(pfd).st_mode
+            if not stat.S_ISREG(mode):
+                raise _open_error(path, errno.EISDIR if stat.S_ISDIR(mode) else 0, write, what)
+            flags = (os.O_RDWR if write else os.O_RDONLY) | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+            fd = os.open(f"/proc/self/fd/{pfd}", flags)
+        except OSError as exc:
+            raise _open_error(path, exc.errno or errno.EIO, write, what) from None
+        finally:
+            os.close(pfd)
+        return fd, os.readlink(f"/proc/self/fd/{fd}")
+
+    # --- as the caller, in a child ------------------------------------------------------------------------
+
+    def _open_as_caller(self, path: str, write: bool, what: str) -> tuple[int, str]:
+        sock = self._connection()
+        sock.send((b"w" if write else b"r") + b"\0" + os.fsencode(path))
+        try:
+            msg, fds, _flags, _addr = socket.recv_fds(sock, PATH_MAX + 16, 1)
+        except TimeoutError:
+            raise FailedError(f"opening {path} as the caller timed out") from None
+        status, _, value = msg.partition(b"\0")
+        if status == b"K" and len(fds) == 1:
+            return fds[0], os.fsdecode(value)
+        for fd in fds:
+            os.close(fd)
+        if status == b"E" and value.isdigit():
+            raise _open_error(path, int(value), write, what)
+        raise FailedError("the opener process running as the caller gave no answer (did it fail to start? "
+                          f"{self._child_error()})")
+
+    def _connection(self) -> socket.socket:
+        if self._sock is not None:
+            return self._sock
+        assert self.creds is not None
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            self._child = subprocess.Popen(
+                [*confined_argv(self.creds), OPENER_PYTHON, "-I", "-S", "-c", _CHILD],
+                stdin=theirs.fileno(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={}, cwd="/")
+        except OSError as exc:
+            ours.close()
+            raise FailedError(f"cannot start the opener process: {exc.strerror}") from None
+        finally:
+            theirs.close()
+        ours.settimeout(OPEN_TIMEOUT)
+        self._sock = ours
+        return ours
+
+    def _child_error(self) -> str:
+        child = self._child
+        if child is None or child.poll() is None or child.stderr is None:
+            return "no error output"
+        return child.stderr.read().decode(errors="replace").strip()[-200:] or "no error output"
+
+
+def _open_error(path: str, err: int, write: bool, what: str) -> Exception:
+    """One sentence the caller may see: it only says what the caller's own open said."""
+    how = "writing" if write else "reading"
+    if err == errno.EISDIR:
+        return InvalidArgumentError(f"{path} is a directory, not a disk image")
+    if err == 0:
+        return InvalidArgumentError(f"{path} is not a regular file: only image files can be mounted")
+    if err == errno.ENOENT:
+        return NotFoundError(f"no such {what}: {path}")
+    if err in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return NotAuthorizedError(f"you cannot open {path} for {how} ({os.strerror(err)}): imgmount mounts "
+                                  "only what you can open yourself")
+    if err == errno.EWOULDBLOCK:
+        return NotAuthorizedError(f"{path} cannot be opened now: a program holds a lease on it")
+    return InvalidArgumentError(f"cannot open {path} for {how}: {os.strerror(err)}")
