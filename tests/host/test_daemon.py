@@ -541,6 +541,52 @@ def test_group_fallback_without_polkit(c: Client, other: Callable[..., OtherUser
     assert c.manager("ListMounts").value() == []
 
 
+def _servers_of(uid: int) -> list[dict[str, str]]:
+    """The qemu-storage-daemon processes running as ``uid``: their /proc status lines."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            comm = Path(f"/proc/{pid}/comm").read_text().strip()
+            status = dict(x.split(":\t", 1) for x in Path(f"/proc/{pid}/status").read_text().splitlines()
+                          if ":\t" in x)
+        except OSError:
+            continue
+        if comm == "qemu-storage-da" and status["Uid"].split()[0] == str(uid):
+            found.append(status)
+    return found
+
+
+def test_a_callers_image_is_parsed_by_a_qemu_running_as_the_caller(
+        c: Client, other: Callable[..., OtherUser], users: dict[str, tuple[int, int]], group: int,
+        files: dict[str, Path], guest: Guest) -> None:
+    """A group member's qcow2 overlay on a public raw image, through the FUSE backend: the QEMU that opens
+    and parses it runs with her uid, no capabilities and no_new_privs; root's side only reads its NBD; the
+    files inside have the right bytes, read and written; unmount stops her server."""
+    uid, gid = users["daemon"]
+    member = other(uid, gid, groups=(group,))
+    top = files["pub"].parent / "member-overlay.qcow2"
+    images.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", "pub.raw", "-F", "raw", str(top)])
+    os.chown(top, uid, gid)
+    top.chmod(0o600)
+    assert member.inspect(top).value()["chain"][1]["path"] == str(files["pub"])
+    path = member.mount(top, backend=("s", "fuse"), **RW).value()
+    try:
+        assert c.prop(path, MOUNT_IFACE, "Image") == str(top)
+        (server,) = _servers_of(uid)
+        assert (server["NoNewPrivs"], server["CapEff"], server["CapBnd"]) == ("1", "0" * 16, "0" * 16)
+        assert server["Gid"].split()[0] == str(gid) and str(group) in server["Groups"].split()
+        where = mountpoint(c, path)
+        guests.check_files(where, guest.files["disk"])
+        (where / "mine.txt").write_bytes(b"hers")
+    finally:
+        assert member.unmount(path).value() is None
+    assert _servers_of(uid) == []
+    path = member.mount(top, backend=("s", "fuse")).value()
+    assert (mountpoint(c, path) / "mine.txt").read_bytes() == b"hers"
+    assert member.unmount(path).value() is None
+    top.unlink()
+
+
 POLKIT_RULES = """
 polkit.addRule(function(action, subject) {
     if (action.id.indexOf("io.github.imgmount.") != 0) {
