@@ -45,6 +45,7 @@ from .engine import Engine
 from .errors import BusyError, InvalidArgumentError, MountdError, NotAuthorizedError, NotFoundError
 from .imageinfo import image_path
 from .inspect import inspect_image
+from .mediaroot import fix_existing_roots
 from .model import MountInfo, MountRequest
 from .opener import Credentials, check_path
 from .render import inspection_to_dict
@@ -357,6 +358,7 @@ async def serve(args: argparse.Namespace) -> int:
     dispatcher = Dispatcher(bus, service)
     bus.add_message_handler(dispatcher.on_message)
     bus.export(MANAGER_PATH, service.manager)
+    await asyncio.to_thread(fix_existing_roots)  # mount roots that older versions left world-readable
     await service.recover()
     if await bus.request_name(BUS_NAME, NameFlag.DO_NOT_QUEUE) != RequestNameReply.PRIMARY_OWNER:
         log.error("%s is already owned on this bus: another imgmountd is running", BUS_NAME)

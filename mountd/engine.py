@@ -20,6 +20,7 @@ from .imageinfo import ImageInfo, probe_image
 from .inspect import DiskLayout, Volume
 from .journal import Journal, MountRecord
 from .layer import layer_from_record
+from .mediaroot import ensure_private_root
 from .model import BACKENDS, MountInfo, MountRequest
 from .opener import Credentials, Opener
 from .stack import MountStack
@@ -82,12 +83,20 @@ class Engine:
                                             snapshot=req.snapshot, state_dir=self.journal.root,
                                             confined=confined)
                 layout = backends.analyse(disk)
-                attacher = VolumeAttacher(stack, disk, layout, req,
-                                          req.mount_root or default_mount_root(req.owner))
+                attacher = VolumeAttacher(stack, disk, layout, req, self._mount_root(req))
                 for volume in _selected(layout, req.volumes, disk.device_mapper):
                     attacher.mount(volume)
             log.info("mounted %s (%s, %s) as %s", image, info.format, backend, record.id)
             return MountInfo.from_record(stack.record)
+
+    @staticmethod
+    def _mount_root(req: MountRequest) -> str:
+        """The caller's choice (root only), else ``/run/media/<user>``: only that user and root enter."""
+        if req.mount_root is not None:
+            return req.mount_root
+        root = default_mount_root(req.owner)
+        ensure_private_root(root, req.owner)
+        return root
 
     def _existing(self, image: str, req: MountRequest) -> MountInfo | None:
         """The same image mounted twice returns the existing mount (if it fits the request)."""

@@ -587,6 +587,29 @@ def test_a_callers_image_is_parsed_by_a_qemu_running_as_the_caller(
     top.unlink()
 
 
+def test_nobody_else_sees_inside_a_users_mounts(c: Client, other: Callable[..., OtherUser],
+                                                users: dict[str, tuple[int, int]], group: int,
+                                                files: dict[str, Path], guest: Guest) -> None:
+    """/run/media/<user> is root's, 0750, with an ACL entry for the user alone: another user (in the same
+    group) and nobody can neither list it nor read a file inside the mounted filesystem; the owner can."""
+    uid, gid = users["daemon"]
+    path = other(uid, gid, groups=(group,)).mount(files["mine"]).value()
+    try:
+        where = mountpoint(c, path)
+        name, data = next(iter(guest.files["disk"].items()))
+        assert where.parent == Path("/run/media/daemon")
+        nobody = pwd.getpwnam("nobody")
+        for who in ((*users["bin"], (group,)), (nobody.pw_uid, nobody.pw_gid, ())):
+            for argv in (["ls", str(where.parent)], ["ls", str(where)], ["cat", str(where / name)]):
+                out = subprocess.run([*as_user(*who), *argv], capture_output=True, text=True, check=False)
+                assert out.returncode != 0 and "Permission denied" in out.stderr, (who, argv, out)
+        out = subprocess.run([*as_user(uid, gid, (group,)), "cat", str(where / name)], capture_output=True,
+                             check=True)
+        assert out.stdout == data
+    finally:
+        assert c.call(path, MOUNT_IFACE, "Unmount", "a{sv}", [{}]).value() is None
+
+
 POLKIT_RULES = """
 polkit.addRule(function(action, subject) {
     if (action.id.indexOf("io.github.imgmount.") != 0) {
