@@ -63,16 +63,16 @@ class Engine:
         _check_request(req)
         with Opener(confined) as opener:  # the image's files, opened once: the descriptors are what we use
             info = probe_image(req.image, fmt=req.format, opener=opener, write=not req.read_only)
-            return self._mount(req, info, confined)
+            return self._mount(req, info, opener)
 
-    def _mount(self, req: MountRequest, info: ImageInfo, confined: Credentials | None) -> MountInfo:
+    def _mount(self, req: MountRequest, info: ImageInfo, opener: Opener) -> MountInfo:
         image = info.top.path
         with self.journal.locked():
             existing = self._existing(image, req)
             if existing is not None:
                 return existing
             _check_snapshot(info, req)
-            check_not_in_use(info.files(), read_write=not req.read_only)
+            check_not_in_use(info.files(), read_write=not req.read_only, opened=opener.by_name())
             backend = backends.choose(req.backend, info)
             record = MountRecord(id=uuid.uuid4().hex[:12], image=image, format=info.format,
                                  read_only=req.read_only, owner=req.owner, backend=backend,
@@ -81,7 +81,7 @@ class Engine:
             with stack.building():
                 disk = backends.attach_disk(stack, backend, info, read_only=req.read_only,
                                             snapshot=req.snapshot, state_dir=self.journal.root,
-                                            confined=confined)
+                                            confined=opener.creds)
                 layout = backends.analyse(disk)
                 attacher = VolumeAttacher(stack, disk, layout, req, self._mount_root(req))
                 for volume in _selected(layout, req.volumes, disk.device_mapper):

@@ -17,7 +17,7 @@ import fcntl
 import os
 import stat
 import struct
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -279,7 +279,18 @@ class _Target:
     probed: frozenset[int]
 
 
-def _open_target(path: str) -> _Target:
+def _fd_target(path: str, fd: int) -> _Target:
+    """A file we hold open already (a caller's, opened as the caller): its name is never resolved again."""
+    st = os.fstat(fd)
+    key = _key(st.st_mode, st.st_dev, st.st_ino, st.st_rdev)
+    if key is None:
+        raise InvalidImageError(f"{path} is not a regular file or a block device")
+    return _Target(path, key, probe_lock_bytes(fd))
+
+
+def _open_target(path: str, opened: Mapping[str, int]) -> _Target:
+    if path in opened:
+        return _fd_target(path, opened[path])
     real = os.path.realpath(path)
     try:
         st = os.stat(real)
@@ -320,27 +331,31 @@ def _usage(target: _Target, seen: dict[int, list[FdInfo]], ignored: frozenset[in
     return FileUsage(target.path, state, bool(lock_bytes), tuple(holders), lock_bytes)
 
 
-def files_usage(paths: Sequence[str], *, ignore_pids: Collection[int] = ()) -> tuple[FileUsage, ...]:
-    """:func:`file_usage` of several files with a single /proc scan, in the order given."""
-    targets = [_open_target(p) for p in paths]
+def files_usage(paths: Sequence[str], *, ignore_pids: Collection[int] = (),
+                opened: Mapping[str, int] | None = None) -> tuple[FileUsage, ...]:
+    """:func:`file_usage` of several files with a single /proc scan, in the order given. ``opened``: the
+    descriptors of those already open (by name), looked at instead of opening the names again."""
+    targets = [_open_target(p, opened or {}) for p in paths]
     seen = _scan({t.key for t in targets})
     ignored = frozenset(ignore_pids) | {os.getpid()}
     return tuple(_usage(t, seen.get(t.key, {}), ignored) for t in targets)
 
 
-def file_usage(path: str, *, ignore_pids: Collection[int] = ()) -> FileUsage:
-    """Who has ``path`` open, and how. Raises NotFoundError, or InvalidImageError for what is not a regular
-    file or block device. This process, and ``ignore_pids`` (with their locks), never count as users."""
-    return files_usage([path], ignore_pids=ignore_pids)[0]
+def file_usage(path: str, *, ignore_pids: Collection[int] = (), fd: int | None = None) -> FileUsage:
+    """Who has ``path`` (open at ``fd``, if given) open, and how. Raises NotFoundError, or InvalidImageError
+    for what is not a regular file or block device. This process, and ``ignore_pids`` (with their locks),
+    never count as users."""
+    return files_usage([path], ignore_pids=ignore_pids, opened={path: fd} if fd is not None else None)[0]
 
 
-def check_not_in_use(chain: Sequence[str], *, read_write: bool, ignore_pids: Collection[int] = ()) -> None:
+def check_not_in_use(chain: Sequence[str], *, read_write: bool, ignore_pids: Collection[int] = (),
+                     opened: Mapping[str, int] | None = None) -> None:
     """chain[0] is the top image, the rest its backing files. Raises ImageInUseError when any file is in use
     read-write, or when read_write is asked and the top image is in use at all. (Backing files are never
     opened writable by us, so a read-only user of a backing file does not block a read-write mount on top.)"""
     if not chain:
         return
-    top, *backing = files_usage(chain, ignore_pids=ignore_pids)
+    top, *backing = files_usage(chain, ignore_pids=ignore_pids, opened=opened)
     if top.state == READ_WRITE:
         raise ImageInUseError(f"image {top.path} is {top.describe()}: {_stop_hint(top)} first", top)
     if read_write and top.state == READ_ONLY:

@@ -88,7 +88,7 @@ def inspect_image(path: str, *, fmt: str | None = None, confined: Credentials | 
     caller."""
     with Opener(confined) as opener:
         image = probe_image(path, fmt=fmt, opener=opener)
-        usage = files_usage(image.files())
+        usage = files_usage(image.files(), opened=opener.by_name())
         with open_reader(image, confined) as disk:
             return Inspection(image, usage, analyse_disk(disk))
 

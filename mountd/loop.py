@@ -144,9 +144,10 @@ def take_qemu_locks(fd: int, *, read_only: bool) -> bool:
     return True
 
 
-def in_use_error(path: str, *, read_only: bool) -> ImageInUseError:
-    """Name whoever holds ``path`` (call with our own locks released, so only theirs count)."""
-    usage = file_usage(path)
+def in_use_error(path: str, *, read_only: bool, fd: int | None = None) -> ImageInUseError:
+    """Name whoever holds ``path`` (open at ``fd``, if given; call with our own locks released, so only
+    theirs count)."""
+    usage = file_usage(path, fd=fd)
     loops = loops_backed_by(path)
     who = usage.describe() if usage.state != FREE else "locked by a program that has let go since: try again"
     if loops and not usage.blamed():
@@ -204,7 +205,8 @@ class LoopLayer(Layer):
             if spec.qemu_locks and not take_qemu_locks(fd, read_only=spec.read_only):
                 os.close(fd)
                 fd = -1
-                raise in_use_error(spec.backing, read_only=spec.read_only)
+                raise in_use_error(spec.backing, read_only=spec.read_only,
+                                   fd=self.fds[0] if self.fds else None)
             known = {**self.identity, "backing": spec.backing, "offset": spec.offset, "size": spec.size,
                      "backing_dev": st.st_dev, "backing_ino": st.st_ino}
             node = self._claim(fd, spec, known, progress)

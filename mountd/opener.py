@@ -151,8 +151,9 @@ class Opener:
         self.files.append(opened)
         return opened
 
-    def find(self, dev: int, ino: int) -> OpenedFile | None:
-        return next((f for f in self.files if (f.dev, f.ino) == (dev, ino)), None)
+    def by_name(self) -> dict[str, int]:
+        """The descriptors handed out, by the name of the file each holds."""
+        return {f.name: f.fd for f in self.files}
 
     def close(self) -> None:
         for f in self.files:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import socket
 import subprocess
 import tempfile
@@ -112,6 +113,10 @@ def start(spec: ServerSpec, fds: Sequence[int], spawned: Callable[[int, int], No
     try:
         spawned(proc.pid, started)
         size = _handshake(conn, spec)
+    except NbdProtocolError:  # it exited (or never spoke NBD): say why, naming the image's holder if locked
+        with contextlib.suppress(MountdError):
+            stop_process(proc.pid, started, SERVER, force=True)
+        raise _start_error(spec, fds[0]) from None
     except MountdError:
         with contextlib.suppress(MountdError):
             stop_process(proc.pid, started, SERVER, force=True)
@@ -153,23 +158,24 @@ def _handshake(conn: socket.socket, spec: ServerSpec) -> int:
     except TimeoutError:
         conn.close()
         raise OperationTimeoutError(f"QEMU did not open {spec.image} within {READY_TIMEOUT:g} s") from None
-    except (NbdProtocolError, OSError):
+    except (OSError, NbdProtocolError) as exc:
         conn.close()
-        raise _start_error(spec) from None
+        raise NbdProtocolError(str(exc)) from None
     size = reader.size
     reader.close()
     return size
 
 
-def _start_error(spec: ServerSpec) -> MountdError:
+def _start_error(spec: ServerSpec, top_fd: int) -> MountdError:
     """What the server said before it exited, as one sentence (``/proc/self/fd/N`` never shown)."""
     try:
         text = Path(spec.log_path).read_bytes()[-LOG_TAIL:].decode(errors="replace")
     except OSError:
         text = ""
+    text = re.sub(r"/proc/self/fd/\d+", spec.image, text)
     lines = [x.removeprefix(f"{SERVER}: ") for x in text.strip().splitlines()] or ["no error output"]
     if "Failed to get" in lines[-1] and "lock" in lines[-1]:  # QEMU's image locks: someone else holds it
-        return in_use_error(spec.image, read_only=spec.read_only)
+        return in_use_error(spec.image, read_only=spec.read_only, fd=top_fd)
     return FailedError(f"QEMU (as the caller) could not serve {spec.image}: {lines[-1]}")
 
 

@@ -60,6 +60,7 @@ from tests.support.bus import (
     world_dir,
 )
 from tests.support.guests import Guest
+from tests.support.vms import running_vm
 
 OM = "org.freedesktop.DBus.ObjectManager"
 PROPS = "org.freedesktop.DBus.Properties"
@@ -569,6 +570,8 @@ def test_a_callers_image_is_parsed_by_a_qemu_running_as_the_caller(
     os.chown(top, uid, gid)
     top.chmod(0o600)
     assert member.inspect(top).value()["chain"][1]["path"] == str(files["pub"])
+    with running_vm(f"file={top},format=qcow2") as vm:
+        assert f"qemu-system-x86_64, pid {vm.pid}" in error(member.mount(top, backend=("s", "fuse")), "InUse")
     path = member.mount(top, backend=("s", "fuse"), **RW).value()
     try:
         assert c.prop(path, MOUNT_IFACE, "Image") == str(top)
