@@ -4,7 +4,6 @@ busctl, the commands), callers of other uids (setpriv), a real polkitd, real mou
 from __future__ import annotations
 
 import asyncio
-import grp
 import hashlib
 import json
 import os
@@ -53,9 +52,11 @@ from tests.support.bus import (
     call_message,
     client,
     connect,
+    imgmount_group,
     polkitd,
     private_bus,
     reply_of,
+    servers_of,
     tmpfs,
     world_dir,
 )
@@ -450,16 +451,8 @@ def users() -> dict[str, tuple[int, int]]:
 @pytest.fixture(scope="module")
 def group() -> Iterator[int]:
     """The group ``imgmount`` (created for the test if the host has none, and removed again)."""
-    try:
-        yield grp.getgrnam("imgmount").gr_gid
-        return
-    except KeyError:
-        pass
-    images.run(["groupadd", "--system", "imgmount"])
-    try:
-        yield grp.getgrnam("imgmount").gr_gid
-    finally:
-        images.run(["groupdel", "imgmount"])
+    with imgmount_group() as gid:
+        yield gid
 
 
 @pytest.fixture(scope="module")
@@ -542,21 +535,6 @@ def test_group_fallback_without_polkit(c: Client, other: Callable[..., OtherUser
     assert c.manager("ListMounts").value() == []
 
 
-def _servers_of(uid: int) -> list[dict[str, str]]:
-    """The qemu-storage-daemon processes running as ``uid``: their /proc status lines."""
-    found = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            comm = Path(f"/proc/{pid}/comm").read_text().strip()
-            status = dict(x.split(":\t", 1) for x in Path(f"/proc/{pid}/status").read_text().splitlines()
-                          if ":\t" in x)
-        except OSError:
-            continue
-        if comm == "qemu-storage-da" and status["Uid"].split()[0] == str(uid):
-            found.append(status)
-    return found
-
-
 def test_a_callers_image_is_parsed_by_a_qemu_running_as_the_caller(
         c: Client, other: Callable[..., OtherUser], users: dict[str, tuple[int, int]], group: int,
         files: dict[str, Path], guest: Guest) -> None:
@@ -575,7 +553,7 @@ def test_a_callers_image_is_parsed_by_a_qemu_running_as_the_caller(
     path = member.mount(top, backend=("s", "fuse"), **RW).value()
     try:
         assert c.prop(path, MOUNT_IFACE, "Image") == str(top)
-        (server,) = _servers_of(uid)
+        (server,) = servers_of(uid)
         assert (server["NoNewPrivs"], server["CapEff"], server["CapBnd"]) == ("1", "0" * 16, "0" * 16)
         assert server["Gid"].split()[0] == str(gid) and str(group) in server["Groups"].split()
         where = mountpoint(c, path)
@@ -583,7 +561,7 @@ def test_a_callers_image_is_parsed_by_a_qemu_running_as_the_caller(
         (where / "mine.txt").write_bytes(b"hers")
     finally:
         assert member.unmount(path).value() is None
-    assert _servers_of(uid) == []
+    assert servers_of(uid) == []
     path = member.mount(top, backend=("s", "fuse")).value()
     assert (mountpoint(c, path) / "mine.txt").read_bytes() == b"hers"
     assert member.unmount(path).value() is None

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import grp
 import json
 import os
 import shutil
@@ -285,6 +286,9 @@ def as_user(uid: int, gid: int, groups: Sequence[int] = ()) -> list[str]:
     return ["setpriv", f"--reuid={uid}", f"--regid={gid}", *extra]
 
 
+SPARE_GID = 64999  # for the group imgmount where /etc cannot change
+
+
 class OtherUser:
     """A client process of another uid (:mod:`tests.support.busclient` under ``setpriv``), kept for many
     calls; ``close`` ends it."""
@@ -343,3 +347,45 @@ def polkitd(bus: Bus, rules: str) -> Iterator[None]:
         with client(bus.address) as c:  # gone from the bus, so the next test sees no polkit
             c.wait_owner("org.freedesktop.PolicyKit1", owned=False)
         shutil.rmtree(home, ignore_errors=True)
+
+
+def servers_of(uid: int) -> list[dict[str, str]]:
+    """The qemu-storage-daemon processes running as ``uid``: their /proc status lines."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            comm = Path(f"/proc/{pid}/comm").read_text().strip()
+            status = dict(x.split(":\t", 1) for x in Path(f"/proc/{pid}/status").read_text().splitlines()
+                          if ":\t" in x)
+        except OSError:
+            continue
+        if comm == "qemu-storage-da" and status["Uid"].split()[0] == str(uid):
+            found.append(status)
+    return found
+
+
+@contextlib.contextmanager
+def imgmount_group() -> Iterator[int]:
+    """The group ``imgmount``, whose members may call the daemon where no polkitd runs: the host's, else one
+    made for the block and removed after. Where /etc is read-only (the VM lane shares the host's root), a
+    copy of /etc/group with the group is bind-mounted over it instead."""
+    try:
+        yield grp.getgrnam("imgmount").gr_gid
+        return
+    except KeyError:
+        pass
+    if os.access("/etc/group", os.W_OK) and subprocess.run(
+            ["groupadd", "--system", "imgmount"], capture_output=True, check=False).returncode == 0:
+        try:
+            yield grp.getgrnam("imgmount").gr_gid
+        finally:
+            subprocess.run(["groupdel", "imgmount"], check=True, capture_output=True)
+        return
+    with tempfile.TemporaryDirectory(prefix="imgmount-group-") as tmp:
+        copy = Path(tmp) / "group"
+        copy.write_text(Path("/etc/group").read_text() + f"imgmount:x:{SPARE_GID}:\n")
+        subprocess.run(["mount", "--bind", str(copy), "/etc/group"], check=True)
+        try:
+            yield SPARE_GID
+        finally:
+            subprocess.run(["umount", "/etc/group"], check=True)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import pwd
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -9,18 +12,40 @@ import pytest
 
 from mountd.dbusapi import MOUNT_IFACE
 from tests.support import guests, images
-from tests.support.bus import Client, Daemon, client, private_bus, tmpfs
+from tests.support.bus import (
+    Bus,
+    Client,
+    Daemon,
+    OtherUser,
+    client,
+    imgmount_group,
+    private_bus,
+    servers_of,
+    tmpfs,
+    world_dir,
+)
 
 
 @pytest.fixture
-def c(scratch: Path) -> Iterator[Client]:
+def served(scratch: Path) -> Iterator[tuple[Bus, Client]]:
     with private_bus() as bus, tmpfs() as run:
         daemon = Daemon(bus, run).start()
         try:
             with client(bus.address) as cl:
-                yield cl
+                yield bus, cl
         finally:
             daemon.close()
+
+
+@pytest.fixture
+def c(served: tuple[Bus, Client]) -> Client:
+    return served[1]
+
+
+@pytest.fixture
+def group() -> Iterator[int]:
+    with imgmount_group() as gid:
+        yield gid
 
 
 def test_nbd_and_lvm_through_the_daemon(c: Client, scratch: Path) -> None:
@@ -43,3 +68,40 @@ def test_nbd_and_lvm_through_the_daemon(c: Client, scratch: Path) -> None:
     assert c.manager("ListMounts").value() == []
 
 
+
+
+def test_a_callers_image_on_nbd_is_parsed_by_a_qemu_running_as_the_caller(
+        served: tuple[Bus, Client], group: int) -> None:
+    """A group member's qcow2 on the nbd backend: her own qemu-storage-daemon (her uid, no capabilities,
+    no_new_privs) parses it; root's qemu-nbd on /dev/nbdN is only an NBD client of it; the kernel's partition
+    nodes and our device-mapper LV carry her files; unmount leaves no server."""
+    bus, c = served
+    account = pwd.getpwnam("daemon")
+    shared = world_dir("imgmount-vm-")
+    try:
+        guest = guests.gpt_guest(shared / "gpt.raw")
+        image = images.convert(guest.raw, shared / "gpt.qcow2", "qcow2")
+        os.chown(image, account.pw_uid, account.pw_gid)
+        image.chmod(0o600)
+        user = OtherUser(bus, account.pw_uid, account.pw_gid, (group,))
+        try:
+            path = user.mount(image).value()
+            props = c.props(path, MOUNT_IFACE)
+            assert (props["Backend"], props["Owner"], props["Image"]) == ("nbd", account.pw_uid, str(image))
+            (server,) = servers_of(account.pw_uid)
+            assert (server["NoNewPrivs"], server["CapEff"]) == ("1", "0" * 16)
+            nbd = Path(props["Device"]).name
+            client_pid = (Path("/sys/block") / nbd / "pid").read_text().strip()
+            argv = Path(f"/proc/{client_pid}/cmdline").read_bytes().decode().split("\0")
+            assert any(a.startswith("driver=nbd,server.type=unix") for a in argv) and str(image) not in argv
+            volumes = {name: mountpoint for name, _, _, mountpoint in props["Volumes"]}
+            assert set(volumes) == set(guest.fstypes)
+            for name, mountpoint in volumes.items():
+                guests.check_files(Path(mountpoint), guest.files[name])
+            assert user.unmount(path).value() is None
+            assert servers_of(account.pw_uid) == []
+            assert not (Path("/sys/block") / nbd / "pid").exists()
+        finally:
+            user.close()
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)
