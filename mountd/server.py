@@ -24,7 +24,6 @@ import re
 import socket
 import subprocess
 import tempfile
-import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -100,10 +99,11 @@ def start(spec: ServerSpec, fds: Sequence[int], spawned: Callable[[int, int], No
     listener = _listen(spec.socket)
     try:
         with open(spec.log_path, "wb") as errors:
+            # Never waited for here: it outlives us by design, and subprocess reaps it once it has exited
+            # (at the next Popen), as is_alive tells.
             proc = subprocess.Popen(spec.argv(listener.fileno()), stdin=subprocess.DEVNULL, stdout=errors,
                                     stderr=errors, pass_fds=(*fds, listener.fileno()), env=command.BASE_ENV,
                                     cwd="/", start_new_session=True)
-        threading.Thread(target=proc.wait, name=f"reap {proc.pid}", daemon=True).start()
         conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         conn.connect(spec.socket)  # queued on the listener, which the server shares
     finally:
