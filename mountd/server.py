@@ -45,6 +45,9 @@ SERVER = "qemu-storage-daemon"
 NODE_NAME = "disk"
 READY_TIMEOUT = 60.0
 LOG_TAIL = 400
+#: The servers this process started, until stopped: each outlives the call that started it (and this process,
+#: by design), and is reaped when stopped, so no zombie is left and no pid is ever waited for by number.
+_children: dict[int, subprocess.Popen[bytes]] = {}
 
 
 @dataclass(frozen=True)
@@ -99,11 +102,10 @@ def start(spec: ServerSpec, fds: Sequence[int], spawned: Callable[[int, int], No
     listener = _listen(spec.socket)
     try:
         with open(spec.log_path, "wb") as errors:
-            # Never waited for here: it outlives us by design, and subprocess reaps it once it has exited
-            # (at the next Popen), as is_alive tells.
             proc = subprocess.Popen(spec.argv(listener.fileno()), stdin=subprocess.DEVNULL, stdout=errors,
                                     stderr=errors, pass_fds=(*fds, listener.fileno()), env=command.BASE_ENV,
                                     cwd="/", start_new_session=True)
+        _children[proc.pid] = proc
         conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         conn.connect(spec.socket)  # queued on the listener, which the server shares
     finally:
@@ -115,17 +117,21 @@ def start(spec: ServerSpec, fds: Sequence[int], spawned: Callable[[int, int], No
         size = _handshake(conn, spec)
     except NbdProtocolError:  # it exited (or never spoke NBD): say why, naming the image's holder if locked
         with contextlib.suppress(MountdError):
-            stop_process(proc.pid, started, SERVER, force=True)
+            stop(proc.pid, started, force=True)
         raise _start_error(spec, fds[0]) from None
     except MountdError:
         with contextlib.suppress(MountdError):
-            stop_process(proc.pid, started, SERVER, force=True)
+            stop(proc.pid, started, force=True)
         raise
     return Started(proc.pid, started, size)
 
 
 def stop(pid: int, started: int, *, force: bool) -> None:
+    """Stop a server (ours or a previous daemon's) and, if it is our child, reap it."""
     stop_process(pid, started, SERVER, force=force)
+    child = _children.pop(pid, None)
+    if child is not None:
+        child.wait()
 
 
 def remove_files(sock: str) -> None:
