@@ -11,6 +11,8 @@ import contextlib
 import io
 import json
 import os
+import pwd
+import shutil
 import signal
 import statistics
 import subprocess
@@ -27,7 +29,7 @@ from mountd.dbusapi import MOUNT_IFACE
 from mountd.engine import Engine
 from mountd.model import MountRequest
 from tests.support import images
-from tests.support.bus import Bus, Daemon, client, private_bus, tmpfs
+from tests.support.bus import Bus, Daemon, OtherUser, client, imgmount_group, private_bus, tmpfs
 
 MiB = images.MiB
 BIN = Path(sys.executable).parent
@@ -218,6 +220,84 @@ def latency(
     return rows
 
 
+def callers(found: dict[str, Path], work: Path, repeats: int) -> list[tuple[str, float, float]]:
+    """Mount+unmount of volume p1 through one imgmountd by root (a dbus-fast client; root's image file, 0644)
+    and by a member of group imgmount (account ``daemon``; a copy of the same bytes that is hers, 0600, which
+    the daemon opens as her and, unless raw, has a qemu-storage-daemon of hers parse): the two alternated,
+    medians of ``repeats``. Her mounts go under /run/media/daemon (only root chooses the mount root)."""
+    account = pwd.getpwnam("daemon")
+    shared, pairs = caller_images(found, work, account.pw_uid, account.pw_gid)
+    media = Path("/run/media")
+    had = {d for d in (media, media / account.pw_name) if d.is_dir()}
+    rows = []
+    try:
+        with private_bus() as bus, tmpfs() as run, imgmount_group() as gid, contextlib.ExitStack() as stack:
+            daemon = Daemon(bus, run)
+            stack.callback(close_quietly, daemon)  # SIGTERM: unmounts whatever a failure left
+            daemon.start()
+            c = stack.enter_context(client(bus.address))
+            user = OtherUser(bus, account.pw_uid, account.pw_gid, (gid,))
+            stack.callback(user.close)
+            p1 = ("as", ["p1"])
+            seen: set[str] = set()  # the backends used
+
+            def cycle(mount: Callable[[], str], unmount: Callable[[str], object]) -> float:
+                start = time.perf_counter()
+                path = mount()
+                took = time.perf_counter() - start
+                seen.add(c.prop(path, MOUNT_IFACE, "Backend"))  # not timed
+                start = time.perf_counter()
+                unmount(path)
+                return took + time.perf_counter() - start
+
+            for key, ours, hers in pairs:
+                seen.clear()
+
+                def by_root(image: Path = ours) -> float:
+                    return cycle(lambda: c.mount(image, volumes=Variant(*p1), **{
+                        "mount-root": Variant("s", str(work / "media"))}).value(),
+                        lambda path: c.call(path, MOUNT_IFACE, "Unmount", "a{sv}", [{}]).value())
+
+                def by_user(image: Path = hers) -> float:
+                    return cycle(lambda: user.mount(image, volumes=p1).value(),
+                                 lambda path: user.unmount(path).value())
+
+                times: dict[Callable[[], float], list[float]] = {by_root: [], by_user: []}
+                for i in range(repeats):  # alternated, each going first every other time
+                    for who in (by_root, by_user)[:: 1 if i % 2 == 0 else -1]:
+                        times[who].append(who())
+                rows.append((f"{key.split('.')[1]} p1 ({'/'.join(sorted(seen))})",
+                             statistics.median(times[by_root]), statistics.median(times[by_user])))
+    finally:
+        for made in (media / account.pw_name, media):  # the engine leaves mount roots in place, like udisks
+            if made not in had:
+                with contextlib.suppress(OSError):
+                    made.rmdir()
+        shutil.rmtree(shared)
+    return rows
+
+
+def caller_images(
+    found: dict[str, Path], work: Path, uid: int, gid: int
+) -> tuple[Path, list[tuple[str, Path, Path]]]:
+    """The raw and the qcow2 GPT ext4 images twice in a directory every uid may enter: root's (a hard link
+    to the built one, 0644) and a copy of uid's (0600). On the disk of the other images: bus.world_dir's
+    directory is, in the VM lane, a tmpfs in the guest's memory."""
+    work.chmod(0o711)  # searchable, so she reaches her file in shared
+    shared = Path(tempfile.mkdtemp(prefix="callers-", dir=work))
+    shared.chmod(0o755)
+    pairs = []
+    for key in ("ext4.raw", "ext4.qcow2"):
+        ours, hers = shared / f"root-{key}", shared / f"user-{key}"
+        os.link(found[key], ours)
+        ours.chmod(0o644)
+        subprocess.run(["cp", "--sparse=always", "--reflink=auto", str(found[key]), str(hers)], check=True)
+        os.chown(hers, uid, gid)
+        hers.chmod(0o600)
+        pairs.append((key, ours, hers))
+    return shared, pairs
+
+
 def throughput(
     found: dict[str, Path], work: Path, where: str, repeats: int
 ) -> list[tuple[str, float, float]]:
@@ -349,6 +429,13 @@ def main() -> None:
         for name, via_daemon, commands, eng, bare_s in rows:
             ratios = " / ".join(f"{t / bare_s:.2f}" for t in (via_daemon, commands, eng))
             print(f"{name:<16} {via_daemon:8.3f}s {commands:8.3f}s {eng:8.3f}s {bare_s:8.3f}s   {ratios}")
+        print(f"\n## {args.where}: root vs a non-root caller: mount+unmount through imgmountd, "
+              f"median of {args.repeats}")
+        print("(the same bytes, alternated: root's file, by root's D-Bus client; a 0600 copy of a member of")
+        print("group imgmount, which the daemon opens as her and, unless raw, has a QEMU of hers parse)")
+        print(f"{'image':<16} {'root':>9} {'non-root':>9} {'ratio':>6}")
+        for name, root_s, user_s in callers(found, work, args.repeats):
+            print(f"{name:<16} {root_s:8.3f}s {user_s:8.3f}s {user_s / root_s:6.2f}")
         print(f"\n## {args.where}: cold-cache read of a 256 MiB file, median of {args.repeats}")
         print("(direct = the same bytes read from the raw image file, alternated with each read)")
         print(f"{'backend':<22} {'MiB/s':>8} {'direct':>8} {'ratio':>6}")
