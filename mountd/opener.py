@@ -41,9 +41,10 @@ OPENER_PYTHON = "/usr/bin/python3" if os.access("/usr/bin/python3", os.X_OK) els
 
 # Runs as the caller: one request per datagram ("r" or "w", NUL, path); one answer per request: "K" NUL name
 # with the fd attached, or "E" NUL errno. Ends when the daemon closes its end.
+# _socket, not socket: the child starts in ~12 ms instead of ~17 (socket.py imports enum and selectors).
 _CHILD = r"""
-import os, socket, stat
-s = socket.socket(fileno=0)
+import _socket, os, stat, sys
+s = _socket.socket(fileno=0)
 while True:
     req = s.recv(8192)
     if not req:
@@ -52,9 +53,9 @@ while True:
     try:
         pfd = os.open(path, os.O_PATH | os.O_CLOEXEC)
         try:
-            mode_bits = os.fstat(pfd).st_mode
-            if not stat.S_ISREG(mode_bits):
-                raise OSError(21 if stat.S_ISDIR(mode_bits) else 0, "")
+            bits = os.fstat(pfd).st_mode
+            if not stat.S_ISREG(bits):
+                raise OSError(21 if stat.S_ISDIR(bits) else 0, "")
             flags = (os.O_RDWR if mode == b"w" else os.O_RDONLY) | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
             fd = os.open(f"/proc/self/fd/{pfd}", flags)
         finally:
@@ -62,7 +63,8 @@ while True:
     except OSError as exc:
         s.send(b"E\0%d" % exc.errno)
         continue
-    socket.send_fds(s, [b"K\0" + os.fsencode(os.readlink(f"/proc/self/fd/{fd}"))], [fd])
+    name = os.fsencode(os.readlink(f"/proc/self/fd/{fd}"))
+    s.sendmsg([b"K\0" + name], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, fd.to_bytes(4, sys.byteorder))])
     os.close(fd)
 """
 
