@@ -1,0 +1,110 @@
+"""The opener: a caller's files opened as the caller, handed back as descriptors (real uids via setpriv)."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import pwd
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from mountd.errors import InvalidArgumentError, NotAuthorizedError, NotFoundError
+from mountd.opener import PATH_MAX, Credentials, Opener
+from tests.support.bus import world_dir
+
+F_SETLEASE = 1024
+
+
+@pytest.fixture
+def where() -> Iterator[Path]:
+    path = world_dir("imgmount-opener-")
+    yield path
+    for child in path.iterdir():
+        child.unlink()
+    path.rmdir()
+
+
+@pytest.fixture(params=["root", "caller"])
+def opener(request: pytest.FixtureRequest) -> Iterator[Opener]:
+    account = pwd.getpwnam("daemon")
+    with Opener(None if request.param == "root" else Credentials(account.pw_uid, (account.pw_gid,))) as o:
+        yield o
+
+
+def test_the_descriptor_is_the_file_the_caller_opened(where: Path) -> None:
+    account = pwd.getpwnam("daemon")
+    mine = where / "mine.img"
+    mine.write_bytes(b"hers")
+    os.chown(mine, account.pw_uid, account.pw_gid)
+    mine.chmod(0o600)
+    link = where / "link.img"
+    link.symlink_to(mine)
+    with Opener(Credentials(account.pw_uid, (account.pw_gid,))) as o:
+        opened = o.open(str(link), write=True)
+        assert opened.name == str(mine)
+        assert (opened.dev, opened.ino) == (mine.stat().st_dev, mine.stat().st_ino)
+        assert os.pread(opened.fd, 4, 0) == b"hers"
+        assert fcntl.fcntl(opened.fd, fcntl.F_GETFL) & (os.O_ACCMODE | os.O_NONBLOCK) == os.O_RDWR
+        assert o.by_name() == {str(mine): opened.fd}
+    with pytest.raises(OSError):
+        os.fstat(opened.fd)  # closed with the opener
+
+
+def test_what_only_root_may_read_is_refused_to_the_caller(where: Path) -> None:
+    secret = where / "secret.img"
+    secret.write_bytes(b"SECRET")
+    secret.chmod(0o600)
+    public = where / "public.img"
+    public.write_bytes(b"x")
+    public.chmod(0o644)
+    account = pwd.getpwnam("daemon")
+    with Opener(Credentials(account.pw_uid, (account.pw_gid,))) as o:
+        with pytest.raises(NotAuthorizedError, match=f"cannot open {secret} for reading"):
+            o.open(str(secret), write=False)
+        with pytest.raises(NotAuthorizedError, match=f"cannot open {public} for writing"):
+            o.open(str(public), write=True)
+        assert o.open(str(public), write=False).name == str(public)
+
+
+def test_fifos_devices_directories_and_bad_paths_are_clear_errors(where: Path, opener: Opener) -> None:
+    fifo = where / "fifo"
+    os.mkfifo(fifo, 0o666)
+    start = time.monotonic()
+    with pytest.raises(InvalidArgumentError, match="not a regular file"):
+        opener.open(str(fifo), write=False)  # O_PATH first: a FIFO with no writer never blocks us
+    assert time.monotonic() - start < 5
+    with pytest.raises(InvalidArgumentError, match="not a regular file"):
+        opener.open("/dev/null", write=False)
+    with pytest.raises(InvalidArgumentError, match="is a directory"):
+        opener.open(str(where), write=False)
+    with pytest.raises(NotFoundError, match="no such image"):
+        opener.open(str(where / "nothing"), write=False)
+    with pytest.raises(InvalidArgumentError, match="absolute"):
+        opener.open("relative.img", write=False)
+    with pytest.raises(InvalidArgumentError, match="PATH_MAX"):
+        opener.open("/" + "x" * PATH_MAX, write=False)
+    with pytest.raises(InvalidArgumentError, match="newline or NUL"):
+        opener.open("/x\0y", write=False)
+
+
+def test_a_lease_on_the_file_answers_at_once_instead_of_stalling(where: Path, opener: Opener) -> None:
+    """A write lease makes a plain open wait lease-break-time (45 s): ours gives up at once."""
+    leased = where / "leased.img"
+    leased.write_bytes(b"x")
+    leased.chmod(0o644)
+    fd = os.open(leased, os.O_RDONLY)
+    previous = signal.signal(signal.SIGIO, signal.SIG_IGN)  # the lease holder (us) is told of the break
+    try:
+        fcntl.fcntl(fd, F_SETLEASE, fcntl.F_RDLCK)  # a read lease: any open for writing must wait
+        start = time.monotonic()
+        with pytest.raises((NotAuthorizedError, InvalidArgumentError)):
+            opener.open(str(leased), write=True)
+        assert time.monotonic() - start < 5
+    finally:
+        fcntl.fcntl(fd, F_SETLEASE, fcntl.F_UNLCK)
+        os.close(fd)
+        signal.signal(signal.SIGIO, previous)
