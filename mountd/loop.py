@@ -240,17 +240,21 @@ class LoopLayer(Layer):
 
     def verify(self) -> bool:
         number = loop_number(self.node)
-        if number is None or not self._sysfs_matches(number):
+        if number is None or not self._sysfs_matches(number, by_name=False):
             return False
         status = _status(self.node)
         return isinstance(status, LoopStatus) and self._ours(status)
 
-    def _sysfs_matches(self, number: int) -> bool:
+    def _sysfs_matches(self, number: int, *, by_name: bool = True) -> bool:
+        """What sysfs shows is what we made; ``by_name`` also compares the backing file's name, which only
+        stands in for its identity where the kernel cannot tell the inode (a renamed file keeps its inode)."""
         view, ident = sysfs_view(number), self.identity
-        expected = (ident.get("backing"), ident.get("offset"), ident.get("size"), ident.get("devnum"))
         if view is None:
             return False
-        return (view["backing_file"], view["offset"], view["sizelimit"], view["dev"]) == expected
+        if by_name and view["backing_file"] != ident.get("backing"):
+            return False
+        return (view["offset"], view["sizelimit"], view["dev"]) == (
+            ident.get("offset"), ident.get("size"), ident.get("devnum"))
 
     def _ours(self, status: LoopStatus) -> bool:
         ident = self.identity

@@ -30,7 +30,14 @@ from pathlib import Path
 from typing import Any
 
 from . import command
-from .errors import FailedError, InvalidArgumentError, MountdError, OperationTimeoutError
+from .errors import (
+    FailedError,
+    InvalidArgumentError,
+    InvalidImageError,
+    MountdError,
+    NotAuthorizedError,
+    OperationTimeoutError,
+)
 from .fuse import stop_process
 from .journal import LayerRecord
 from .layer import Layer, Progress
@@ -45,6 +52,9 @@ SERVER = "qemu-storage-daemon"
 NODE_NAME = "disk"
 READY_TIMEOUT = 60.0
 LOG_TAIL = 400
+#: What QEMU says of an image it cannot use: the image's fault (or the caller's, who wrote it), not ours.
+IMAGE_ERRORS = ("Could not open", "No such file", "Invalid", "invalid", "not supported", "Unsupported",
+                "corrupt", "Image is not in")
 #: The servers this process started, until stopped: each outlives the call that started it (and this process,
 #: by design), and is reaped when stopped, so no zombie is left and no pid is ever waited for by number.
 _children: dict[int, subprocess.Popen[bytes]] = {}
@@ -180,9 +190,15 @@ def _start_error(spec: ServerSpec, top_fd: int) -> MountdError:
         text = ""
     text = re.sub(r"/proc/self/fd/\d+", spec.image, text)
     lines = [x.removeprefix(f"{SERVER}: ") for x in text.strip().splitlines()] or ["no error output"]
-    if "Failed to get" in lines[-1] and "lock" in lines[-1]:  # QEMU's image locks: someone else holds it
+    last = lines[-1]
+    if "Failed to get" in last and "lock" in last:  # QEMU's image locks: someone else holds it
         return in_use_error(spec.image, read_only=spec.read_only, fd=top_fd)
-    return FailedError(f"QEMU (as the caller) could not serve {spec.image}: {lines[-1]}")
+    if "Permission denied" in last:  # a header (changed since it was checked?) names what she cannot open
+        return NotAuthorizedError(f"QEMU, running as you, cannot open what {spec.image} names: {last}")
+    if any(s in last for s in IMAGE_ERRORS):
+        return InvalidImageError(f"QEMU, running as you, cannot open {spec.image} (did it change since it "
+                                 f"was checked?): {last}")
+    return FailedError(f"QEMU (as the caller) could not serve {spec.image}: {last}")
 
 
 class ServerLayer(Layer):
