@@ -45,7 +45,8 @@ class MountInfo:
 
     @classmethod
     def from_record(cls, record: MountRecord) -> MountInfo:
-        disk = next((x for x in record.layers if x.volume == "" and x.kind != "mount"), None)
+        # The whole disk's device: not a caller's QEMU server, which is only its source.
+        disk = next((x for x in record.layers if x.volume == "" and x.kind not in ("mount", "server")), None)
         mount_layers = [x for x in record.layers if x.kind == "mount"]
         volumes = tuple(
             MountedVolume(m.volume, str(m.identity.get("device", "")), str(m.identity.get("fstype", "")),

@@ -44,9 +44,6 @@ from tests.support.bus import (
     OtherUser,
     as_user,
     client,
-    imgmount_group,
-    private_bus,
-    tmpfs,
     world_dir,
 )
 
@@ -86,58 +83,10 @@ QCOW2_EXT_DATA_FILE = 0x44415441
 
 
 @pytest.fixture(scope="module")
-def bus() -> Iterator[Bus]:
-    with private_bus() as b:
-        yield b
-
-
-@pytest.fixture(scope="module")
-def run() -> Iterator[Path]:
-    with tmpfs() as path:
-        yield path
-
-
-@pytest.fixture
-def daemon(bus: Bus, run: Path) -> Iterator[Daemon]:
-    d = Daemon(bus, run).start()
-    yield d
-    d.close()
-
-
-@pytest.fixture
-def c(bus: Bus, daemon: Daemon) -> Iterator[Client]:
-    with client(bus.address) as cl:
-        yield cl
-
-
-@pytest.fixture(scope="module")
-def group() -> Iterator[int]:
-    """The group ``imgmount`` (the host's, else one made for this module)."""
-    with imgmount_group() as gid:
-        yield gid
-
-
-@pytest.fixture(scope="module")
 def ids(group: int) -> tuple[int, int, tuple[int, ...]]:
     """The attacker's uid, gid and groups."""
     entry = pwd.getpwnam(ATTACKER)
     return entry.pw_uid, entry.pw_gid, (group,)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def media_cleanup() -> Iterator[None]:
-    """The attacker's mounts go under /run/media/<user>, which the engine leaves in place: remove the ones
-    these tests made, once empty."""
-    media = Path("/run/media")
-    before = {p.name for p in media.iterdir()} if media.is_dir() else None
-    yield
-    if not media.is_dir():
-        return
-    for root in media.iterdir():
-        if root.name not in (before or set()) and root.is_dir() and not any(root.iterdir()):
-            root.rmdir()
-    if before is None and not any(media.iterdir()):
-        media.rmdir()
 
 
 @pytest.fixture

@@ -52,12 +52,10 @@ from tests.support.bus import (
     call_message,
     client,
     connect,
-    imgmount_group,
     polkitd,
     private_bus,
     reply_of,
     servers_of,
-    tmpfs,
     world_dir,
 )
 from tests.support.guests import Guest
@@ -74,19 +72,6 @@ def v(signature: str, value: Any) -> Variant:
 
 
 @pytest.fixture(scope="module")
-def bus() -> Iterator[Bus]:
-    with private_bus() as b:
-        yield b
-
-
-@pytest.fixture(scope="module")
-def run() -> Iterator[Path]:
-    """Where daemons keep their state: a tmpfs, as /run is."""
-    with tmpfs() as path:
-        yield path
-
-
-@pytest.fixture(scope="module")
 def shared() -> Iterator[Path]:
     """Images live where other uids may look (pytest's tmp_path is root-only)."""
     path = world_dir("imgmount-daemon-")
@@ -97,19 +82,6 @@ def shared() -> Iterator[Path]:
 @pytest.fixture(scope="module")
 def guest(shared: Path) -> Guest:
     return guests.whole_disk_guest(shared / "disk.raw")
-
-
-@pytest.fixture
-def daemon(bus: Bus, run: Path) -> Iterator[Daemon]:
-    d = Daemon(bus, run).start()
-    yield d
-    d.close()
-
-
-@pytest.fixture
-def c(bus: Bus, daemon: Daemon) -> Iterator[Client]:
-    with client(bus.address) as cl:
-        yield cl
 
 
 def copy(src: Path, dst: Path) -> Path:
@@ -449,13 +421,6 @@ def users() -> dict[str, tuple[int, int]]:
 
 
 @pytest.fixture(scope="module")
-def group() -> Iterator[int]:
-    """The group ``imgmount`` (created for the test if the host has none, and removed again)."""
-    with imgmount_group() as gid:
-        yield gid
-
-
-@pytest.fixture(scope="module")
 def files(shared: Path, guest: Guest, users: dict[str, tuple[int, int]]) -> dict[str, Path]:
     """pub: root's, readable by all; secret: root's only; mine: daemon's own; over: daemon's overlay on
     secret; media: root's directory for mount-root."""
@@ -487,22 +452,6 @@ def other(bus: Bus) -> Iterator[Callable[..., OtherUser]]:
     yield make
     for user in made:
         user.close()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def media_cleanup() -> Iterator[None]:
-    """Mounts without a mount root go under /run/media/<user>, which the engine leaves in place (like
-    udisks): remove the ones these tests made, once empty."""
-    media = Path("/run/media")
-    before = {p.name for p in media.iterdir()} if media.is_dir() else None
-    yield
-    if not media.is_dir():
-        return
-    for root in media.iterdir():
-        if root.name not in (before or set()) and root.is_dir() and not any(root.iterdir()):
-            root.rmdir()
-    if before is None and not any(media.iterdir()):
-        media.rmdir()
 
 
 RW = {"read-only": ("b", False)}
@@ -552,7 +501,9 @@ def test_a_callers_image_is_parsed_by_a_qemu_running_as_the_caller(
         assert f"qemu-system-x86_64, pid {vm.pid}" in error(member.mount(top, backend=("s", "fuse")), "InUse")
     path = member.mount(top, backend=("s", "fuse"), **RW).value()
     try:
-        assert c.prop(path, MOUNT_IFACE, "Image") == str(top)
+        props = c.props(path, MOUNT_IFACE)
+        assert (props["Image"], props["Backend"]) == (str(top), "fuse")
+        assert props["Device"].endswith(".raw")  # root's FUSE export, not her server's socket
         (server,) = servers_of(uid)
         assert (server["NoNewPrivs"], server["CapEff"], server["CapBnd"]) == ("1", "0" * 16, "0" * 16)
         assert server["Gid"].split()[0] == str(gid) and str(group) in server["Groups"].split()
