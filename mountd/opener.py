@@ -4,7 +4,8 @@ A check by path followed by a second open of the same name is not a check: betwe
 swap the file, or a directory on its path, for a symlink to something only root may read. So for a non-root
 caller every file of an image (the image, its backing files, data files and extents) is opened by a child
 process that runs with the caller's uid, gid and groups, no capabilities and ``no_new_privs``; it sends each
-descriptor back over a unix socket (``SCM_RIGHTS``) with the name the kernel gives the file it opened. From
+descriptor back over a unix socket (``SCM_RIGHTS``); the name is what the kernel calls the file that
+descriptor holds. From
 then on the daemon uses those descriptors, never the names; QEMU gets them as ``/proc/self/fd/N`` and runs as
 the caller too (:func:`confined_argv`), so a header rewritten after any check can only name what the caller
 could open itself.
@@ -39,8 +40,8 @@ KERNEL_TREES = ("/proc/", "/sys/", "/dev/")
 # virtualenv's may sit in a directory only root can enter), else ours.
 OPENER_PYTHON = "/usr/bin/python3" if os.access("/usr/bin/python3", os.X_OK) else sys.executable
 
-# Runs as the caller: one request per datagram ("r" or "w", NUL, path); one answer per request: "K" NUL name
-# with the fd attached, or "E" NUL errno. Ends when the daemon closes its end.
+# Runs as the caller: one request per datagram ("r" or "w", NUL, path); one answer per request: "K" with the
+# fd attached, or "E" NUL errno. Ends when the daemon closes its end.
 # _socket, not socket: the child starts in ~12 ms instead of ~17 (socket.py imports enum and selectors).
 _CHILD = r"""
 import _socket, os, stat, sys
@@ -63,8 +64,7 @@ while True:
     except OSError as exc:
         s.send(b"E\0%d" % exc.errno)
         continue
-    name = os.fsencode(os.readlink(f"/proc/self/fd/{fd}"))
-    s.sendmsg([b"K\0" + name], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, fd.to_bytes(4, sys.byteorder))])
+    s.sendmsg([b"K"], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, fd.to_bytes(4, sys.byteorder))])
     os.close(fd)
 """
 
@@ -142,14 +142,13 @@ class Opener:
     def open(self, path: str, *, write: bool, what: str = "image") -> OpenedFile:
         """Open ``path`` (absolute) read-only or read-write; raise a clear error the caller may see."""
         check_path(path, f"the {what} path")
-        if self.creds is not None:
-            fd, name = self._open_as_caller(path, write, what)
-        else:
-            fd, name = self._open_here(path, write, what)
-        # O_NONBLOCK has done its work (no wait on a lease or a FIFO); reads and writes must block again.
-        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
-        st = os.fstat(fd)
-        opened = OpenedFile(fd, name, write, st.st_dev, st.st_ino)
+        fd = self._open_as_caller(path, write, what) if self.creds is not None else \
+            self._open_here(path, write, what)
+        try:
+            opened = _checked(fd, path, write)
+        except BaseException:
+            os.close(fd)
+            raise
         self.files.append(opened)
         return opened
 
@@ -176,7 +175,7 @@ class Opener:
     # --- as root, in-process ------------------------------------------------------------------------------
 
     @staticmethod
-    def _open_here(path: str, write: bool, what: str) -> tuple[int, str]:
+    def _open_here(path: str, write: bool, what: str) -> int:
         try:
             pfd = os.open(path, os.O_PATH | os.O_CLOEXEC)
         except OSError as exc:
@@ -191,11 +190,11 @@ class Opener:
             raise _open_error(path, exc.errno or errno.EIO, write, what) from None
         finally:
             os.close(pfd)
-        return fd, os.readlink(f"/proc/self/fd/{fd}")
+        return fd
 
     # --- as the caller, in a child ------------------------------------------------------------------------
 
-    def _open_as_caller(self, path: str, write: bool, what: str) -> tuple[int, str]:
+    def _open_as_caller(self, path: str, write: bool, what: str) -> int:
         sock = self._connection()
         sock.send((b"w" if write else b"r") + b"\0" + os.fsencode(path))
         try:
@@ -204,7 +203,7 @@ class Opener:
             raise FailedError(f"opening {path} as the caller timed out") from None
         status, _, value = msg.partition(b"\0")
         if status == b"K" and len(fds) == 1:
-            return fds[0], os.fsdecode(value)
+            return fds[0]
         for fd in fds:
             os.close(fd)
         if status == b"E" and value.isdigit():
@@ -235,6 +234,18 @@ class Opener:
         if child is None or child.poll() is None or child.stderr is None:
             return "no error output"
         return child.stderr.read().decode(errors="replace").strip()[-200:] or "no error output"
+
+
+def _checked(fd: int, path: str, write: bool) -> OpenedFile:
+    """What the kernel says of a descriptor, not what the child said: the caller may run her opener under a
+    debugger, so its answer is only ever a descriptor she could have had, checked here like any input."""
+    st = os.fstat(fd)
+    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+    if not stat.S_ISREG(st.st_mode) or (write and flags & os.O_ACCMODE != os.O_RDWR):
+        raise InvalidArgumentError(f"{path} did not open as a regular file{' for writing' if write else ''}")
+    # O_NONBLOCK has done its work (no wait on a lease or a FIFO); reads and writes must block again.
+    fcntl.fcntl(fd, fcntl.F_SETFL, flags & ~os.O_NONBLOCK)
+    return OpenedFile(fd, os.readlink(f"/proc/self/fd/{fd}"), write, st.st_dev, st.st_ino)
 
 
 def _open_error(path: str, err: int, write: bool, what: str) -> Exception:

@@ -116,6 +116,7 @@ def start(spec: ServerSpec, fds: Sequence[int], spawned: Callable[[int, int], No
                                     stderr=errors, pass_fds=(*fds, listener.fileno()), env=command.BASE_ENV,
                                     cwd="/", start_new_session=True)
         _children[proc.pid] = proc
+        _unprotect(proc.pid)
         conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         conn.connect(spec.socket)  # queued on the listener, which the server shares
     finally:
@@ -134,6 +135,13 @@ def start(spec: ServerSpec, fds: Sequence[int], spawned: Callable[[int, int], No
             stop(proc.pid, started, force=True)
         raise
     return Started(proc.pid, started, size)
+
+
+def _unprotect(pid: int) -> None:
+    """The daemon's OOM protection (the unit's OOMScoreAdjust, inherited) is not for a process the caller
+    controls: hers could otherwise hog memory while the OOM killer spares it for other users' processes."""
+    with contextlib.suppress(OSError):  # gone already: its exit is reported by the handshake
+        Path(f"/proc/{pid}/oom_score_adj").write_text("0")
 
 
 def stop(pid: int, started: int, *, force: bool) -> None:

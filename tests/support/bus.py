@@ -350,7 +350,8 @@ def polkitd(bus: Bus, rules: str) -> Iterator[None]:
 
 
 def servers_of(uid: int) -> list[dict[str, str]]:
-    """The qemu-storage-daemon processes running as ``uid``: their /proc status lines."""
+    """The qemu-storage-daemon processes running as ``uid`` (not zombies: where pid 1 never reaps, an orphan
+    that has exited stays one): their /proc status lines."""
     found = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
@@ -359,7 +360,7 @@ def servers_of(uid: int) -> list[dict[str, str]]:
                           if ":\t" in x)
         except OSError:
             continue
-        if comm == "qemu-storage-da" and status["Uid"].split()[0] == str(uid):
+        if comm == "qemu-storage-da" and status["Uid"].split()[0] == str(uid) and status["State"][0] != "Z":
             found.append(status)
     return found
 
