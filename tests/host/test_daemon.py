@@ -700,7 +700,8 @@ def _command(bus_address: str, *argv: str, user: list[str] | None = None) -> sub
 
 
 def test_commands_go_through_the_daemon(bus: Bus, c: Client, daemon: Daemon, guest: Guest,
-                                        users: dict[str, tuple[int, int]]) -> None:
+                                        users: dict[str, tuple[int, int]], group: int,
+                                        files: dict[str, Path]) -> None:
     mounted = _command(bus.address, "imgmount", str(guest.raw), "--json")
     assert mounted.returncode == 0, mounted.stderr
     info = json.loads(mounted.stdout)
@@ -713,6 +714,12 @@ def test_commands_go_through_the_daemon(bus: Bus, c: Client, daemon: Daemon, gue
     assert gone.returncode == 3 and gone.stderr.count("\n") == 1 and "not mounted" in gone.stderr
     bad = _command(bus.address, "imgmount", str(guest.raw.parent))
     assert bad.returncode == 2 and "is a directory" in bad.stderr
+    member = as_user(*users["daemon"], (group,))
+    hers = _command(bus.address, "imgmount", str(files["mine"]), "--json", user=member)
+    assert hers.returncode == 0, hers.stderr
+    assert json.loads(hers.stdout)["image"] == str(files["mine"])
+    assert _command(bus.address, "imgumount", str(files["mine"]), user=member).returncode == 0
+    assert c.manager("ListMounts").value() == []
 
 
 def test_commands_activate_the_daemon_or_run_in_process(bus: Bus, tmp_path: Path, guest: Guest,
