@@ -3,12 +3,12 @@
 A check by path followed by a second open of the same name is not a check: between the two, the caller can
 swap the file, or a directory on its path, for a symlink to something only root may read. So for a non-root
 caller every file of an image (the image, its backing files, data files and extents) is opened by a child
-process that runs with the caller's uid, gid and groups, no capabilities and ``no_new_privs``; it sends each
+process that runs with the caller's uid, gid and groups, no capabilities and ``no_new_privs`` (kept a while
+for her next call: it holds nothing between requests, and all it answers is checked); it sends each
 descriptor back over a unix socket (``SCM_RIGHTS``); the name is what the kernel calls the file that
-descriptor holds. From
-then on the daemon uses those descriptors, never the names; QEMU gets them as ``/proc/self/fd/N`` and runs as
-the caller too (:func:`confined_argv`), so a header rewritten after any check can only name what the caller
-could open itself.
+descriptor holds. From then on the daemon uses those descriptors, never the names; QEMU gets them as
+``/proc/self/fd/N`` and runs as the caller too (:func:`confined_argv`), so a header rewritten after any
+check can only name what the caller could open itself.
 
 Each file is opened in two steps: ``O_PATH`` first (which opens nothing: no FIFO blocks, no device driver
 runs), then, only if ``fstat`` says it is a regular file, a real open through ``/proc/self/fd`` with
@@ -26,6 +26,8 @@ import socket
 import stat
 import subprocess
 import sys
+import threading
+import time
 from dataclasses import dataclass, field
 from types import TracebackType
 
@@ -33,6 +35,8 @@ from .errors import FailedError, InvalidArgumentError, NotAuthorizedError, NotFo
 
 PATH_MAX = 4096
 OPEN_TIMEOUT = 20.0
+IDLE_SECONDS = 30.0  # an opener child kept for the same caller's next call
+MAX_IDLE = 16  # idle opener children kept, all callers together
 #: Names no image may refer to: the kernel's own files. Opening them as the caller could still describe the
 #: opener process (its pid, its fds), which is nobody's business.
 KERNEL_TREES = ("/proc/", "/sys/", "/dev/")
@@ -125,8 +129,7 @@ class Opener:
 
     creds: Credentials | None = None
     files: list[OpenedFile] = field(default_factory=list)
-    _sock: socket.socket | None = None
-    _child: subprocess.Popen[bytes] | None = None
+    _child: _Child | None = None
 
     def __enter__(self) -> Opener:
         return self
@@ -161,16 +164,9 @@ class Opener:
             with contextlib.suppress(OSError):
                 os.close(f.fd)
         self.files.clear()
-        if self._sock is not None:
-            self._sock.close()
-            self._sock = None
-        if self._child is not None:
-            try:
-                self._child.wait(timeout=OPEN_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                self._child.kill()
-                self._child.wait()
-            self._child = None
+        if self._child is not None and self.creds is not None:
+            POOL.give(self.creds, self._child)
+        self._child = None
 
     # --- as root, in-process ------------------------------------------------------------------------------
 
@@ -195,30 +191,43 @@ class Opener:
     # --- as the caller, in a child ------------------------------------------------------------------------
 
     def _open_as_caller(self, path: str, write: bool, what: str) -> int:
-        sock = self._connection()
-        sock.send((b"w" if write else b"r") + b"\0" + os.fsencode(path))
-        try:
-            msg, fds, _flags, _addr = socket.recv_fds(sock, PATH_MAX + 16, 1)
-        except TimeoutError:
-            raise FailedError(f"opening {path} as the caller timed out") from None
-        status, _, value = msg.partition(b"\0")
-        if status == b"K" and len(fds) == 1:
-            return fds[0]
-        for fd in fds:
+        assert self.creds is not None
+        request = (b"w" if write else b"r") + b"\0" + os.fsencode(path)
+        child = self._child = self._child or POOL.take(self.creds)
+        answer = child.ask(request)
+        if answer is None and child.served:  # a child kept from before has gone (she may kill hers): anew
+            child.stop()
+            child = self._child = _Child.start(self.creds)
+            answer = child.ask(request)
+        if answer is None:
+            self._child = None
+            child.stop()
+            raise FailedError(f"the opener process running as the caller gave no answer ({child.error()})")
+        status, _, value = answer[0].partition(b"\0")
+        if status == b"K" and len(answer[1]) == 1:
+            return answer[1][0]
+        for fd in answer[1]:
             os.close(fd)
         if status == b"E" and value.isdigit():
             raise _open_error(path, int(value), write, what)
-        raise FailedError("the opener process running as the caller gave no answer (did it fail to start? "
-                          f"{self._child_error()})")
+        raise FailedError(f"the opener process running as the caller answered {answer[0][:40]!r}")
 
-    def _connection(self) -> socket.socket:
-        if self._sock is not None:
-            return self._sock
-        assert self.creds is not None
+
+@dataclass
+class _Child:
+    """An opener process running as a caller, and our end of its socket."""
+
+    proc: subprocess.Popen[bytes]
+    sock: socket.socket
+    idle_since: float = 0.0
+    served: int = 0  # requests answered
+
+    @classmethod
+    def start(cls, creds: Credentials) -> _Child:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
-            self._child = subprocess.Popen(
-                [*confined_argv(self.creds), OPENER_PYTHON, "-I", "-S", "-c", _CHILD],
+            proc = subprocess.Popen(
+                [*confined_argv(creds), OPENER_PYTHON, "-I", "-S", "-c", _CHILD],
                 stdin=theirs.fileno(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={}, cwd="/")
         except OSError as exc:
             ours.close()
@@ -226,14 +235,81 @@ class Opener:
         finally:
             theirs.close()
         ours.settimeout(OPEN_TIMEOUT)
-        self._sock = ours
-        return ours
+        return cls(proc, ours)
 
-    def _child_error(self) -> str:
-        child = self._child
-        if child is None or child.poll() is None or child.stderr is None:
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def ask(self, request: bytes) -> tuple[bytes, list[int]] | None:
+        """The answer to one request, or None if the child has gone."""
+        try:
+            self.sock.send(request)
+            msg, fds, _flags, _addr = socket.recv_fds(self.sock, PATH_MAX + 16, 1)
+        except TimeoutError:
+            raise FailedError("opening a file as the caller timed out") from None
+        except OSError:
+            return None
+        if not msg and not fds:
+            return None
+        self.served += 1
+        return msg, fds
+
+    def stop(self) -> None:
+        """Close our end (it exits on that) and reap it."""
+        self.sock.close()
+        try:
+            self.proc.wait(timeout=OPEN_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+    def error(self) -> str:
+        if self.alive() or self.proc.stderr is None:
             return "no error output"
-        return child.stderr.read().decode(errors="replace").strip()[-200:] or "no error output"
+        return self.proc.stderr.read().decode(errors="replace").strip()[-200:] or "no error output"
+
+
+class _Pool:
+    """Idle opener children by credentials, kept for IDLE_SECONDS: starting one costs ~12 ms of a call's
+    ~50. A child is one caller's alone (her uid and groups), holds nothing between requests, and exits when
+    we close our end, so none outlives the daemon."""
+
+    def __init__(self) -> None:
+        self._idle: list[tuple[Credentials, _Child]] = []
+        self._lock = threading.Lock()
+
+    def take(self, creds: Credentials) -> _Child:
+        with self._lock:
+            stale = self._expire()
+            found = next((i for i, (c, child) in enumerate(self._idle) if c == creds and child.alive()), None)
+            child = self._idle.pop(found)[1] if found is not None else None
+        for old in stale:
+            old.stop()
+        return child or _Child.start(creds)
+
+    def give(self, creds: Credentials, child: _Child) -> None:
+        if not child.alive():
+            child.stop()
+            return
+        child.idle_since = time.monotonic()
+        with self._lock:
+            self._idle.append((creds, child))
+            extra = self._idle[:-MAX_IDLE] if len(self._idle) > MAX_IDLE else []
+            del self._idle[:len(extra)]
+        for _, old in extra:
+            old.stop()
+
+    def _expire(self) -> list[_Child]:
+        """Drop (and return, to be stopped outside the lock) children idle too long or gone."""
+        now = time.monotonic()
+        fresh = [(c, child) for c, child in self._idle
+                 if now - child.idle_since <= IDLE_SECONDS and child.alive()]
+        stale = [child for _, child in self._idle if all(child is not kept for _, kept in fresh)]
+        self._idle = fresh
+        return stale
+
+
+POOL = _Pool()
 
 
 def _checked(fd: int, path: str, write: bool) -> OpenedFile:
