@@ -138,10 +138,6 @@ class Opener:
                  tb: TracebackType | None) -> None:
         self.close()
 
-    @property
-    def confined(self) -> bool:
-        return self.creds is not None
-
     def open(self, path: str, *, write: bool, what: str = "image") -> OpenedFile:
         """Open ``path`` (absolute) read-only or read-write; raise a clear error the caller may see."""
         check_path(path, f"the {what} path")
