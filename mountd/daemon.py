@@ -30,6 +30,7 @@ from dbus_fast.aio import MessageBus
 from . import auth
 from .auth import ACTION_MOUNT, ACTION_MOUNT_RW, ACTION_UNMOUNT_OTHERS, Authority, Caller
 from .backends import available
+from .busfix import survive_full_socket
 from .dbusapi import (
     BUS_NAME,
     ERROR_PREFIX,
@@ -349,7 +350,9 @@ async def connect(where: str) -> MessageBus:
                         negotiate_unix_fd=True)
     else:
         bus = DaemonBus(bus_address=where, negotiate_unix_fd=True)
-    return await bus.connect()
+    await bus.connect()
+    survive_full_socket(bus)  # dbus-fast would drop the connection on the first EAGAIN
+    return bus
 
 
 async def serve(args: argparse.Namespace) -> int:
