@@ -43,7 +43,7 @@ from .dbusapi import (
     mount_path,
 )
 from .engine import Engine
-from .errors import BusyError, InvalidArgumentError, MountdError, NotAuthorizedError, NotFoundError
+from .errors import BusyError, InvalidArgumentError, MountdError, NotAuthorizedError, NotFoundError, echo
 from .imageinfo import image_path
 from .inspect import inspect_image
 from .mediaroot import fix_existing_roots
@@ -136,7 +136,7 @@ class Service:
     async def unmount(self, caller: Caller, mount_id: str, *, force: bool) -> None:
         obj = self.objects.get(mount_id)
         if obj is None:
-            raise NotFoundError(f"no mount {mount_id}")
+            raise NotFoundError(f"no mount {echo(mount_id)}")
         if not caller.is_root and obj.info.owner != caller.uid:
             await self.authority.require(caller, ACTION_UNMOUNT_OTHERS, interactive=caller.interactive,
                                          details={"image": obj.info.image})
@@ -149,7 +149,7 @@ class Service:
     def id_of(self, path: str) -> str:
         mount_id = path.removeprefix(MOUNTS_PATH + "/")
         if mount_id not in self.objects:
-            raise NotFoundError(f"no mount at {path}")
+            raise NotFoundError(f"no mount at {echo(path)}")
         return mount_id
 
     def published(self) -> list[str]:

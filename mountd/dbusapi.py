@@ -23,7 +23,7 @@ from dbus_fast.constants import ArgDirection, PropertyAccess
 from dbus_fast.service import ServiceInterface, dbus_property, dbus_signal
 
 from . import __version__
-from .errors import InvalidArgumentError, MountdError
+from .errors import InvalidArgumentError, MountdError, echo
 from .model import MountedVolume, MountInfo
 
 if TYPE_CHECKING:
@@ -151,7 +151,7 @@ def parse_options(options: Mapping[str, Variant], spec: Mapping[str, str]) -> di
         expected = spec.get(key)
         if expected is None:
             known = ", ".join(sorted(spec)) or "none"
-            raise InvalidArgumentError(f"unknown option {key!r} (known options: {known})")
+            raise InvalidArgumentError(f"unknown option {echo(key)!r} (known options: {known})")
         if variant.signature != expected:
             raise InvalidArgumentError(f"option {key!r} must be of type {expected}, not {variant.signature}")
         for text in [variant.value] if expected == "s" else variant.value if expected == "as" else []:

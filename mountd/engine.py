@@ -13,7 +13,7 @@ import uuid
 from typing import Any
 
 from . import backends, dm, fuse, loop, mounts, nbd, server  # noqa: F401 - importing registers the layer kinds
-from .errors import InUseError, InvalidArgumentError, NotFoundError, UnsupportedError
+from .errors import InUseError, InvalidArgumentError, NotFoundError, UnsupportedError, echo
 from .filesystems import mount_type, mountable_types
 from .holders import check_not_in_use
 from .imageinfo import ImageInfo, probe_image
@@ -130,7 +130,7 @@ def default_mount_root(uid: int) -> str:
 
 def _check_request(req: MountRequest) -> None:
     if req.backend not in BACKENDS:
-        raise InvalidArgumentError(f"unknown backend {req.backend!r}: use one of {', '.join(BACKENDS)}")
+        raise InvalidArgumentError(f"unknown backend {echo(req.backend)!r}: use one of {', '.join(BACKENDS)}")
     if req.mount_root is not None and not os.path.isabs(req.mount_root):
         raise InvalidArgumentError(f"the mount root must be an absolute path: {req.mount_root}")
     if req.snapshot is not None and not req.read_only:
@@ -143,7 +143,8 @@ def _check_snapshot(info: ImageInfo, req: MountRequest) -> None:
     names = {s.name for s in info.top.snapshots} | {s.id for s in info.top.snapshots}
     if req.snapshot not in names:
         known = ", ".join(sorted(s.name for s in info.top.snapshots)) or "none"
-        raise NotFoundError(f"{info.top.path} has no internal snapshot {req.snapshot!r} (it has: {known})")
+        raise NotFoundError(f"{info.top.path} has no internal snapshot {echo(req.snapshot)!r} "
+                            f"(it has: {known})")
 
 
 def _options(req: MountRequest) -> dict[str, Any]:
@@ -157,7 +158,7 @@ def _selected(layout: DiskLayout, names: tuple[str, ...], device_mapper: bool) -
         missing = [n for n in names if layout.volume(n) is None]
         if missing:
             known = ", ".join(v.name for v in layout.volumes) or "none"
-            raise NotFoundError(f"no volume named {', '.join(missing)} in this image (it has: {known})")
+            raise NotFoundError(f"no volume named {echo(', '.join(missing))} in this image (it has: {known})")
         return [v for n in names if (v := layout.volume(n)) is not None]
     types = mountable_types()
     chosen = [v for v in layout.volumes if v.filesystem and mount_type(v.filesystem, types) in types

@@ -9,6 +9,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+ECHO_LIMIT = 200  # characters of caller input an error repeats: enough to recognise it, never a flood
+
+
+def echo(text: str, limit: int = ECHO_LIMIT) -> str:
+    """Caller input as an error may repeat it: cut to ``limit`` characters."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
 
 class MountdError(Exception):
     """Base of every error the engine raises on purpose."""

@@ -31,7 +31,7 @@ import time
 from dataclasses import dataclass, field
 from types import TracebackType
 
-from .errors import FailedError, InvalidArgumentError, NotAuthorizedError, NotFoundError
+from .errors import FailedError, InvalidArgumentError, NotAuthorizedError, NotFoundError, echo
 
 PATH_MAX = 4096
 OPEN_TIMEOUT = 20.0
@@ -323,6 +323,7 @@ def _checked(fd: int, path: str, write: bool) -> OpenedFile:
 def _open_error(path: str, err: int, write: bool, what: str) -> Exception:
     """One sentence the caller may see: it only says what the caller's own open said."""
     how = "writing" if write else "reading"
+    path = echo(path)
     if err == errno.EISDIR:
         return InvalidArgumentError(f"{path} is a directory, not a disk image")
     if err == 0:

@@ -287,6 +287,23 @@ def _fill(value: Any, names: dict[str, Path]) -> Any:
     return value.format(**{k: str(p) for k, p in names.items()}) if isinstance(value, str) else value
 
 
+def test_a_flood_of_oversized_calls_from_any_user_is_answered(c: Client, daemon: Daemon,
+                                                               users: dict[str, tuple[int, int]]) -> None:
+    """A user not even in group imgmount: 16 parallel Unmount calls of a 4 MiB object path and 8 Mount
+    calls with a 1 MiB image path. Every call is answered with a short error (input echoed at most 200
+    characters), and the daemon stays on the bus (dbus-fast's writer used to drop it on EAGAIN)."""
+    out = subprocess.run([*as_user(*users["bin"]), sys.executable, "-m", "tests.support.flood", c.address],
+                         capture_output=True, text=True, cwd=REPO, timeout=300, check=False)
+    assert out.returncode == 0, out.stderr[-2000:]
+    replies = json.loads(out.stdout)
+    assert len(replies) == 24
+    assert {name for name, _ in replies[:16]} == {ERROR_PREFIX + "NotFound"}
+    assert {name for name, _ in replies[16:]} == {ERROR_PREFIX + "NotAuthorized"}  # asked before anything
+    assert max(length for _, length in replies) < 400
+    assert c.manager("ListMounts").value() == []
+    assert "lost the bus connection" not in daemon.log()
+
+
 def test_200_fds_are_closed_and_refused(c: Client, daemon: Daemon, guest: Guest) -> None:
     before = daemon.fd_count()
     fds = [os.open("/dev/null", os.O_RDONLY) for _ in range(200)]
