@@ -27,6 +27,8 @@ from .stack import MountStack
 from .volumes import VolumeAttacher
 
 log = logging.getLogger(__name__)
+#: Volumes (and mount options) one request may name: no real image has more mountable volumes than that.
+MAX_LISTED = 256
 
 
 class Engine:
@@ -129,6 +131,8 @@ def default_mount_root(uid: int) -> str:
 
 
 def _check_request(req: MountRequest) -> None:
+    if len(req.volumes) > MAX_LISTED or len(req.mount_options) > MAX_LISTED:
+        raise InvalidArgumentError(f"at most {MAX_LISTED} volumes and {MAX_LISTED} mount options per mount")
     if req.backend not in BACKENDS:
         raise InvalidArgumentError(f"unknown backend {echo(req.backend)!r}: use one of {', '.join(BACKENDS)}")
     if req.mount_root is not None and not os.path.isabs(req.mount_root):
@@ -155,6 +159,7 @@ def _options(req: MountRequest) -> dict[str, Any]:
 def _selected(layout: DiskLayout, names: tuple[str, ...], device_mapper: bool) -> list[Volume]:
     """The volumes asked for, or every volume that holds a mountable filesystem and can be reached."""
     if names:
+        names = tuple(dict.fromkeys(names))  # each volume once, however often it is named
         missing = [n for n in names if layout.volume(n) is None]
         if missing:
             known = ", ".join(v.name for v in layout.volumes) or "none"

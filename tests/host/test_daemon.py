@@ -304,6 +304,15 @@ def test_a_flood_of_oversized_calls_from_any_user_is_answered(c: Client, daemon:
     assert "lost the bus connection" not in daemon.log()
 
 
+def test_one_volume_named_many_times_is_mounted_once(c: Client, guest: Guest) -> None:
+    disk = v("as", ["disk"] * 256)
+    path = c.mount(guest.raw, volumes=disk).value()
+    assert [name for name, *_ in c.prop(path, MOUNT_IFACE, "Volumes")] == ["disk"]
+    assert c.call(path, MOUNT_IFACE, "Unmount", "a{sv}", [{}]).value() is None
+    assert "at most 256 volumes" in error(c.mount(guest.raw, volumes=v("as", ["disk"] * 1000)), "InvalidArgument")
+    assert c.manager("ListMounts").value() == []
+
+
 def test_200_fds_are_closed_and_refused(c: Client, daemon: Daemon, guest: Guest) -> None:
     before = daemon.fd_count()
     fds = [os.open("/dev/null", os.O_RDONLY) for _ in range(200)]
