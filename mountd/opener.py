@@ -31,7 +31,14 @@ import time
 from dataclasses import dataclass, field
 from types import TracebackType
 
-from .errors import FailedError, InvalidArgumentError, NotAuthorizedError, NotFoundError, echo
+from .errors import (
+    FailedError,
+    InvalidArgumentError,
+    NotAuthorizedError,
+    NotFoundError,
+    OperationTimeoutError,
+    echo,
+)
 
 PATH_MAX = 4096
 OPEN_TIMEOUT = 20.0
@@ -190,11 +197,16 @@ class Opener:
         assert self.creds is not None
         request = (b"w" if write else b"r") + b"\0" + os.fsencode(path)
         child = self._child = self._child or POOL.take(self.creds)
-        answer = child.ask(request)
-        if answer is None and child.served:  # a child kept from before has gone (she may kill hers): anew
-            child.stop()
-            child = self._child = _Child.start(self.creds)
+        try:
             answer = child.ask(request)
+            if answer is None and child.served:  # a child kept from before has gone (she may kill hers)
+                child.stop()
+                child = self._child = _Child.start(self.creds)
+                answer = child.ask(request)
+        except OperationTimeoutError:  # stopped or stuck (she may SIGSTOP hers): never used again
+            self._child = None
+            child.stop(kill=True)
+            raise
         if answer is None:
             self._child = None
             child.stop()
@@ -242,7 +254,8 @@ class _Child:
             self.sock.send(request)
             msg, fds, _flags, _addr = socket.recv_fds(self.sock, PATH_MAX + 16, 1)
         except TimeoutError:
-            raise FailedError("opening a file as the caller timed out") from None
+            raise OperationTimeoutError(f"opening a file as the caller took over {OPEN_TIMEOUT:g} s") \
+                from None
         except OSError:
             return None
         if not msg and not fds:
@@ -250,9 +263,11 @@ class _Child:
         self.served += 1
         return msg, fds
 
-    def stop(self) -> None:
-        """Close our end (it exits on that) and reap it."""
+    def stop(self, *, kill: bool = False) -> None:
+        """Close our end (it exits on that, unless ``kill``: it is stuck) and reap it."""
         self.sock.close()
+        if kill:
+            self.proc.kill()
         try:
             self.proc.wait(timeout=OPEN_TIMEOUT)
         except subprocess.TimeoutExpired:

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from mountd.errors import InvalidArgumentError, NotAuthorizedError, NotFoundError
+from mountd import opener as opener_module
+from mountd.errors import InvalidArgumentError, NotAuthorizedError, NotFoundError, OperationTimeoutError
 from mountd.opener import PATH_MAX, Credentials, Opener
 from tests.support.bus import world_dir
 
@@ -138,3 +139,27 @@ def test_a_callers_opener_is_kept_for_her_next_call_and_replaced_if_she_kills_it
     with Opener(hers) as o:
         assert o.open(str(mine), write=False).name == str(mine)
         assert _child_of(o) != first
+
+
+def test_a_stopped_opener_times_out_and_is_not_kept(where: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """She stops her opener child (SIGSTOP): the call ends after the timeout (shortened here) with Timeout,
+    and the next call gets a new child."""
+    mine = where / "mine.img"
+    mine.write_bytes(b"x")
+    mine.chmod(0o644)
+    daemon = pwd.getpwnam("daemon")
+    hers = Credentials(daemon.pw_uid, (daemon.pw_gid,))
+    with Opener(hers) as o:
+        o.open(str(mine), write=False)
+        stuck = _child_of(o)
+    os.kill(stuck, signal.SIGSTOP)
+    monkeypatch.setattr(opener_module, "OPEN_TIMEOUT", 1.0)
+    for child in opener_module.POOL._idle:
+        child[1].sock.settimeout(1.0)
+    with Opener(hers) as o, pytest.raises(OperationTimeoutError):
+        o.open(str(mine), write=False)
+    with Opener(hers) as o:
+        assert o.open(str(mine), write=False).name == str(mine)
+        assert _child_of(o) != stuck
+    assert not Path(f"/proc/{stuck}").exists() or "Z" in Path(f"/proc/{stuck}/stat").read_text().split()[2]
+
