@@ -22,6 +22,7 @@ import contextlib
 import errno
 import logging
 import os
+import re
 import select
 import signal
 import stat
@@ -207,10 +208,15 @@ def _read_pid(pidfile: str) -> int:
         raise FailedError(f"{DAEMON} started but left no readable pidfile {pidfile}: {exc}") from None
 
 
+#: QEMU's words for an image lock held by someone else ('Failed to get "write" lock', 'Failed to get shared
+#: "write" lock'); not just "lock", which every ``--blockdev`` option in QEMU's error prefix contains.
+QEMU_LOCK_FAILURE = re.compile(r'Failed to get (shared )?"[a-z -]+" lock')
+
+
 def _start_error(exc: CommandError, spec: ExportSpec) -> MountdError:
     """A lock conflict becomes InUse naming the holder of the file concerned; anything else stays the
     command's error."""
-    if "lock" not in exc.stderr:
+    if not QEMU_LOCK_FAILURE.search(exc.stderr):
         return exc
     files = _options_ending(spec.blockdev, "file.filename")  # the image, then its backing files
     for path in files:

@@ -38,7 +38,7 @@ from .errors import (
     NotAuthorizedError,
     OperationTimeoutError,
 )
-from .fuse import stop_process
+from .fuse import QEMU_LOCK_FAILURE, stop_process
 from .journal import LayerRecord
 from .layer import Layer, Progress
 from .loop import in_use_error
@@ -199,7 +199,7 @@ def _start_error(spec: ServerSpec, top_fd: int) -> MountdError:
     text = re.sub(r"/proc/self/fd/\d+", spec.image, text)
     lines = [x.removeprefix(f"{SERVER}: ") for x in text.strip().splitlines()] or ["no error output"]
     last = lines[-1]
-    if "Failed to get" in last and "lock" in last:  # QEMU's image locks: someone else holds it
+    if QEMU_LOCK_FAILURE.search(last):  # QEMU's image locks: someone else holds it
         return in_use_error(spec.image, read_only=spec.read_only, fd=top_fd)
     if "Permission denied" in last:  # a header (changed since it was checked?) names what she cannot open
         return NotAuthorizedError(f"QEMU, running as you, cannot open what {spec.image} names: {last}")
