@@ -280,7 +280,7 @@ class _Target:
 
 
 def _fd_target(path: str, fd: int) -> _Target:
-    """A file we hold open already (a caller's, opened as the caller): its name is never resolved again."""
+    """The file open at ``fd`` (a caller's, opened as the caller, is never looked up by name again)."""
     st = os.fstat(fd)
     key = _key(st.st_mode, st.st_dev, st.st_ino, st.st_rdev)
     if key is None:
@@ -304,11 +304,7 @@ def _open_target(path: str, opened: Mapping[str, int]) -> _Target:
     except OSError as exc:
         raise InvalidImageError(f"cannot open {real}: {exc.strerror}") from None
     try:
-        st = os.fstat(fd)
-        key = _key(st.st_mode, st.st_dev, st.st_ino, st.st_rdev)
-        if key is None:
-            raise InvalidImageError(f"{real} is not a regular file or a block device")
-        return _Target(real, key, probe_lock_bytes(fd))
+        return _fd_target(real, fd)
     finally:
         os.close(fd)
 

@@ -14,7 +14,7 @@ from typing import Any
 from . import command
 from .errors import CommandError, InvalidArgumentError, InvalidImageError, NotFoundError, UnsupportedError
 from .imagerefs import has_vhd_footer, reference_path, scan_references
-from .opener import OpenedFile, Opener, confined_argv, in_kernel_tree
+from .opener import OpenedFile, Opener, confined_argv, fd_path, in_kernel_tree
 
 FORMATS = ("raw", "qcow2", "qcow", "vmdk", "vdi", "vhdx", "vpc", "cloop", "dmg", "parallels", "bochs", "qed")
 READ_ONLY_FORMATS = ("cloop", "dmg", "bochs")
@@ -193,11 +193,11 @@ def block_options(info: ImageInfo, *, force_share: bool = False, by_fd: bool = F
     prefix = ""
     for image in info.chain:
         by_name = not by_fd or image.fd < 0 or bool(image.extents)
-        path = image.path if by_name else f"/proc/self/fd/{image.fd}"
+        path = image.path if by_name else fd_path(image.fd)
         opts += [f"{prefix}driver={image.format}", f"{prefix}file.driver=file",
                  f"{prefix}file.filename={_escape(path)}"]
         if image.data_file:
-            data = image.data_file if not by_fd or image.data_fd < 0 else f"/proc/self/fd/{image.data_fd}"
+            data = image.data_file if not by_fd or image.data_fd < 0 else fd_path(image.data_fd)
             opts += [f"{prefix}data-file.driver=file", f"{prefix}data-file.filename={_escape(data)}"]
         prefix += "backing."
     if force_share:

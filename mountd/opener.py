@@ -111,8 +111,12 @@ class OpenedFile:
 
     @property
     def proc_path(self) -> str:
-        """The name that opens this very file in a process that inherited ``fd`` at the same number."""
-        return f"/proc/self/fd/{self.fd}"
+        return fd_path(self.fd)
+
+
+def fd_path(fd: int) -> str:
+    """The name that opens the very file open at ``fd`` in a process that inherited it at that number."""
+    return f"/proc/self/fd/{fd}"
 
 
 def check_path(path: str, what: str = "the image path") -> None:
@@ -184,7 +188,7 @@ class Opener:
             if not stat.S_ISREG(mode):
                 raise _open_error(path, errno.EISDIR if stat.S_ISDIR(mode) else 0, write, what)
             flags = (os.O_RDWR if write else os.O_RDONLY) | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
-            fd = os.open(f"/proc/self/fd/{pfd}", flags)
+            fd = os.open(fd_path(pfd), flags)
         except OSError as exc:
             raise _open_error(path, exc.errno or errno.EIO, write, what) from None
         finally:
@@ -332,7 +336,7 @@ def _checked(fd: int, path: str, write: bool) -> OpenedFile:
         raise InvalidArgumentError(f"{path} did not open as a regular file{' for writing' if write else ''}")
     # O_NONBLOCK has done its work (no wait on a lease or a FIFO); reads and writes must block again.
     fcntl.fcntl(fd, fcntl.F_SETFL, flags & ~os.O_NONBLOCK)
-    return OpenedFile(fd, os.readlink(f"/proc/self/fd/{fd}"), write, st.st_dev, st.st_ino)
+    return OpenedFile(fd, os.readlink(fd_path(fd)), write, st.st_dev, st.st_ino)
 
 
 def _open_error(path: str, err: int, write: bool, what: str) -> Exception:
