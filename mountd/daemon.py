@@ -43,7 +43,7 @@ from .dbusapi import (
     mount_path,
 )
 from .engine import Engine
-from .errors import BusyError, InvalidArgumentError, MountdError, NotAuthorizedError, NotFoundError, echo
+from .errors import BusyError, InvalidArgumentError, MountdError, NotAuthorizedError, NotFoundError
 from .imageinfo import image_path
 from .inspect import inspect_image
 from .mediaroot import fix_existing_roots
@@ -54,6 +54,9 @@ from .render import inspection_to_dict
 log = logging.getLogger("mountd.daemon")
 OBJECT_MANAGER = "org.freedesktop.DBus.ObjectManager"
 MOUNT_ID = re.compile(r"^[A-Za-z0-9_]{1,64}$")
+#: Calls one uid may have served at once: a desktop makes a handful; the rest are answered Busy at once, so
+#: one user's flood cannot queue work (opener children, QEMU processes, threads) that delays everybody else.
+MAX_CALLS_IN_FLIGHT = 16
 NOGROUP = 65534  # a caller in no group at all gets this one, never a group that happens to share its uid
 
 
@@ -136,7 +139,7 @@ class Service:
     async def unmount(self, caller: Caller, mount_id: str, *, force: bool) -> None:
         obj = self.objects.get(mount_id)
         if obj is None:
-            raise NotFoundError(f"no mount {echo(mount_id)}")
+            raise NotFoundError("no such mount (ListMounts lists them)")
         if not caller.is_root and obj.info.owner != caller.uid:
             await self.authority.require(caller, ACTION_UNMOUNT_OTHERS, interactive=caller.interactive,
                                          details={"image": obj.info.image})
@@ -149,7 +152,7 @@ class Service:
     def id_of(self, path: str) -> str:
         mount_id = path.removeprefix(MOUNTS_PATH + "/")
         if mount_id not in self.objects:
-            raise NotFoundError(f"no mount at {echo(path)}")
+            raise NotFoundError("no such mount (ListMounts lists them)")  # not echoed: not yet authorized
         return mount_id
 
     def published(self) -> list[str]:
@@ -284,6 +287,7 @@ class Dispatcher:
         self.bus = bus
         self.service = service
         self.tasks: set[asyncio.Task[None]] = set()
+        self.in_flight: dict[int, int] = {}  # uid -> calls being served
 
     def on_message(self, msg: Message) -> bool | None:
         if msg.unix_fds:  # no method takes one: close them all, or any caller can exhaust our descriptors
@@ -317,15 +321,28 @@ class Dispatcher:
         return iface if msg.interface == iface.name else None
 
     async def _serve(self, target: ApiInterface, msg: Message) -> None:
-        self._reply(msg, await target.handle(msg, self.identify))
+        self._reply(msg, await target.handle(msg, self.admit))
 
     def _reply(self, msg: Message, reply: Message) -> None:
         if not msg.flags & MessageFlag.NO_REPLY_EXPECTED:
             self.bus.send(reply)
 
-    async def identify(self, msg: Message) -> Caller:
+    @contextlib.asynccontextmanager
+    async def admit(self, msg: Message) -> AsyncIterator[Caller]:
+        """The caller, holding one of its uid's places among the calls in flight (root has no limit)."""
         caller = await auth.identify(self.bus, msg.sender or "")
-        return replace(caller, interactive=bool(msg.flags & MessageFlag.ALLOW_INTERACTIVE_AUTHORIZATION))
+        caller = replace(caller, interactive=bool(msg.flags & MessageFlag.ALLOW_INTERACTIVE_AUTHORIZATION))
+        held = self.in_flight.get(caller.uid, 0)
+        if held >= MAX_CALLS_IN_FLIGHT and not caller.is_root:
+            raise BusyError(f"uid {caller.uid} already has {held} calls in flight: wait for their replies")
+        self.in_flight[caller.uid] = held + 1
+        try:
+            yield caller
+        finally:
+            if self.in_flight[caller.uid] == 1:
+                del self.in_flight[caller.uid]
+            else:
+                self.in_flight[caller.uid] -= 1
 
     async def drain(self) -> None:
         while self.tasks:

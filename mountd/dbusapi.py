@@ -13,6 +13,7 @@ import functools
 import logging
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar
 
@@ -23,7 +24,7 @@ from dbus_fast.constants import ArgDirection, PropertyAccess
 from dbus_fast.service import ServiceInterface, dbus_property, dbus_signal
 
 from . import __version__
-from .errors import InvalidArgumentError, MountdError, echo
+from .errors import InvalidArgumentError, MountdError
 from .model import MountedVolume, MountInfo
 
 if TYPE_CHECKING:
@@ -49,7 +50,8 @@ STRING_LISTS = frozenset({"extents", "warnings", "physical-volumes", "logical-vo
 
 Volumes = Annotated[list[list[str]], DBusSignature("a(ssss)")]
 Strings = Annotated[list[str], DBusSignature("as")]
-Identify = Callable[[Message], Awaitable["Caller"]]
+#: Identifies the caller of one call and holds its place among the calls in flight until the block ends.
+Admit = Callable[[Message], AbstractAsyncContextManager["Caller"]]
 
 
 def mount_path(mount_id: str) -> str:
@@ -116,8 +118,9 @@ class ApiInterface(ServiceInterface):
                 arg.name = name
         return found
 
-    async def handle(self, msg: Message, identify: Identify) -> Message:
-        """Run one call. Every outcome is a reply: a result, a fixed error, or Failed with an incident id."""
+    async def handle(self, msg: Message, admit: Admit) -> Message:
+        """Run one call. Every outcome is a reply: a result, a fixed error, or Failed with an incident id;
+        every failure is logged once, at INFO for a refusal, with the traceback for an incident."""
         method = self.api.get(msg.member or "")
         try:
             if method is None:
@@ -128,11 +131,12 @@ class ApiInterface(ServiceInterface):
                                            f"not ({msg.signature})")
             if msg.unix_fds:
                 raise InvalidArgumentError(f"{method.name} takes no file descriptors")
-            caller = await identify(msg)
-            result = await method.fn(self, caller, *msg.body)
+            async with admit(msg) as caller:
+                result = await method.fn(self, caller, *msg.body)
             body = [] if not method.out_args else [result]
             return Message.new_method_return(msg, method.out_signature, body)
         except MountdError as exc:
+            log.info("%s from %s: %s: %s", msg.member, msg.sender, exc.dbus_name, exc.message)
             return error_reply(msg, exc)
         except Exception:
             incident = uuid.uuid4().hex[:8]
@@ -151,7 +155,8 @@ def parse_options(options: Mapping[str, Variant], spec: Mapping[str, str]) -> di
         expected = spec.get(key)
         if expected is None:
             known = ", ".join(sorted(spec)) or "none"
-            raise InvalidArgumentError(f"unknown option {echo(key)!r} (known options: {known})")
+            # not echoed: nobody has been authorized yet (issue 9: echo caller input only after that)
+            raise InvalidArgumentError(f"unknown option (known options: {known})")
         if variant.signature != expected:
             raise InvalidArgumentError(f"option {key!r} must be of type {expected}, not {variant.signature}")
         for text in [variant.value] if expected == "s" else variant.value if expected == "as" else []:

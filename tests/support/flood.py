@@ -1,7 +1,8 @@
 """A flood of oversized calls to imgmountd, for the daemon tests: run as another uid (``setpriv ... python -m``
 this module). Prints one JSON list: for each call, ``[error name or null, length of the reply's text]``.
 
-    python -m tests.support.flood ADDRESS
+    python -m tests.support.flood ADDRESS                 # oversized Unmount and Mount calls
+    python -m tests.support.flood ADDRESS IMAGE COUNT     # COUNT parallel Inspect calls of IMAGE
 """
 
 from __future__ import annotations
@@ -29,13 +30,19 @@ def calls() -> list[Message]:
     return out
 
 
-async def main(address: str) -> None:
+def inspects(image: str, count: int) -> list[Message]:
+    return [Message(destination=BUS_NAME, path=MANAGER, interface=f"{BUS_NAME}.Manager", member="Inspect",
+                    signature="sa{sv}", body=[image, {}]) for _ in range(count)]
+
+
+async def main(address: str, *inspect: str) -> None:
     bus = await MessageBus(bus_address=address).connect()
     survive_full_socket(bus)  # the attacker's dbus-fast has the same writer bug: her flood must get out
-    replies = await asyncio.gather(*(asyncio.wait_for(bus.call(m), 60) for m in calls()))
+    messages = inspects(inspect[0], int(inspect[1])) if inspect else calls()
+    replies = await asyncio.gather(*(asyncio.wait_for(bus.call(m), 60) for m in messages))
     print(json.dumps([[r.error_name, len(str(r.body[0])) if r.body else 0] for r in replies if r]))
     bus.disconnect()
 
 
 if __name__ == "__main__":
-    asyncio.run(main(sys.argv[1]))
+    asyncio.run(main(*sys.argv[1:]))
