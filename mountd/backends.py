@@ -105,16 +105,21 @@ def attach_disk(stack: MountStack, backend: str, info: ImageInfo, *, read_only: 
     if confined is not None:
         source = _caller_server(stack, info, read_only=read_only, snapshot=snapshot, creds=confined)
     if backend == "fuse":
-        exports = state_dir / "exports"
-        exports.mkdir(parents=True, exist_ok=True, mode=0o700)
         layer = stack.push(LayerRecord("fuse", "", "attaching", {
-            "blockdev": source, "export": str(exports / f"{stack.record.id}.raw"),
+            "blockdev": source, "export": export_path(state_dir, stack.record.id),
             "read_only": read_only, "snapshot": snapshot, "virtual_size": info.virtual_size}))
         return Disk(backend, layer.node, layer.node, False, dm)
     module = ensure_nbd_module()
     layer = stack.push(LayerRecord("nbd", "", "attaching", {
         "image_opts": source, "read_only": read_only, "snapshot": snapshot}))
     return Disk(backend, layer.node, layer.node, module.max_part > 0, dm)
+
+
+def export_path(state_dir: Path, name: str) -> str:
+    """Where a FUSE export named ``name`` goes: in the state directory's root-only ``exports``."""
+    exports = state_dir / "exports"
+    exports.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return str(exports / f"{name}.raw")
 
 
 def _caller_server(stack: MountStack, info: ImageInfo, *, read_only: bool, snapshot: str | None,

@@ -9,6 +9,11 @@ caller's own rights.
 Every failure is one line on stderr naming the cause and the fix, and an exit code per error kind
 (:mod:`mountd.errors`); ``--json`` prints machine-readable results, and errors as
 ``{"error": ..., "message": ...}``.
+
+File names need not be UTF-8; D-Bus strings must be. So a Mount through the daemon of a path that is not
+UTF-8 is refused with a message saying so (the API takes the path as a string: carrying the bytes would take a
+new API, e.g. the image passed as a file descriptor), while an in-process engine mounts it. Whatever is
+printed shows such names as :func:`~mountd.model.display_name` does (``\\xNN``), as the daemon does.
 """
 
 from __future__ import annotations
@@ -44,7 +49,7 @@ from .errors import (
 )
 from .imageinfo import FORMATS
 from .journal import STATE_DIR_ENV
-from .model import BACKENDS, MountInfo, MountRequest
+from .model import BACKENDS, MountInfo, MountRequest, display_name, find_mount
 
 if TYPE_CHECKING:
     from .engine import Engine
@@ -128,7 +133,7 @@ def imgumount_main(argv: Sequence[str] | None = None) -> int:
         return _guarded("imgumount", args, _usage("name one image, mountpoint or id, or --all"), dict, str)
 
     def unmount(mounter: Mounter) -> list[MountInfo]:
-        targets = mounter.mounts() if args.all else [mounter.find(_as_path(args.target))]
+        targets = mounter.mounts() if args.all else [mounter.find(args.target)]
         for m in targets:
             mounter.unmount(m.id, force=args.force)
         return targets
@@ -166,10 +171,6 @@ def _engine() -> Engine:
     importing it costs a third of the command's start-up."""
     from .engine import Engine  # noqa: PLC0415
     return Engine()
-
-
-def _as_path(target: str) -> str:
-    return os.path.abspath(target) if os.path.exists(target) else target
 
 
 def _usage(message: str) -> Callable[[], Any]:
@@ -224,15 +225,10 @@ class DaemonClient:
         return sorted(found, key=lambda m: m.id)
 
     def find(self, what: str) -> MountInfo:
-        full = os.path.realpath(what) if os.path.isabs(what) or os.path.exists(what) else what
-        for m in self.mounts():
-            if what == m.id or full == m.image or any(
-                full == v.mountpoint or full.startswith(v.mountpoint.rstrip("/") + "/") for v in m.volumes
-            ):
-                return m
-        raise NotFoundError(f"{what} is not mounted by imgmount (imgmount --list shows what is)")
+        return find_mount(self.mounts(), what)
 
     def mount(self, req: MountRequest) -> MountInfo:
+        _check_utf8(req)
         options = {"read-only": Variant("b", req.read_only), "backend": Variant("s", req.backend)}
         for key, value in (("volumes", list(req.volumes)), ("mount-options", list(req.mount_options))):
             if value:
@@ -247,6 +243,28 @@ class DaemonClient:
     def unmount(self, mount_id: str, *, force: bool = False) -> None:
         self._call(MANAGER_PATH, MANAGER_IFACE, "Unmount", "oa{sv}",
                    [mount_path(mount_id), {"force": Variant("b", force)}])
+
+
+def _check_utf8(req: MountRequest) -> None:
+    """D-Bus strings are UTF-8: a name that is not is refused here, said plainly, not by the marshaller."""
+    if not _is_utf8(req.image):
+        raise InvalidArgumentError(f"the image path {display_name(req.image)} is not valid UTF-8, which "
+                                   "D-Bus cannot carry to imgmountd: rename the file, or point a symlink "
+                                   "with a UTF-8 name at it")
+    named = [("mount root", req.mount_root or ""), ("snapshot name", req.snapshot or ""),
+             *(("volume name", x) for x in req.volumes), *(("mount option", x) for x in req.mount_options)]
+    for what, text in named:
+        if not _is_utf8(text):
+            raise InvalidArgumentError(f"the {what} {display_name(text)} is not valid UTF-8, which D-Bus "
+                                       "cannot carry to imgmountd")
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 async def _system_bus() -> MessageBus | None:
@@ -297,6 +315,7 @@ def _mount_text(m: MountInfo) -> str:
     mode = "read-only" if m.read_only else "read-write"
     lines = [f"{m.image}: {m.format}, {mode}, via {m.backend} {m.device} (id {m.id})"]
     lines += [f"  {v.name:<16} {v.filesystem:<6} {v.mountpoint}" for v in m.volumes]
+    lines += [f"  note: {name}: {note}" for name, note in m.notes]
     return "\n".join(lines)
 
 
@@ -321,11 +340,23 @@ def _guarded(prog: str, args: argparse.Namespace, action: Callable[[], Any], as_
         log.error("incident %s", incident, exc_info=args.debug)
         return _fail(prog, args.json, f"internal error (incident {incident}): run again with --debug and "
                      "report it", 1, "Failed")
-    print(json.dumps(as_json(result), indent=2) if args.json else as_text(result))
+    print(json.dumps(_shown(as_json(result)), indent=2) if args.json else display_name(as_text(result)))
     return 0
 
 
+def _shown(value: Any) -> Any:
+    """A JSON result with every string as valid UTF-8 (:func:`~mountd.model.display_name`), as over D-Bus."""
+    if isinstance(value, str):
+        return display_name(value)
+    if isinstance(value, dict):
+        return {k: _shown(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_shown(v) for v in value]
+    return value
+
+
 def _fail(prog: str, as_json: bool, message: str, code: int, name: str) -> int:
+    message = display_name(message)
     if as_json:
         print(json.dumps({"error": name, "message": message}))
     print(f"{prog}: {message}", file=sys.stderr)

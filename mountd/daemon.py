@@ -1,13 +1,15 @@
 """``imgmountd``: the D-Bus service (design: "D-Bus API, version 1", "Daemon life cycle").
 
-- Start: publish every mount in the journal, each verified (a stack the kernel no longer shows as we made it
-  is published with State "broken" and can be unmounted), then take the bus name (``Type=dbus`` readiness).
+- Start: tear down every stack a crash left half-made, half-unmounted or broken (what is busy stays, published
+  with State "broken"), publish every whole one again, drop device marks no record names, then take the bus
+  name (``Type=dbus`` readiness).
 - Calls: a message handler sees every message first. It closes any unix fds (no method takes one), and hands
   calls for our interfaces to :meth:`ApiInterface.handle` in a task of their own; the engine's blocking work
   runs in worker threads, so other callers are served meanwhile; calls for one image are serialized.
 - SIGTERM: refuse new calls, let running ones finish, unmount everything (images inside other mounts first,
-  each stack top-down, flushing), exit. SIGKILL loses nothing: the QEMU servers outlive us, the journal says
-  what exists, and the next start publishes it again.
+  each stack top-down, flushing; a stack in use is left whole, recorded, for the next start to adopt), exit.
+  SIGKILL loses nothing: the QEMU servers outlive us, the journal says what exists, and the next start
+  publishes it again.
 """
 
 from __future__ import annotations
@@ -15,12 +17,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import ctypes
 import logging
 import os
 import re
 import signal
 import sys
 from collections.abc import AsyncIterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import Any
 
@@ -40,6 +44,7 @@ from .dbusapi import (
     ManagerInterface,
     MountInterface,
     check_text,
+    incident_reply,
     mount_path,
 )
 from .engine import Engine
@@ -57,6 +62,8 @@ MOUNT_ID = re.compile(r"^[A-Za-z0-9_]{1,64}$")
 #: Calls one uid may have served at once: a desktop makes a handful; the rest are answered Busy at once, so
 #: one user's flood cannot queue work (opener children, QEMU processes, threads) that delays everybody else.
 MAX_CALLS_IN_FLIGHT = 16
+WORKERS = 4 * MAX_CALLS_IN_FLIGHT
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
 NOGROUP = 65534  # a caller in no group at all gets this one, never a group that happens to share its uid
 
 
@@ -205,7 +212,9 @@ class Service:
         obj = self.objects.get(mount_id)
         if obj is None:
             return "unmounted"
-        if not self.locks.busy(obj.info.image):
+        if self.locks.busy(obj.info.image):
+            return obj.state
+        async with self.locks.hold(obj.info.image):  # taken at once: an unmount waits for our look
             try:
                 await self.sync(mount_id)
             except Exception:  # a getter's exception would reach the caller as dbus-fast's own error
@@ -214,14 +223,24 @@ class Service:
         return obj.state
 
     async def recover(self) -> None:
-        """Publish every mount the journal records; one unreadable record does not hide the others."""
+        """Tear down what a crash left half-made, half-unmounted or broken; publish every mount the journal
+        still records (one unreadable record does not hide the others); drop device marks no record names."""
         root = self.engine.journal.mounts
         ids = sorted(p.stem for p in root.glob("*.json")) if root.is_dir() else []
         for mount_id in ids:
             try:
+                await asyncio.to_thread(self.engine.clean_up, mount_id)
+            except MountdError as exc:
+                log.warning("mount %s stays as a crash left it: %s", mount_id, exc)
+            except Exception:  # a damaged record: the others are still torn down and published
+                log.exception("cannot tear down mount %s: left as it is", mount_id)
+            try:
                 await self.sync(mount_id)
             except Exception:
                 log.exception("cannot publish mount %s from the journal: left alone", mount_id)
+        orphans = await asyncio.to_thread(self.engine.journal.prune_claims)
+        if orphans:
+            log.info("removed device marks that no mount records: %s", ", ".join(orphans))
         log.info("published %d mount(s) from the journal", len(self.objects))
 
     async def shutdown(self) -> bool:
@@ -234,16 +253,14 @@ class Service:
         return clean
 
     async def _unmount_at_shutdown(self, info: MountInfo) -> bool:
+        """Unmount, flushing; a stack in use is left whole (no lazy unmount: that would leave its QEMU
+        serving a filesystem nobody can reach or unmount), still recorded, for the next start to adopt."""
         try:
             await asyncio.to_thread(self.engine.unmount, info.id)
             return True
         except MountdError as exc:
-            log.warning("unmounting %s at shutdown: %s; trying a lazy unmount", info.image, exc)
-        try:
-            await asyncio.to_thread(self.engine.unmount, info.id, force=True)
-            return True
-        except MountdError as exc:
-            log.error("could not unmount %s at shutdown: %s", info.image, exc)
+            log.warning("left mount %s of %s in place: %s; the next imgmountd adopts it, and imgumount "
+                        "unmounts it once it is free", info.id, info.image, exc)
             return False
 
 
@@ -324,8 +341,12 @@ class Dispatcher:
         self._reply(msg, await target.handle(msg, self.admit))
 
     def _reply(self, msg: Message, reply: Message) -> None:
-        if not msg.flags & MessageFlag.NO_REPLY_EXPECTED:
-            self.bus.send(reply)
+        if msg.flags & MessageFlag.NO_REPLY_EXPECTED:
+            return
+        try:
+            self.bus.send(reply)  # marshalled here: a value D-Bus cannot carry raises now
+        except Exception:
+            self.bus.send(incident_reply(msg, f"the reply to {msg.member} from {msg.sender} cannot be sent"))
 
     @contextlib.asynccontextmanager
     async def admit(self, msg: Message) -> AsyncIterator[Caller]:
@@ -373,6 +394,9 @@ async def connect(where: str) -> MessageBus:
 
 
 async def serve(args: argparse.Namespace) -> int:
+    # Threads for the engine's blocking work: more than the calls one uid may have in flight, so a user whose
+    # mounts are stuck (until their deadline) cannot take every thread from the others.
+    asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(max_workers=WORKERS))
     bus = await connect(args.bus)
     service = Service(bus, Engine(), Authority(bus), await asyncio.to_thread(available))
     dispatcher = Dispatcher(bus, service)
@@ -404,7 +428,15 @@ async def serve(args: argparse.Namespace) -> int:
     return 0 if clean else 1
 
 
+def _return_freed_memory() -> None:
+    """Blocks over 256 KiB (LVM metadata texts, up to 8 MiB each) come from mmap and go back to the kernel
+    when freed; from glibc's per-thread arenas they would keep the daemon's RSS at its peak for ever."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).mallopt(M_MMAP_THRESHOLD, 256 << 10)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    _return_freed_memory()
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO, stream=sys.stderr,
                         format="%(levelname)s %(name)s: %(message)s")

@@ -25,7 +25,7 @@ from dbus_fast.service import ServiceInterface, dbus_property, dbus_signal
 
 from . import __version__
 from .errors import InvalidArgumentError, MountdError
-from .model import MountedVolume, MountInfo
+from .model import MountedVolume, MountInfo, display_name
 
 if TYPE_CHECKING:
     from .auth import Caller
@@ -59,7 +59,16 @@ def mount_path(mount_id: str) -> str:
 
 
 def error_reply(msg: Message, exc: MountdError) -> Message:
-    return Message.new_error(msg, ERROR_PREFIX + exc.dbus_name, exc.message)
+    return Message.new_error(msg, ERROR_PREFIX + exc.dbus_name, display_name(exc.message))
+
+
+def incident_reply(msg: Message, what: str) -> Message:
+    """Failed, with a short incident id for the caller; ``what`` and the traceback of the exception being
+    handled go to the log, never to the caller."""
+    incident = uuid.uuid4().hex[:8]
+    log.exception("incident %s: %s", incident, what)
+    return Message.new_error(msg, ERROR_PREFIX + "Failed", f"internal error (incident {incident}): the "
+                             "daemon's log has the details")
 
 
 # --- the error boundary -----------------------------------------------------------------------------------
@@ -139,10 +148,7 @@ class ApiInterface(ServiceInterface):
             log.info("%s from %s: %s: %s", msg.member, msg.sender, exc.dbus_name, exc.message)
             return error_reply(msg, exc)
         except Exception:
-            incident = uuid.uuid4().hex[:8]
-            log.exception("incident %s: %s.%s from %s failed", incident, self.name, msg.member, msg.sender)
-            return Message.new_error(msg, ERROR_PREFIX + "Failed", f"internal error (incident {incident}): "
-                                     "the daemon's log has the details")
+            return incident_reply(msg, f"{self.name}.{msg.member} from {msg.sender} failed")
 
 
 # --- options ----------------------------------------------------------------------------------------------
@@ -172,7 +178,9 @@ def check_text(text: str, what: str) -> None:
 
 def to_variant(value: Any, key: str = "") -> Variant:
     """Inspect's JSON-shaped result as variants: dict -> a{sv} (null values left out), str -> s, bool -> b,
-    int -> x, lists -> as or aa{sv} (by key, so an empty list has the same type as a full one)."""
+    int -> x, lists -> as or aa{sv} (by key, so an empty list has the same type as a full one). Strings go as
+    :func:`~mountd.model.display_name`: file names, labels and program names come from the image and the
+    kernel, need not be UTF-8, and D-Bus carries nothing else."""
     if isinstance(value, bool):
         return Variant("b", value)
     if isinstance(value, int):
@@ -180,12 +188,12 @@ def to_variant(value: Any, key: str = "") -> Variant:
     if isinstance(value, float):
         return Variant("d", value)
     if isinstance(value, str):
-        return Variant("s", value)
+        return Variant("s", display_name(value))
     if isinstance(value, dict):
         return Variant("a{sv}", to_vardict(value))
     if isinstance(value, list | tuple):
         if key in STRING_LISTS:
-            return Variant("as", [str(x) for x in value])
+            return Variant("as", [display_name(str(x)) for x in value])
         return Variant("aa{sv}", [to_vardict(x) for x in value])
     raise TypeError(f"cannot send {type(value).__name__} over D-Bus ({key})")
 
@@ -245,7 +253,7 @@ class ManagerInterface(ApiInterface):
 class MountInterface(ApiInterface):
     """One mount; ``info`` is what the journal said at the last change, ``state`` as last verified."""
 
-    constant = frozenset({"Image", "Format", "ReadOnly", "Owner", "Backend"})
+    constant = frozenset({"Image", "ImageIdentity", "Format", "ReadOnly", "Owner", "Backend", "Notes"})
 
     def __init__(self, service: Service, info: MountInfo, state: str) -> None:
         super().__init__(MOUNT_IFACE)
@@ -254,7 +262,8 @@ class MountInterface(ApiInterface):
         self.state = state
 
     def update(self, info: MountInfo, state: str) -> None:
-        changed = {} if info == self.info else {"Volumes": volumes_value(info), "Device": info.device}
+        changed = {} if info == self.info else {"Volumes": volumes_value(info),
+                                                "Device": display_name(info.device)}
         if state != self.state:
             changed["State"] = state
         self.info, self.state = info, state
@@ -268,7 +277,12 @@ class MountInterface(ApiInterface):
 
     @dbus_property(PropertyAccess.READ, name="Image")
     def image(self) -> DBusStr:
-        return self.info.image
+        return display_name(self.info.image)
+
+    @dbus_property(PropertyAccess.READ, name="ImageIdentity")
+    def image_identity(self) -> DBusStr:
+        """The image file's "st_dev:st_ino": imgumount finds a mount by the file a path names now."""
+        return self.info.image_id
 
     @dbus_property(PropertyAccess.READ, name="Format")
     def format(self) -> DBusStr:
@@ -288,11 +302,16 @@ class MountInterface(ApiInterface):
 
     @dbus_property(PropertyAccess.READ, name="Device")
     def device(self) -> DBusStr:
-        return self.info.device
+        return display_name(self.info.device)
 
     @dbus_property(PropertyAccess.READ, name="Volumes")
     def volumes(self) -> Volumes:
         return volumes_value(self.info)
+
+    @dbus_property(PropertyAccess.READ, name="Notes")
+    def notes(self) -> Annotated[dict[str, str], DBusSignature("a{ss}")]:
+        """Volume name -> what its mount does not show (a journal it could not replay without writing)."""
+        return {display_name(k): display_name(v) for k, v in self.info.notes}
 
     @dbus_property(PropertyAccess.READ, name="State")
     async def state_property(self) -> DBusStr:
@@ -300,7 +319,8 @@ class MountInterface(ApiInterface):
 
 
 def volumes_value(info: MountInfo) -> list[list[str]]:
-    return [[v.name, v.device, v.filesystem, v.mountpoint] for v in info.volumes]
+    """The ``Volumes`` property; names made from the image and the caller's paths, shown as valid UTF-8."""
+    return [[display_name(x) for x in (v.name, v.device, v.filesystem, v.mountpoint)] for v in info.volumes]
 
 
 # --- the client side: what the commands get back ----------------------------------------------------------
@@ -312,7 +332,8 @@ def mount_info(path: str, props: Mapping[str, Variant]) -> MountInfo:
     volumes = tuple(MountedVolume(*(str(x) for x in v)) for v in value("Volumes", []))
     return MountInfo(path.rsplit("/", 1)[-1], value("Image", ""), value("Format", ""),
                      bool(value("ReadOnly", True)), int(value("Owner", 0)), value("Backend", ""),
-                     value("Device", ""), volumes, value("State", ""))
+                     value("Device", ""), volumes, value("State", ""), value("ImageIdentity", ""),
+                     tuple(value("Notes", {}).items()))
 
 
 def _prop(props: Mapping[str, Variant], key: str, default: Any) -> Any:

@@ -1,7 +1,8 @@
 """The mount engine: image file to mounted filesystems and back (design: "A mount is a stack of layers").
 
-This is the API the D-Bus daemon wraps and that ``imgmount`` runs in-process. Every state change happens under
-the journal's cross-process lock, so a mount made by one process is listed and unmounted by another.
+This is the API the D-Bus daemon wraps and that ``imgmount`` runs in-process. Mounts and unmounts of one image
+file (by identity: device and inode) are serialised by a cross-process lock of that image's own, so a mount
+made by one process is listed and unmounted by another, and a slow mount of one image holds up no other.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import logging
 import os
 import pwd
 import uuid
+from collections.abc import Iterable
 from typing import Any
 
 from . import backends, dm, fuse, loop, mounts, nbd, server  # noqa: F401 - importing registers the layer kinds
@@ -21,7 +23,7 @@ from .inspect import DiskLayout, Volume
 from .journal import Journal, MountRecord
 from .layer import layer_from_record
 from .mediaroot import ensure_private_root
-from .model import BACKENDS, MountInfo, MountRequest
+from .model import BACKENDS, MountInfo, MountRequest, find_mount
 from .opener import Credentials, Opener
 from .stack import MountStack
 from .volumes import VolumeAttacher
@@ -29,11 +31,16 @@ from .volumes import VolumeAttacher
 log = logging.getLogger(__name__)
 #: Volumes (and mount options) one request may name: no real image has more mountable volumes than that.
 MAX_LISTED = 256
+#: Seconds one mount may take before it is cancelled, rolled back and answered Timeout: far above what a real
+#: image needs (seconds), so only a stuck program (a stopped QEMU, a hung file server) reaches it.
+DEFAULT_DEADLINE = 300.0
+DEADLINE_ENV = "IMGMOUNT_MOUNT_TIMEOUT"
 
 
 class Engine:
-    def __init__(self, journal: Journal | None = None) -> None:
+    def __init__(self, journal: Journal | None = None, deadline: float | None = None) -> None:
         self.journal = journal or Journal()
+        self.deadline = deadline or _deadline_from_env()
 
     # --- queries -----------------------------------------------------------------------------------------
 
@@ -41,16 +48,7 @@ class Engine:
         return [MountInfo.from_record(r) for r in self.journal.all()]
 
     def find(self, what: str) -> MountInfo:
-        """A mount by id, by image path, or by a mountpoint (or any path inside one)."""
-        records = self.journal.all()
-        full = os.path.realpath(what) if os.path.isabs(what) or os.path.exists(what) else what
-        for r in records:
-            info = MountInfo.from_record(r)
-            if what == r.id or full == r.image or any(
-                full == v.mountpoint or full.startswith(v.mountpoint.rstrip("/") + "/") for v in info.volumes
-            ):
-                return info
-        raise NotFoundError(f"{what} is not mounted by imgmount (imgmount --list shows what is)")
+        return find_mount(self.mounts(), what)
 
     def verify(self, mount_id: str) -> list[str]:
         """The layers of a mount that the kernel no longer shows as we made them."""
@@ -65,31 +63,31 @@ class Engine:
         _check_request(req)
         with Opener(confined) as opener:  # the image's files, opened once: the descriptors are what we use
             info = probe_image(req.image, fmt=req.format, opener=opener, write=not req.read_only)
-            return self._mount(req, info, opener)
+            with self.journal.image_locked(info.top.identity):
+                return self._mount(req, info, opener)
 
     def _mount(self, req: MountRequest, info: ImageInfo, opener: Opener) -> MountInfo:
         image = info.top.path
-        with self.journal.locked():
-            existing = self._existing(image, req)
-            if existing is not None:
-                return existing
-            _check_snapshot(info, req)
-            check_not_in_use(info.files(), read_write=not req.read_only, opened=opener.by_name())
-            backend = backends.choose(req.backend, info)
-            record = MountRecord(id=uuid.uuid4().hex[:12], image=image, format=info.format,
-                                 read_only=req.read_only, owner=req.owner, backend=backend,
-                                 options=_options(req))
-            stack = MountStack(self.journal, record)
-            with stack.building():
-                disk = backends.attach_disk(stack, backend, info, read_only=req.read_only,
-                                            snapshot=req.snapshot, state_dir=self.journal.root,
-                                            confined=opener.creds)
-                layout = backends.analyse(disk)
-                attacher = VolumeAttacher(stack, disk, layout, req, self._mount_root(req))
-                for volume in _selected(layout, req.volumes, disk.device_mapper):
-                    attacher.mount(volume)
-            log.info("mounted %s (%s, %s) as %s", image, info.format, backend, record.id)
-            return MountInfo.from_record(stack.record)
+        existing = self._existing(info, req)
+        if existing is not None:
+            return existing
+        _check_snapshot(info, req)
+        check_not_in_use(info.files(), read_write=not req.read_only, opened=opener.by_name())
+        backend = backends.choose(req.backend, info)
+        record = MountRecord(id=uuid.uuid4().hex[:12], image=image, format=info.format,
+                             read_only=req.read_only, owner=req.owner, backend=backend,
+                             options=_options(req), image_id=info.top.identity)
+        stack = MountStack(self.journal, record)
+        with stack.building(self.deadline):
+            disk = backends.attach_disk(stack, backend, info, read_only=req.read_only,
+                                        snapshot=req.snapshot, state_dir=self.journal.root,
+                                        confined=opener.creds)
+            layout = backends.analyse(disk)
+            attacher = VolumeAttacher(stack, disk, layout, req, self._mount_root(req))
+            for volume in _selected(layout, req.volumes, disk.device_mapper):
+                attacher.mount(volume)
+        log.info("mounted %s (%s, %s) as %s", image, info.format, backend, record.id)
+        return MountInfo.from_record(stack.record)
 
     @staticmethod
     def _mount_root(req: MountRequest) -> str:
@@ -100,10 +98,12 @@ class Engine:
         ensure_private_root(root, req.owner)
         return root
 
-    def _existing(self, image: str, req: MountRequest) -> MountInfo | None:
-        """The same image mounted twice returns the existing mount (if it fits the request)."""
+    def _existing(self, info: ImageInfo, req: MountRequest) -> MountInfo | None:
+        """The same image file mounted twice returns the existing mount (if it fits the request). The same
+        file is the same device and inode: another file moved to the path since is another image."""
+        image = info.top.path
         for r in self.journal.all():
-            if r.image != image:
+            if r.image_id != info.top.identity and (r.image_id or r.image != image):
                 continue
             if r.read_only != req.read_only:
                 mode = "read-only" if r.read_only else "read-write"
@@ -114,11 +114,31 @@ class Engine:
 
     # --- unmount -----------------------------------------------------------------------------------------
 
-    def unmount(self, mount_id: str, *, force: bool = False) -> None:
-        with self.journal.locked():
+    def clean_up(self, mount_id: str) -> bool:
+        """At start-up: tear down a mount that a crash left half-made, half-unmounted or broken (what no
+        longer is ours is left alone by each layer); True if it was, False if it is whole and stays. Busy
+        layers stop the teardown (MountdError) and what is left stays recorded."""
+        with self.journal.image_locked(self.journal.read(mount_id).lock_key):  # not one a command is making
             record = self.journal.read(mount_id)
+            if record.state == "mounted" and not self.verify(mount_id):
+                return False
+            log.warning("tearing down mount %s of %s, left %s by a crash", record.id, record.image,
+                        record.state if record.state != "mounted" else "broken")
+            MountStack(self.journal, record).teardown()
+            return True
+
+    def unmount(self, mount_id: str, *, force: bool = False) -> None:
+        with self.journal.image_locked(self.journal.read(mount_id).lock_key):
+            record = self.journal.read(mount_id)  # as it is now that the image is ours
             MountStack(self.journal, record).teardown(force=force)
             log.info("unmounted %s (%s)", record.image, record.id)
+
+
+def _deadline_from_env() -> float:
+    try:
+        return float(os.environ.get(DEADLINE_ENV) or DEFAULT_DEADLINE)
+    except ValueError:
+        return DEFAULT_DEADLINE
 
 
 def default_mount_root(uid: int) -> str:
@@ -162,15 +182,24 @@ def _selected(layout: DiskLayout, names: tuple[str, ...], device_mapper: bool) -
         names = tuple(dict.fromkeys(names))  # each volume once, however often it is named
         missing = [n for n in names if layout.volume(n) is None]
         if missing:
-            known = ", ".join(v.name for v in layout.volumes) or "none"
+            known = _some(v.name for v in layout.volumes) or "none"
             raise NotFoundError(f"no volume named {echo(', '.join(missing))} in this image (it has: {known})")
         return [v for n in names if (v := layout.volume(n)) is not None]
     types = mountable_types()
     chosen = [v for v in layout.volumes if v.filesystem and mount_type(v.filesystem, types) in types
               and (v.offset is not None or device_mapper)]
     if not chosen:
-        found = ", ".join(f"{v.name}: {v.signature.type if v.signature else 'nothing'}"
-                          for v in layout.volumes)
+        found = _some(f"{v.name}: {v.signature.type if v.signature else 'nothing'}" for v in layout.volumes)
         raise UnsupportedError(f"no mountable filesystem in this image (found {found})")
+    if len(chosen) > MAX_LISTED:
+        raise UnsupportedError(f"this image holds {len(chosen)} mountable volumes, more than the "
+                               f"{MAX_LISTED} one mount takes: name the ones to mount (imgmount --volume)")
     return chosen
+
+
+def _some(names: Iterable[str], shown: int = 20) -> str:
+    """At most ``shown`` names, and how many more: an error stays one readable line."""
+    listed = list(names)
+    more = f" and {len(listed) - shown} more" if len(listed) > shown else ""
+    return ", ".join(listed[:shown]) + more
 

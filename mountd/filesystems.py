@@ -3,7 +3,9 @@
 Pure decisions on values, plus one thin reader (:func:`mountable_types`) of what this kernel can mount.
 
 Every mount gets ``nosuid,nodev`` and ``ro`` or ``rw``. A read-only mount of a filesystem whose driver would
-otherwise replay a journal or log (which writes to the device) gets the option that suppresses the replay:
+otherwise replay a journal or log (which writes to the device) gets the option that suppresses the replay,
+unless the volume has writes pending in its journal (:mod:`mountd.recovery`) and the mount reaches it through
+a throwaway copy-on-write overlay that takes the replay's writes (``replay``, see :mod:`mountd.volumes`):
 
 ==========  ======================  ======================================================================
 ext3/ext4   ``noload``              shown as ``norecovery`` in mountinfo
@@ -65,6 +67,8 @@ NO_REPLAY: dict[str, str] = {
     "ext3": "noload", "ext4": "noload", "xfs": "norecovery", "btrfs": "rescue=nologreplay",
     "f2fs": "norecovery", "nilfs2": "norecovery",
 }
+#: Mount options that suppress a replay, whichever filesystem takes them.
+REPLAY_OFF = frozenset({*NO_REPLAY.values(), "norecovery", "rescue=all"})
 FS_DEFAULTS: dict[str, tuple[str, ...]] = {
     "ext2": ("errors=remount-ro",), "ext3": ("errors=remount-ro",), "ext4": ("errors=remount-ro",),
     "xfs": ("nouuid",),
@@ -239,15 +243,16 @@ def primary_gid(uid: int) -> int:
 
 
 def mount_options(fstype: str, *, read_only: bool, requested: Sequence[str], owner_uid: int,
-                  owner_gid: int | None = None) -> list[str]:
+                  owner_gid: int | None = None, replay: bool = False) -> list[str]:
     """The full ``-o`` list for mounting ``fstype`` (a ``mount -t`` type) on behalf of ``owner_uid``.
 
     ``requested`` options are checked one by one against the allow-list; a bad one raises
-    InvalidArgumentError naming it. ``owner_gid`` defaults to the owner's primary group."""
+    InvalidArgumentError naming it. ``owner_gid`` defaults to the owner's primary group. ``replay``: a
+    read-only mount that may replay the journal, because what it writes goes to a throwaway overlay."""
     if fstype in READ_ONLY_TYPES and not read_only:
         raise UnsupportedError(f"{fstype} filesystems are read-only: mount this volume read-only")
     options = ["ro" if read_only else "rw", *ALWAYS]
-    if read_only and fstype in NO_REPLAY:
+    if read_only and fstype in NO_REPLAY and not replay:
         options.append(NO_REPLAY[fstype])
     options += FS_DEFAULTS.get(fstype, ())
     if fstype in NO_OWNERSHIP:
@@ -258,6 +263,11 @@ def mount_options(fstype: str, *, read_only: bool, requested: Sequence[str], own
         if option not in options:
             options.append(option)
     return options
+
+
+def replay_refused(requested: Sequence[str]) -> bool:
+    """The caller asked for a mount without journal or log replay."""
+    return any(option in REPLAY_OFF for option in requested)
 
 
 def check_option(fstype: str, option: str, *, read_only: bool) -> None:

@@ -14,6 +14,12 @@ qcow2 internal snapshots cannot be exported this way: QEMU opens one read-only o
 ``bdrv_snapshot_load_tmp``, which only ``qemu-nbd -l`` and ``qemu-img convert -l`` call; the storage daemon's
 QMP (7.2) offers ``blockdev-snapshot-internal-sync`` and ``blockdev-snapshot-delete-internal-sync``, which
 create and delete, and no ``--blockdev`` option selects a snapshot. Such mounts go to the nbd backend.
+
+An ``overlay`` export serves its block node read-only below a qcow2 overlay that takes every write: how a
+read-only mount replays a journal without writing to the image (:mod:`mountd.volumes`). The overlay is a
+file without a name (``O_TMPFILE`` in :data:`OVERLAY_DIR`, where QEMU itself puts the temporary overlays of
+``-snapshot``), passed to the daemon as a descriptor: it lives exactly as long as the daemon, so nothing is
+left behind however the daemon or we end.
 """
 
 from __future__ import annotations
@@ -26,6 +32,8 @@ import re
 import select
 import signal
 import stat
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -46,12 +54,14 @@ from .journal import LayerRecord
 from .layer import Layer, Progress
 from .loop import in_use_error, loops_backed_by
 from .mounts import mountinfo
+from .opener import fd_path
 from .processes import is_alive, proc_state
 
 log = logging.getLogger(__name__)
 
 DAEMON = "qemu-storage-daemon"
-NODE_NAME, EXPORT_ID = "disk", "export"
+NODE_NAME, EXPORT_ID, LOWER_NAME = "disk", "export", "lower"
+OVERLAY_DIR = "/var/tmp"
 START_TIMEOUT = 60.0
 STOP_TIMEOUT = 60.0  # flushing a large write-back cache to slow storage takes a while
 KILL_TIMEOUT = 10.0
@@ -96,28 +106,36 @@ class ExportSpec:
     read_only: bool
     snapshot: str
     virtual_size: int  # 0: unknown (then any non-empty export will do)
+    overlay: bool = False  # writes go to a throwaway qcow2 overlay, the block node is only read
 
     @classmethod
     def parse(cls, identity: dict[str, Any]) -> ExportSpec:
         try:
             spec = cls(str(identity["blockdev"]), str(identity["export"]),
                        bool(identity.get("read_only", True)), str(identity.get("snapshot") or ""),
-                       int(identity.get("virtual_size") or 0))
+                       int(identity.get("virtual_size") or 0), bool(identity.get("overlay", False)))
         except (KeyError, TypeError, ValueError) as exc:
             raise InvalidArgumentError(f"bad fuse layer plan {identity}: {exc}") from None
         if not os.path.isabs(spec.export) or "\n" in spec.export or not spec.blockdev:
             raise InvalidArgumentError(f"the FUSE export needs an absolute path and a blockdev: {identity}")
+        if spec.overlay and (spec.read_only or spec.virtual_size <= 0):
+            raise InvalidArgumentError(f"an overlay export is writable and needs its size: {identity}")
         return spec
 
     @property
     def pidfile(self) -> str:
         return f"{self.export}.pid"
 
-    def argv(self) -> list[str]:
+    def argv(self, overlay: str = "") -> list[str]:
+        """The daemon's command line; ``overlay``: the qcow2 file that takes an overlay export's writes."""
         ro, rw = ("on", "off") if self.read_only else ("off", "on")
         export = f"type=fuse,id={EXPORT_ID},node-name={NODE_NAME},mountpoint={_mount_arg(self.export)}"
-        return [DAEMON, "--daemonize", "--pidfile", self.pidfile,
-                "--blockdev", f"node-name={NODE_NAME},read-only={ro},{self.blockdev}",
+        nodes = ["--blockdev", f"node-name={NODE_NAME},read-only={ro},{self.blockdev}"]
+        if overlay:
+            nodes = ["--blockdev", f"node-name={LOWER_NAME},read-only=on,{self.blockdev}",
+                     "--blockdev", f"node-name={NODE_NAME},read-only=off,driver=qcow2,file.driver=file,"
+                     f"file.filename={_mount_arg(overlay)},backing={LOWER_NAME}"]
+        return [DAEMON, "--daemonize", "--pidfile", self.pidfile, *nodes,
                 "--export", f"{export},writable={rw},allow-other=off"]
 
 
@@ -125,7 +143,8 @@ class FuseExportLayer(Layer):
     """The image as a raw file at ``export``, served by a ``qemu-storage-daemon`` of its own.
 
     Left behind on failure: nothing; the daemon (found by pid, or by its command line if we died before
-    recording it) is stopped, a dead FUSE mount is unmounted and the export file removed.
+    recording it) is stopped, a dead FUSE mount is unmounted and the export file removed. An overlay's file
+    has no name and goes with the daemon.
     """
 
     kind = "fuse"
@@ -136,10 +155,12 @@ class FuseExportLayer(Layer):
             raise UnsupportedError(f"the fuse backend cannot open internal snapshot {spec.snapshot!r} "
                                    "(qemu-storage-daemon has no way to): use --backend nbd")
         _create_export_file(spec.export)
-        try:
-            command.run(spec.argv(), timeout=START_TIMEOUT)
-        except CommandError as exc:
-            raise _start_error(exc, spec) from None
+        with overlay_file(spec.virtual_size) if spec.overlay else contextlib.nullcontext(-1) as fd:
+            try:
+                command.run(spec.argv(fd_path(fd) if fd >= 0 else ""), timeout=START_TIMEOUT,
+                            pass_fds=(fd,) if fd >= 0 else ())
+            except CommandError as exc:
+                raise _start_error(exc, spec) from None
         pid = _read_pid(spec.pidfile)
         found = proc_state(pid)
         if found is None:
@@ -185,6 +206,17 @@ class FuseExportLayer(Layer):
 
 
 # ---- helpers ---------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def overlay_file(size: int) -> Iterator[int]:
+    """An empty qcow2 image of ``size`` bytes, open at the descriptor yielded, in a file without a name (or,
+    where the filesystem has no ``O_TMPFILE``, one unlinked at once): it is freed with its last descriptor."""
+    where = OVERLAY_DIR if os.path.isdir(OVERLAY_DIR) else None
+    with tempfile.TemporaryFile(dir=where, prefix="imgmount-overlay-") as f:
+        fd = f.fileno()
+        command.run(["qemu-img", "create", "-q", "-f", "qcow2", fd_path(fd), str(size)], pass_fds=(fd,))
+        yield fd
 
 
 def _mount_arg(path: str) -> str:

@@ -43,6 +43,7 @@ class ImageFile:
     dirty: bool = False
     fd: int = field(default=-1, compare=False, repr=False)  # open while the probe's Opener is
     data_fd: int = field(default=-1, compare=False, repr=False)
+    identity: str = field(default="", compare=False)  # "st_dev:st_ino" of the file opened: what it *is*
 
 
 @dataclass(frozen=True)
@@ -136,6 +137,7 @@ def _probe_file(f: OpenedFile, fmt: str | None, opener: Opener, *,
         dirty=bool(info.get("dirty-flag") or specific.get("corrupt")),
         fd=f.fd,
         data_fd=data.fd if data else -1,
+        identity=f"{f.dev}:{f.ino}",
     ), backing
 
 

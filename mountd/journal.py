@@ -45,6 +45,14 @@ class MountRecord:
     options: dict[str, Any]
     layers: tuple[LayerRecord, ...] = ()
     state: str = "mounting"  # "mounting" | "mounted" | "unmounting" | "broken"
+    #: "st_dev:st_ino" of the image file mounted: a mount is of a file, not of whatever a path names now
+    #: ("" in records of older versions)
+    image_id: str = ""
+
+    @property
+    def lock_key(self) -> str:
+        """What :meth:`Journal.image_locked` serialises operations on this mount by."""
+        return self.image_id or f"mount-{self.id}"
 
     def with_layer(self, layer: LayerRecord) -> MountRecord:
         """This record with ``layer`` added, or replacing the last layer of the same kind and volume."""
@@ -84,6 +92,19 @@ class Journal:
         if name := _claimable(node):
             with contextlib.suppress(FileNotFoundError):
                 (self.root / "claimed" / name).unlink()
+
+    def prune_claims(self) -> list[str]:
+        """Remove the marks that no record names (a crash between a detach and its record's update): udev
+        would tag another user's later device of that name as ours. Marks are made after their record is
+        written, so one listed here before the records are read is never a mount still being made."""
+        claimed = self.root / "claimed"
+        marks = sorted(p.name for p in claimed.iterdir()) if claimed.is_dir() else []
+        named = {_claimable(layer.identity.get("node")) for r in self.all() for layer in r.layers}
+        orphans = [m for m in marks if m not in named]
+        for name in orphans:
+            with contextlib.suppress(FileNotFoundError):
+                (claimed / name).unlink()
+        return orphans
 
     def ensure(self) -> None:
         self.mounts.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -125,7 +146,7 @@ class Journal:
 
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:
-        """Serialise state changes across processes (every imgmount command and the daemon)."""
+        """Serialise the few short steps that every operation shares (choosing names), across processes."""
         self.ensure()
         fd = os.open(self.root / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
@@ -133,6 +154,34 @@ class Journal:
             yield
         finally:
             os.close(fd)
+
+    @contextlib.contextmanager
+    def image_locked(self, key: str) -> Iterator[None]:
+        """Serialise mounts and unmounts of one image (``key``: its "st_dev:st_ino") across processes, and
+        only those: operations on other images go on meanwhile. The lock file is removed by its holder;
+        a waiter that locked a file removed meanwhile tries again (the name now names another file)."""
+        locks = self.root / "locks"
+        locks.mkdir(parents=True, exist_ok=True, mode=0o700)
+        path = locks / key.replace("/", "_")
+        fd = _lock_file(path)
+        try:
+            yield
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+            os.close(fd)
+
+
+def _lock_file(path: Path) -> int:
+    """An fd holding an exclusive flock on the file that ``path`` names when we return."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        with contextlib.suppress(FileNotFoundError):
+            st, mine = os.stat(path), os.fstat(fd)
+            if (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino):
+                return fd
+        os.close(fd)
 
 
 def _claimable(node: object) -> str:

@@ -7,6 +7,7 @@ Each layer is rebuilt from its journal record alone (``layer_from_record``), so 
 from __future__ import annotations
 
 import os
+import signal
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import Any, ClassVar
@@ -17,6 +18,7 @@ from .journal import LayerRecord
 Progress = Callable[[LayerRecord], None]
 REGISTRY: dict[str, type[Layer]] = {}
 FAULT_ENV = "IMGMOUNT_FAULT_AT"
+CRASH_ENV = "IMGMOUNT_CRASH_AT"  # tests only: SIGKILL this process at the N-th step, as a crash would
 
 
 class Layer(ABC):
@@ -74,14 +76,22 @@ class InjectedFault(FailedError):
 
 
 class FaultPoints:
-    """Counts the steps of one attach; fails the N-th when ``IMGMOUNT_FAULT_AT=N`` (tests only)."""
+    """Counts the steps of one attach; fails the N-th when ``IMGMOUNT_FAULT_AT=N``, and kills the process
+    there when ``IMGMOUNT_CRASH_AT=N`` (tests only)."""
 
     def __init__(self) -> None:
-        target = os.environ.get(FAULT_ENV, "")
-        self._target = int(target) if target.isdigit() else 0
+        self._target = _step_number(FAULT_ENV)
+        self._crash = _step_number(CRASH_ENV)
         self.count = 0
 
     def step(self, where: str) -> None:
         self.count += 1
+        if self.count == self._crash:
+            os.kill(os.getpid(), signal.SIGKILL)
         if self.count == self._target:
             raise InjectedFault(f"injected fault at step {self.count} ({where})")
+
+
+def _step_number(name: str) -> int:
+    value = os.environ.get(name, "")
+    return int(value) if value.isdigit() else 0

@@ -48,6 +48,7 @@ from .holders import (
 from .journal import LayerRecord
 from .layer import Layer, Progress
 from .mounts import mountinfo
+from .processes import same_open_file
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +97,7 @@ def sysfs_view(number: int) -> dict[str, Any] | None:
     base = SYS_BLOCK / f"loop{number}"
     try:
         return {
-            "backing_file": (base / "loop" / "backing_file").read_text().rstrip("\n"),
+            "backing_file": _backing_name(base / "loop" / "backing_file"),
             "offset": int((base / "loop" / "offset").read_text()),
             "sizelimit": int((base / "loop" / "sizelimit").read_text()),
             "size_bytes": int((base / "size").read_text()) * 512,
@@ -107,12 +108,17 @@ def sysfs_view(number: int) -> dict[str, Any] | None:
         return None
 
 
+def _backing_name(path: Path) -> str:
+    """The kernel's name of a loop device's backing file, as Python names files (it need not be UTF-8)."""
+    return os.fsdecode(path.read_bytes().rstrip(b"\n"))
+
+
 def loops_backed_by(path: str) -> list[str]:
     """The loop devices whose backing file is ``path`` (as the kernel names it)."""
     found = []
     for entry in SYS_BLOCK.glob("loop*/loop/backing_file"):
         with contextlib.suppress(OSError):
-            if entry.read_text().rstrip("\n") == path:
+            if _backing_name(entry) == path:
                 found.append(f"/dev/{entry.parent.parent.name}")
     return sorted(found, key=lambda n: loop_number(n) or 0)
 
@@ -251,7 +257,7 @@ class LoopLayer(Layer):
         view, ident = sysfs_view(number), self.identity
         if view is None:
             return False
-        if by_name and view["backing_file"] != ident.get("backing"):
+        if by_name and view["backing_file"].removesuffix(" (deleted)") != ident.get("backing"):
             return False
         return (view["offset"], view["sizelimit"], view["dev"]) == (
             ident.get("offset"), ident.get("size"), ident.get("devnum"))
@@ -299,9 +305,12 @@ class LoopLayer(Layer):
                 raise FailedError(f"cannot detach {self.node}: {exc.strerror}") from None
         finally:
             os.close(fd)  # the clear happens at this last close
+        # Freed, the device may at once be taken by another mount (LOOP_CTL_GET_FREE hands it out): then it
+        # is no longer ours, which is all we wait for. Only sysfs is read: an open of ours could make that
+        # other mount's own detach find the device "open by" us.
         with contextlib.suppress(OperationTimeoutError):
-            wait_until(lambda: sysfs_view(number) is None, SETTLE_TIMEOUT, f"{self.node} to be released")
-        if sysfs_view(number) is not None:  # someone opened it between our check and our close
+            wait_until(lambda: not self._sysfs_matches(number), SETTLE_TIMEOUT, f"{self.node} to be released")
+        if self._sysfs_matches(number):  # someone opened it between our check and our close
             if not force:
                 _cancel_autoclear(self.node)
             users = device_users(number, self.node) or ["an opener that is not visible here"]
@@ -433,10 +442,26 @@ def device_users(number: int, node: str, *, own_fd: int | None = None) -> list[s
         users += [f"held by {h}" for h in sorted(os.listdir(SYS_BLOCK / f"loop{number}" / "holders"))]
     users += [f"backing {loop}" for loop in loops_backed_by(node)]
     with contextlib.suppress(OSError, MountdError):
-        users += [f"open by {h}" for h in file_usage(node).holders]
+        users += [f"open by {h}" for h in file_usage(node).holders if not _only_our_copy(h.pid, node, own_fd)]
     if any(_link(f"/proc/self/fd/{fd}") == node for fd in os.listdir("/proc/self/fd") if fd != str(own_fd)):
         users.append(f"open by this process (pid {os.getpid()})")  # file_usage never counts us
     return users
+
+
+def _only_our_copy(pid: int, node: str, own_fd: int | None) -> bool:
+    """Every fd ``pid`` has on ``node`` is our own ``own_fd``, inherited by a program another thread of ours
+    is starting (it closes it at its exec, O_CLOEXEC): not a user of the device."""
+    if own_fd is None:
+        return False
+    fds = [int(fd) for fd in _listdir(f"/proc/{pid}/fd") if _link(f"/proc/{pid}/fd/{fd}") == node]
+    return bool(fds) and all(same_open_file(pid, fd, own_fd) for fd in fds)
+
+
+def _listdir(path: str) -> list[str]:
+    try:
+        return os.listdir(path)
+    except OSError:
+        return []
 
 
 def _link(path: str) -> str:

@@ -32,6 +32,7 @@ from .layer import Layer, Progress
 log = logging.getLogger(__name__)
 
 MAX_SUFFIX = 1000
+MAX_NAME_RACES = 16  # names tried when other mounts keep taking the one we chose first
 MAX_NAME_BYTES = 200
 MAX_FDS_SCANNED = 1 << 16  # per process
 MAX_MAPS_BYTES = 8 << 20  # per process
@@ -245,21 +246,27 @@ def _check_safe_parent(parent: str) -> None:
                                        "users other than root: choose a mount root that only root can write")
 
 
-def _make_mountpoint(mountpoint: str) -> bool:
-    """Create the mountpoint; True if we created it, False if an empty directory that is not a mountpoint
-    was already there."""
+def _make_mountpoint(mountpoint: str, name: str | None) -> tuple[str, bool]:
+    """Create the mountpoint: (its path, True if we created it). Given the ``name`` it was chosen for, a
+    mount that made that directory first (between the choice and now) makes us take the next free name;
+    without one, an empty directory that is not a mountpoint is used as it is (False)."""
     parent = os.path.dirname(mountpoint)
     if not os.path.isdir(parent):
         os.makedirs(parent, mode=0o755, exist_ok=True)  # the mount root: left in place, like udisks does
     _check_safe_parent(parent)
-    try:
-        os.mkdir(mountpoint, 0o700)
-    except FileExistsError:
-        st = os.lstat(mountpoint)
-        if not stat.S_ISDIR(st.st_mode) or os.listdir(mountpoint) or _at(mountpoint, mountinfo()):
-            raise InvalidArgumentError(f"{mountpoint} already exists and is not an empty directory") from None
-        return False
-    return True
+    for _ in range(MAX_NAME_RACES):
+        try:
+            os.mkdir(mountpoint, 0o700)
+            return mountpoint, True
+        except FileExistsError:
+            if name is None:
+                break
+            mountpoint = unique_mountpoint(parent, name)
+    st = os.lstat(mountpoint)
+    if name is not None or not stat.S_ISDIR(st.st_mode) or os.listdir(mountpoint) \
+            or _at(mountpoint, mountinfo()):
+        raise InvalidArgumentError(f"{mountpoint} already exists and is not an empty directory") from None
+    return mountpoint, False
 
 
 def _chown_mountpoint(mountpoint: str, owner: int) -> None:
@@ -301,8 +308,10 @@ class MountLayer(Layer):
     """Mount ``device`` on ``mountpoint``.
 
     Planned identity: device, mountpoint (absolute), fstype (a ``mount -t`` type), options (the full list
-    from :func:`mountd.filesystems.mount_options`), owner (uid). Attached identity adds node (= mountpoint),
-    dev ("major:minor" of the mounted filesystem), mount_id, and created (we made the directory).
+    from :func:`mountd.filesystems.mount_options`), owner (uid), and optionally the name the mountpoint was
+    made from (then a directory that another mount made there meanwhile makes us take the next free name).
+    Attached identity adds node (= mountpoint), dev ("major:minor" of the mounted filesystem), mount_id, and
+    created (we made the directory).
 
     Left behind if attach fails: nothing (the directory is removed again); after a crash between mkdir and
     mount, the record says ``created`` and :meth:`detach` removes it.
@@ -335,7 +344,7 @@ class MountLayer(Layer):
     def attach(self, progress: Progress) -> LayerRecord:
         ident = self._planned()
         filesystems.check_mountable(ident["fstype"])
-        created = _make_mountpoint(self.mountpoint)
+        ident["mountpoint"], created = _make_mountpoint(self.mountpoint, ident.get("name"))
         ident["created"] = created
         self.record = replace(self.record, identity=ident)
         try:

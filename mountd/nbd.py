@@ -175,7 +175,7 @@ def block_holders(name: str, ignore_pids: Collection[int] = ()) -> list[str]:
     nodes = {f"/dev/{n}" for n in names}
     for backing in sorted(SYS_BLOCK.glob("loop*/loop/backing_file")):
         with contextlib.suppress(OSError):
-            if (on := backing.read_text().strip()) in nodes:
+            if (on := os.fsdecode(backing.read_bytes().strip())) in nodes:
                 found.append(f"loop device /dev/{backing.parent.parent.name} on {on}")
     with contextlib.suppress(OSError, MountdError):  # a node that went away meanwhile
         for usage in files_usage(sorted(p for p in nodes if os.path.exists(p)), ignore_pids=ignore_pids):

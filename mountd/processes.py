@@ -3,6 +3,9 @@ the process we started or were called by."""
 
 from __future__ import annotations
 
+import ctypes
+import os
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,3 +36,31 @@ def is_alive(pid: int, start_time: int) -> bool:
     parent, pid 1 in some containers, never waits)."""
     found = proc_state(pid)
     return found is not None and found.start_time == start_time and found.state not in ("Z", "X")
+
+
+def kill(pid: int, started: int) -> bool:
+    """SIGKILL the process with this pid and start time (stopped or not); False if it has gone. The pidfd is
+    taken before the start time is checked, so a pid reused meanwhile is never signalled."""
+    try:
+        fd = os.pidfd_open(pid)
+    except OSError:
+        return False
+    try:
+        if not is_alive(pid, started):
+            return False
+        signal.pidfd_send_signal(fd, signal.SIGKILL)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
+SYS_KCMP, KCMP_FILE = 312, 0  # x86_64
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def same_open_file(pid: int, fd: int, our_fd: int) -> bool:
+    """``pid``'s ``fd`` is our own ``our_fd`` (the same open file description: kcmp(2)), e.g. a copy that a
+    program we just started holds between its fork and its exec, which closes it."""
+    return int(_libc.syscall(SYS_KCMP, os.getpid(), pid, KCMP_FILE, our_fd, fd)) == 0

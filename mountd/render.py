@@ -10,6 +10,7 @@ from typing import Any
 from .holders import FileUsage
 from .imageinfo import ImageFile
 from .inspect import Inspection, Volume
+from .recovery import describe
 
 GPT_TYPES = {
     "0FC63DAF-8483-4772-8E79-3D69D8477DE4": "Linux filesystem",
@@ -107,6 +108,7 @@ def _volume_dict(v: Volume) -> dict[str, Any]:
         "filesystem": None if sig is None else {"type": sig.type, "usage": sig.usage, "label": sig.label,
                                                 "uuid": sig.uuid},
         "note": v.note or None,
+        "needs-recovery": bool(sig and sig.needs_recovery),
     }
 
 
@@ -172,5 +174,7 @@ def _part_type(ins: Inspection, v: Volume) -> str:
 def _row(name: str, v: Volume, kind: str) -> tuple[str, ...]:
     sig = v.signature
     offset = "-" if v.offset is None else human_size(v.offset)
-    detail = " ".join(x for x in (sig.uuid if sig else "", f"({v.note})" if v.note else "") if x)
+    pending = describe(sig.type, sig.recovery) if sig else ""
+    detail = " ".join(x for x in (sig.uuid if sig else "", f"({v.note})" if v.note else "",
+                                  f"({pending})" if pending else "") if x)
     return (name, offset, human_size(v.size), kind, sig.type if sig else "", sig.label if sig else "", detail)

@@ -7,14 +7,16 @@ everything below it is still in use. The error lists exactly what is left.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 
 from .dm import release_host_activations
-from .errors import BusyError, MountdError
+from .errors import BusyError, MountdError, OperationTimeoutError
 from .journal import Journal, LayerRecord, MountRecord
 from .layer import FaultPoints, Layer, layer_from_record
+from .processes import kill
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +26,21 @@ class MountStack:
         self.journal = journal
         self.record = record
         self.faults = FaultPoints()
+        self.cancelled = ""  # why the attach was cancelled, once it is
+
+    def cancel(self, why: str) -> None:
+        """Stop an attach from another thread: kill the programs it started (so a step that waits on their
+        I/O fails at once) and make the next step fail; the rollback follows as for any failure."""
+        self.cancelled = why
+        for rec in self.record.layers:
+            pid, started = rec.identity.get("pid"), rec.identity.get("start_time")
+            if isinstance(pid, int) and isinstance(started, int) and kill(pid, started):
+                log.warning("killed %s pid %d: %s", rec.kind, pid, why)
+
+    def _step(self, where: str) -> None:
+        if self.cancelled:
+            raise OperationTimeoutError(self.cancelled)
+        self.faults.step(where)
 
     def _save(self, record: MountRecord) -> None:
         self.record = record
@@ -33,19 +50,19 @@ class MountStack:
         """Journal ``planned``, attach it (with ``fds``, the caller's open files it needs), journal the
         result; a failed attach is undone before raising."""
         where = f"{planned.kind} {planned.volume or 'disk'}".strip()
-        self.faults.step(f"before {where}")
+        self._step(f"before {where}")
         self._save(self.record.with_layer(planned))
         layer = layer_from_record(planned)
         layer.fds = fds
 
         def progress(rec: LayerRecord) -> None:
             layer.record = rec
-            self.journal.claim(rec.identity.get("node"))
             self._save(self.record.with_layer(rec))
+            self.journal.claim(rec.identity.get("node"))  # after the record: never a mark it does not name
 
         try:
             progress(layer.attach(progress))
-            self.faults.step(f"after {where}")
+            self._step(f"after {where}")
         except BaseException:
             self._undo(layer)
             raise
@@ -63,15 +80,24 @@ class MountStack:
         self._save(self.record.without_layer(layer.record))
 
     @contextmanager
-    def building(self) -> Iterator[MountStack]:
-        """Attach inside this block; on any failure, tear everything down and re-raise the first error."""
+    def building(self, deadline: float | None = None) -> Iterator[MountStack]:
+        """Attach inside this block; on any failure, tear everything down and re-raise the first error.
+        Past ``deadline`` seconds the attach is cancelled (:meth:`cancel`) and fails with Timeout."""
+        watchdog = _Watchdog(self, deadline)
         try:
             yield self
+            watchdog.disarm()
+            if self.cancelled:  # it fired just as the attach completed: roll back all the same
+                raise OperationTimeoutError(self.cancelled)
         except BaseException as exc:
+            watchdog.disarm()
             try:
                 self.teardown(force=True)
             except MountdError as undo:
                 raise BusyError(f"{exc}; and undoing the partial mount failed: {undo}") from exc
+            if self.cancelled and not isinstance(exc, OperationTimeoutError):
+                log.info("cancelled mount %s failed with: %s", self.record.id, exc)
+                raise OperationTimeoutError(self.cancelled) from exc
             raise
         self._save(replace(self.record, state="mounted"))
 
@@ -92,3 +118,30 @@ class MountStack:
             self.journal.release(layer.node)
             self._save(self.record.without_layer(rec))
         self.journal.remove(self.record.id)
+
+
+class _Watchdog:
+    """Cancels a stack's attach once ``seconds`` have passed, unless disarmed first."""
+
+    def __init__(self, stack: MountStack, seconds: float | None) -> None:
+        self.stack = stack
+        self.lock = threading.Lock()
+        self.active = seconds is not None
+        self.timer = threading.Timer(seconds or 0, self._fire)
+        self.seconds = seconds
+        if self.active:
+            self.timer.daemon = True
+            self.timer.start()
+
+    def _fire(self) -> None:
+        with self.lock:
+            if self.active:
+                self.active = False
+                self.stack.cancel(f"the mount did not complete within {self.seconds:g} s: a program it waits "
+                                  "for is stuck (a stopped QEMU, a slow or hung file server); nothing of it "
+                                  "is left")
+
+    def disarm(self) -> None:
+        with self.lock:  # after this, _fire cancels nothing: a completed attach is never half-cancelled
+            self.active = False
+        self.timer.cancel()

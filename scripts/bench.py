@@ -7,6 +7,7 @@ to run; nothing here is asserted. Caches are dropped before each cold read.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import io
 import json
@@ -21,15 +22,27 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench_crafted import crafted_info  # scripts/, beside this file
 from dbus_fast import Variant
 
-from mountd.dbusapi import MOUNT_IFACE
+from mountd.dbusapi import MANAGER_IFACE, MANAGER_PATH, MOUNT_IFACE
 from mountd.engine import Engine
 from mountd.model import MountRequest
 from tests.support import images
-from tests.support.bus import Bus, Daemon, OtherUser, client, imgmount_group, private_bus, tmpfs
+from tests.support.bus import (
+    Bus,
+    Daemon,
+    OtherUser,
+    call_message,
+    client,
+    imgmount_group,
+    private_bus,
+    reply_of,
+    tmpfs,
+)
 
 MiB = images.MiB
 BIN = Path(sys.executable).parent
@@ -353,6 +366,33 @@ def concurrency(found: dict[str, Path], work: Path) -> list[tuple[int, float]]:
     return rows
 
 
+def daemon_concurrency(found: dict[str, Path], work: Path, repeats: int) -> list[tuple[int, float]]:
+    """N Mount calls of N qcow2 images at once through one imgmountd (FUSE backend), then N Unmounts at
+    once: seconds per image, median of ``repeats``. Flat from 1 to 16 means no lock serialises them."""
+    rows = []
+    with private_bus() as bus, tmpfs() as run, client(bus.address) as c:
+        daemon = Daemon(bus, run).start()
+        media = Variant("s", str(work / "media"))
+        options = {"mount-root": media, "backend": Variant("s", "fuse")}
+
+        async def at_once(messages: list[Any]) -> list[Any]:
+            return list(await asyncio.gather(*(c.bus.call(m) for m in messages)))
+
+        def all_at_once(n: int) -> None:
+            calls = [call_message(MANAGER_PATH, MANAGER_IFACE, "Mount", "sa{sv}",
+                                  [str(found[f"small{i}.qcow2"]), options]) for i in range(n)]
+            paths = [reply_of(r).value() for r in c.run(at_once(calls))]
+            calls = [call_message(p, MOUNT_IFACE, "Unmount", "a{sv}", [{}]) for p in paths]
+            assert all(reply_of(r).error is None for r in c.run(at_once(calls)))
+
+        try:
+            for n in (1, 4, 16):
+                rows.append((n, timed(lambda n=n: all_at_once(n), repeats) / n))  # type: ignore[misc]
+        finally:
+            close_quietly(daemon)
+    return rows
+
+
 def daemon_costs(found: dict[str, Path], work: Path, repeats: int) -> list[tuple[str, str]]:
     """What imgmountd adds: a D-Bus round trip per call, its start-up and its memory."""
     rows = []
@@ -446,6 +486,15 @@ def main() -> None:
         for n, per in concurrency(found, work):
             print(f"{n:>3} {per:17.3f}s")
         if args.where == "host":
+            print(f"\n## host: N qcow2 images mounted and unmounted at once through imgmountd (fuse), "
+                  f"median of {args.repeats}")
+            print(f"{'N':>3} {'seconds per image':>18} {'ratio to N=1':>13}")
+            rows = daemon_concurrency(found, work, args.repeats)
+            for n, per in rows:
+                print(f"{n:>3} {per:17.3f}s {per / rows[0][1]:13.2f}")
+            print("\n## host: --info of crafted inputs at each bound (time, peak RSS)")
+            for name, seconds, peak in crafted_info():
+                print(f"{name:<48} {seconds:7.3f}s {peak // 1024:7d} MiB")
             print("\n## host: the daemon")
             for what, value in daemon_costs(found, work, args.repeats):
                 print(f"{what:<40} {value:>12}")

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.support.bus import Bus, Client, Daemon, client, imgmount_group, private_bus, tmpfs
+from tests.support import guests
+from tests.support.bus import Bus, Client, Daemon, OtherUser, client, imgmount_group, private_bus, tmpfs
+from tests.support.guests import Guest
 
 
 @pytest.fixture(scope="module")
@@ -34,6 +36,26 @@ def daemon(bus: Bus, run: Path) -> Iterator[Daemon]:
 def c(bus: Bus, daemon: Daemon) -> Iterator[Client]:
     with client(bus.address) as cl:
         yield cl
+
+
+@pytest.fixture
+def other(bus: Bus) -> Iterator[Callable[..., OtherUser]]:
+    """Client processes of other uids, ended after the test."""
+    made: list[OtherUser] = []
+
+    def make(uid: int, gid: int, groups: tuple[int, ...] = ()) -> OtherUser:
+        made.append(OtherUser(bus, uid, gid, groups))
+        return made[-1]
+
+    yield make
+    for user in made:
+        user.close()
+
+
+@pytest.fixture(scope="module")
+def gpt(tmp_path_factory: pytest.TempPathFactory) -> Guest:
+    """GPT: p1 ext4, p2 xfs, p3 btrfs, p4 an LVM PV holding guestvg/root (ext4)."""
+    return guests.gpt_guest(tmp_path_factory.mktemp("gpt") / "gpt.raw")
 
 
 @pytest.fixture(scope="module")

@@ -143,7 +143,8 @@ def test_methods_properties_and_signals(c: Client, guest: Guest, shared: Path) -
     assert device.startswith("/dev/loop")
     assert props == {"Image": str(guest.raw), "Format": "raw", "ReadOnly": True, "Owner": 0, "Backend": "loop",
                      "Device": device, "Volumes": [("disk", device, "ext4", "/run/media/root/disk")],
-                     "State": "mounted"}
+                     "State": "mounted", "ImageIdentity": f"{guest.raw.stat().st_dev}:{guest.raw.stat().st_ino}",
+                     "Notes": {}}
     guests.check_files(Path("/run/media/root/disk"), guest.files["disk"])
 
     assert c.mount(guest.raw).value() == path  # the same image twice: the same object
@@ -484,20 +485,6 @@ def files(shared: Path, guest: Guest, users: dict[str, tuple[int, int]]) -> dict
     out["media"] = auth / "media"
     out["media"].mkdir()
     return out
-
-
-@pytest.fixture
-def other(bus: Bus) -> Iterator[Callable[..., OtherUser]]:
-    """Client processes of other uids, ended after the test."""
-    made: list[OtherUser] = []
-
-    def make(uid: int, gid: int, groups: tuple[int, ...] = ()) -> OtherUser:
-        made.append(OtherUser(bus, uid, gid, groups))
-        return made[-1]
-
-    yield make
-    for user in made:
-        user.close()
 
 
 RW = {"read-only": ("b", False)}

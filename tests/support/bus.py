@@ -224,8 +224,9 @@ class Daemon:
     """``imgmountd --bus ADDRESS`` with a state directory of its own under ``run`` (a tmpfs, as /run is);
     the log is kept in a file next to it."""
 
-    def __init__(self, bus: Bus, run: Path) -> None:
+    def __init__(self, bus: Bus, run: Path, **extra_env: str) -> None:
         self.bus = bus
+        self.extra_env = extra_env
         self.home = Path(tempfile.mkdtemp(prefix="imgmountd-", dir=run))
         self.state = self.home / "state"
         self.logfile = self.home / "imgmountd.log"
@@ -233,7 +234,7 @@ class Daemon:
 
     @property
     def env(self) -> dict[str, str]:
-        return {**os.environ, "IMGMOUNT_STATE_DIR": str(self.state)}
+        return {**os.environ, "IMGMOUNT_STATE_DIR": str(self.state), **self.extra_env}
 
     @property
     def pid(self) -> int:

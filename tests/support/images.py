@@ -10,9 +10,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import select
 import shutil
+import signal
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -219,3 +222,77 @@ def lv_extents(dev: str) -> dict[str, LvExtent]:
         result[row["lv_name"]] = LvExtent(row["lv_name"], row["lv_uuid"], pe_start + first * extent,
                                           int(row["lv_size"]))
     return result
+
+
+@contextlib.contextmanager
+def fuse_export(image: Path, fmt: str) -> Iterator[Path]:
+    """``image`` as a writable raw file, as a person reaches a disk image too large for a raw file here (ext4
+    caps files at 16 TiB): a ``qemu-storage-daemon`` FUSE export, stopped again (which flushes) on leaving."""
+    with tempfile.TemporaryDirectory(prefix="imgmount-export-") as tmp:
+        export, pidfile = Path(tmp) / "disk.raw", Path(tmp) / "qsd.pid"
+        export.touch()
+        run(["qemu-storage-daemon", "--daemonize", "--pidfile", str(pidfile),
+             "--blockdev", f"driver={fmt},node-name=disk,file.driver=file,file.filename={image}",
+             "--export", f"type=fuse,id=export,node-name=disk,mountpoint={export},writable=on"])
+        pidfd = os.pidfd_open(int(pidfile.read_text()))
+        try:
+            yield export
+        finally:
+            signal.pidfd_send_signal(pidfd, signal.SIGTERM)
+            select.select([pidfd], [], [], 60)  # readable once the daemon has exited
+            os.close(pidfd)
+
+
+def crash_after_writing(image: Path, fmt: str, files: Mapping[str, bytes], *, offset: int = 0,
+                        size: int | None = None) -> None:
+    """Leave ``image`` as a crash leaves it: the filesystem at ``offset`` is mounted read-write through a
+    ``qemu-storage-daemon`` FUSE export and a loop device, each of ``files`` is written and fsynced (the
+    guest was told it is safe), then the server is killed with SIGKILL under the mount. What the writes
+    changed in the filesystem's metadata is then only in its journal or log.
+
+    The server is our child, not a daemon: we kill it, and reap it."""
+    with tempfile.TemporaryDirectory(prefix="imgmount-crash-") as tmp:
+        export = Path(tmp) / "disk.raw"
+        export.touch()
+        server = subprocess.Popen(
+            ["qemu-storage-daemon",
+             "--blockdev", f"driver={fmt},node-name=disk,file.driver=file,file.filename={image}",
+             "--export", f"type=fuse,id=export,node-name=disk,mountpoint={export},writable=on"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            _wait_served(export, server)
+            _write_and_kill(export, server, files, offset, size)
+        finally:
+            server.kill()
+            server.wait()
+            subprocess.run(["umount", "--lazy", str(export)], capture_output=True, check=False)
+
+
+def _wait_served(export: Path, server: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
+    """Until the export is mounted (the empty file we made turns into the disk), or the server exits."""
+    deadline = time.monotonic() + timeout
+    while export.stat().st_size == 0:
+        if server.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"qemu-storage-daemon did not export {export} (exit status {server.poll()})")
+        time.sleep(0.02)
+
+
+def _write_and_kill(export: Path, server: subprocess.Popen[bytes], files: Mapping[str, bytes], offset: int,
+                    size: int | None) -> None:
+    limit = ["--sizelimit", str(size)] if size is not None else []
+    dev = run(["losetup", "--find", "--show", "--offset", str(offset), *limit, str(export)]).strip()
+    mnt = tempfile.mkdtemp(prefix="imgmount-crash-mnt-")
+    try:
+        run(["mount", dev, mnt])
+        for name, data in files.items():
+            with open(os.path.join(mnt, name), "xb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        server.kill()
+        server.wait()
+    finally:
+        if subprocess.run(["umount", mnt], capture_output=True, check=False).returncode != 0:
+            subprocess.run(["umount", "--lazy", mnt], capture_output=True, check=False)
+        run(["losetup", "--detach", dev])
+        os.rmdir(mnt)

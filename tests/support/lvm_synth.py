@@ -10,9 +10,10 @@ from __future__ import annotations
 import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from mountd.lvmmeta import INITIAL_CRC, MDA_MAGIC, format_uuid, lvm_crc
+from mountd.lvmmeta import INITIAL_CRC, MDA_MAGIC, format_uuid, lvm_crc, parse_config
 
 SECTOR = 512
 MiB = 1 << 20
@@ -172,3 +173,110 @@ def simple_vg(seqno: int = 3, name: str = "vg0", lv_names: Sequence[str] = ("roo
 def simple_image(text: bytes | None = None, **mda: Any) -> bytearray:
     """A 2 MiB PV (one metadata area from 4096 to 1 MiB) holding ``text`` (default :func:`simple_vg`)."""
     return pv_image(2 * MiB, PV_UUID, [Mda(4096, MiB - 4096, simple_vg() if text is None else text, **mda)])
+
+
+# --- crafted VGs, as large as asked: the bounds of mountd.lvmmeta, for unit and host tests and the bench --------
+
+#: Where the data area starts in a :func:`pv_file`: after a metadata area that holds any text lvmmeta reads.
+CRAFTED_PE_START = 10 * MiB
+CRAFTED_EXTENT_SECTORS = 8  # 4 KiB extents: a linear LV of one extent is a 4 KiB volume
+
+
+def crafted_vg(*, lvs: int = 2, thin: bool = True, pvs: int = 1, segments: int = 1, stripes: int = 1,
+               first_name: str = "lv0", extra: Mapping[str, Any] | None = None,
+               description: str = "made by lvm_synth") -> bytes:
+    """A valid metadata text of VG ``big`` as lvm writes it, as large as asked.
+
+    Its LVs: ``first_name``, linear in ``segments`` segments of one extent; ``lv1``, striped over ``stripes``
+    areas (linear when 1); then, when ``thin`` and ``lvs`` is 5 or more, a thin pool ``pool`` (with its hidden
+    data and metadata LVs) and thin LVs ``thin0``, ``thin1``, ...; else linear LVs ``lv2``, ``lv3``, ... of one
+    extent each: ``lvs`` LVs in all.
+    Its PVs: ``pv0`` (:data:`PV_UUID`, starting at :data:`CRAFTED_PE_START`: see :func:`pv_file`) and
+    ``pvs - 1`` others elsewhere. ``extra`` adds keys to the VG section.
+    """
+    def linear(name: str, first: int, count: int = 1, status: tuple[str, ...] = ("READ", "WRITE", "VISIBLE")) -> Lv:
+        return Lv(name, format_uuid(f"{name[:20]}{first:012d}".ljust(32, "u")[:32]),
+                  (Seg(0, count, stripes=(("pv0", first),)),), status)
+
+    pe = segments + stripes
+    out = [Lv(first_name, format_uuid("F" * 32), tuple(Seg(i, 1, stripes=(("pv0", i),)) for i in range(segments))),
+           Lv("lv1", format_uuid("S" * 32), (Seg(0, stripes, stripes=tuple(("pv0", segments + i)
+                                                                               for i in range(stripes))),))]
+    if thin and lvs >= 5:
+        pool = {"metadata": "pool_tmeta", "pool": "pool_tdata", "transaction_id": lvs - 5, "chunk_size": 128,
+                "discards": "passdown", "zero_new_blocks": 1}
+        out += [Lv("pool", format_uuid("P" * 32), (Seg(0, 16, "thin-pool", extra=pool),)),
+                linear("pool_tdata", pe, 16, ("READ", "WRITE")), linear("pool_tmeta", pe + 16, 1, ("READ", "WRITE"))]
+        out += [Lv(f"thin{i}", format_uuid(f"{i:032d}"),
+                   (Seg(0, 256, "thin", extra={"thin_pool": "pool", "transaction_id": i, "device_id": i + 1}),))
+                for i in range(lvs - 5)]
+        pe += 17
+    else:
+        out += [linear(f"lv{i}", pe + i - 2) for i in range(2, lvs)]
+        pe += max(0, lvs - 2)
+    pv_list = [Pv("pv0", PV_UUID, CRAFTED_PE_START // SECTOR, pe)]
+    pv_list += [Pv(f"pv{i}", crafted_pv_uuid(i), 2048, 1) for i in range(1, pvs)]
+    vg = vg_section("big", VG_UUID, 1, CRAFTED_EXTENT_SECTORS, pv_list, out)
+    vg["big"].update(extra or {})
+    return metadata_text(vg, description)
+
+
+def crafted_pv_uuid(index: int) -> str:
+    """The UUID :func:`crafted_vg` gives PV ``pv<index>``."""
+    return PV_UUID if index == 0 else format_uuid(f"pv{index:030d}")
+
+
+def nested(levels: int) -> dict[str, Any]:
+    """Sections ``nest { nest { ... } }``, ``levels`` deep (as the value of a key in a VG section, which
+    is one level itself, they reach ``levels + 1``)."""
+    section: dict[str, Any] = {"x": 1}
+    for _ in range(levels):
+        section = {"nest": section}
+    return section["nest"] if levels else section
+
+
+def config_items(section: Mapping[str, Any]) -> int:
+    """The entries and list items of a parsed config text, as mountd.lvmmeta counts them for MAX_ITEMS (a
+    section twice)."""
+    return sum(1 + (1 + config_items(v) if isinstance(v, Mapping) else len(v) if isinstance(v, tuple) else 0)
+               for v in section.values())
+
+
+def crafted_items(total: int, sections: bool = False) -> bytes:
+    """A valid VG text of exactly ``total`` entries and list items as mountd.lvmmeta counts them: those of
+    :func:`crafted_vg`, then keys ``k0_0 = 0``, each its own (or empty sections ``e0 {}``, which count
+    twice), a thousand to a section."""
+    left = total - config_items(parse_config(crafted_vg()))
+    extra: dict[str, Any] = {}
+    cost = 2 if sections else 1
+    while left > 1:
+        count, j = min(1000, (left - 2) // cost), len(extra)
+        extra[f"s{j}"] = {f"e{i}": {} for i in range(count)} if sections else {f"k{j}_{i}": 0 for i in range(count)}
+        left -= 2 + cost * count
+    if left:
+        extra["x"] = 0
+    return crafted_vg(extra=extra)
+
+
+def padded(text: bytes, size: int) -> bytes:
+    """``text`` grown to ``size`` bytes by a comment before its final NUL."""
+    assert text.endswith(b"\n\0") and size >= len(text) + 2
+    return text[:-1] + b"#" + b"x" * (size - len(text) - 2) + b"\n\0"
+
+
+def pv_file(path: Path, text: bytes, data_size: int = 8 * MiB) -> Path:
+    """A sparse image file of one PV (:data:`PV_UUID`) whose metadata area holds ``text`` (up to 10 MiB) and
+    whose data area of ``data_size`` bytes starts at :data:`CRAFTED_PE_START`."""
+    with open(path, "wb") as f:
+        f.truncate(CRAFTED_PE_START + data_size)
+    write_pv(path, 0, CRAFTED_PE_START + data_size, PV_UUID, text)
+    return path
+
+
+def write_pv(path: Path, offset: int, size: int, uuid: str, text: bytes) -> None:
+    """Make the ``size`` bytes at ``offset`` of the file ``path`` a PV as :func:`pv_file` makes one."""
+    with open(path, "r+b") as f:
+        f.seek(offset + SECTOR)
+        f.write(label_sector(uuid, size, [(CRAFTED_PE_START, 0)], [(4096, CRAFTED_PE_START - 4096)]))
+        f.seek(offset + 4096)
+        f.write(mda_area(4096, CRAFTED_PE_START - 4096, text))

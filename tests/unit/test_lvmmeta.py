@@ -9,15 +9,27 @@ from __future__ import annotations
 import contextlib
 import logging
 import struct
+from collections.abc import Callable
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from mountd import lvmmeta
 from mountd.blockio import BlockReader, BytesReader
 from mountd.lvmmeta import (
     INITIAL_CRC,
     MAX_DEPTH,
+    MAX_ITEMS,
+    MAX_KEYS,
+    MAX_LIST,
+    MAX_LVS,
+    MAX_NAME,
+    MAX_PVS,
+    MAX_SEGMENTS,
+    MAX_STRING,
+    MAX_STRIPES,
+    MAX_TEXT_SIZE,
     LvmMetadataError,
     LvSegment,
     PhysicalVolume,
@@ -28,14 +40,19 @@ from mountd.lvmmeta import (
     read_pv,
 )
 from tests.support.lvm_synth import (
+    CRAFTED_PE_START,
     PV_UUID,
     Lv,
     Mda,
     MiB,
     Pv,
     Seg,
+    crafted_items,
+    crafted_vg,
     crc_reference,
     metadata_text,
+    nested,
+    padded,
     pv_image,
     simple_image,
     simple_vg,
@@ -141,7 +158,14 @@ def test_config_syntax() -> None:
     (b"a = 1 a = 2", "'a' is defined twice"),
     (b"= 1", "expected a name"),
     (b"a { b = 1 } }", "'}' without a section"),
-    (b"x {" * (MAX_DEPTH + 1) + b"}" * (MAX_DEPTH + 1), f"nest deeper than {MAX_DEPTH}"),
+    (b"a = [1, 2", "expected ',' or ']' in an array"),
+    (b"a = 12x", "'12x' is not a number"),
+    (b"a = x", "expected a value"),
+    (b"a = [x]", "expected a value"),
+    (b"a = ['q' 'r']", "expected ',' or ']' in an array"),
+    (b'a = ["open]', "a string is not closed"),
+    (b"'a' = 1", "expected a name"),
+    (b"a { b } ", "expected '=' or '{' after 'b'"),
 ])
 def test_config_errors_name_the_problem(text: bytes, message: str) -> None:
     with pytest.raises(LvmMetadataError, match="malformed at byte") as err:
@@ -150,7 +174,7 @@ def test_config_errors_name_the_problem(text: bytes, message: str) -> None:
 
 
 def test_config_depth_limit_is_not_a_recursion_error() -> None:
-    with pytest.raises(LvmMetadataError, match="nest deeper"):
+    with pytest.raises(LvmMetadataError, match=f"nests sections deeper than the {MAX_DEPTH} levels"):
         parse_config(b"a {" * 100_000)
 
 
@@ -395,7 +419,7 @@ def test_bad_metadata_area_headers(fields: dict[str, int], message: str) -> None
 
 def test_huge_text_claims_are_refused_before_reading() -> None:
     image = _with_header(simple_image(), 4096, hsize=1 << 40, size=(1 << 40) - 1024)
-    with pytest.raises(LvmMetadataError, match="bytes of text, over the"):
+    with pytest.raises(LvmMetadataError, match=f"bytes of metadata text, more than the {MAX_TEXT_SIZE}"):
         read_pv(SparseReader(bytes(image), 1 << 41))
 
 
@@ -472,3 +496,90 @@ def test_edited_text_with_valid_checksums(edits: list[tuple[int, int, bytes]], t
         at = where % (len(text) + 1)
         text = text[:at] + insert + text[at + cut :]
     check_outcome(BytesReader(bytes(simple_image(text, text_offset=MiB - 4096 - min(tail, len(text))))))
+
+
+# --- bounds: a crafted text just under each parses, just over it is one clear error -----------------------------
+
+def escapes(size: int) -> str:
+    """A string that the metadata text spells in ``size`` bytes, all escapes."""
+    return "\\" * (size // 2) + "x" * (size % 2)
+
+
+# case: (a VG text with a count of something, the bound on that count, what the error says past it)
+BOUNDS: dict[str, tuple[Callable[[int], bytes], int, str]] = {
+    "string": (lambda n: crafted_vg(description=escapes(n)), MAX_STRING,
+               f"has a string of {MAX_STRING + 1} bytes, more than the {MAX_STRING} imgmount reads"),
+    "name": (lambda n: crafted_vg(first_name="l" * n), MAX_NAME,
+             f"has a name of {MAX_NAME + 1} bytes, more than the {MAX_NAME} imgmount reads"),
+    "depth": (lambda n: crafted_vg(extra={"n": nested(n - 1)}), MAX_DEPTH,
+              f"nests sections deeper than the {MAX_DEPTH} levels imgmount reads"),
+    "list": (lambda n: crafted_vg(extra={"tags": ("t",) * n}), MAX_LIST,
+             f"has a list of more than the {MAX_LIST} items imgmount reads"),
+    "keys": (lambda n: crafted_vg(extra={"k": {f"k{i}": i for i in range(n)}}), MAX_KEYS,
+             f"has more than the {MAX_KEYS} entries imgmount reads in section big/k"),
+    "items": (crafted_items, MAX_ITEMS, f"has more than the {MAX_ITEMS} entries and list items imgmount reads"),
+    "lvs": (lambda n: crafted_vg(lvs=n), MAX_LVS,
+            f"the LVM metadata of volume group big lists more than the {MAX_LVS} logical volumes imgmount reads"),
+    "pvs": (lambda n: crafted_vg(pvs=n), MAX_PVS,
+            f"volume group big lists more than the {MAX_PVS} physical volumes imgmount reads"),
+    "segments": (lambda n: crafted_vg(segments=n), MAX_SEGMENTS,
+                 f"gives logical volume lv0 {MAX_SEGMENTS + 1} segments, more than the {MAX_SEGMENTS} imgmount"),
+    "stripes": (lambda n: crafted_vg(stripes=n), MAX_STRIPES,
+                f"{MAX_STRIPES + 1} stripes, more than the {MAX_STRIPES} imgmount reads"),
+}
+
+
+@pytest.mark.parametrize("case", BOUNDS)
+def test_bound_reached_parses(case: str) -> None:
+    build, bound, _ = BOUNDS[case]
+    vg = parse_vg(build(bound))
+    assert vg.name == "big" and vg.lv("lv1").size == (MAX_STRIPES if case == "stripes" else 1) * 4096
+    if case == "lvs":
+        assert len(vg.lvs) == MAX_LVS and vg.lvs[-1].name == f"thin{MAX_LVS - 6}"
+    if case == "pvs":
+        assert len(vg.pvs) == MAX_PVS
+    if case == "segments":
+        assert len(vg.lv("lv0").segments) == MAX_SEGMENTS and vg.linear_extent("lv0") is None
+
+
+@pytest.mark.parametrize("case", BOUNDS)
+def test_bound_crossed_is_one_clear_error(case: str) -> None:
+    build, bound, message = BOUNDS[case]
+    with pytest.raises(LvmMetadataError) as err:
+        parse_vg(build(bound + 1))
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(("size", "error"), [(MAX_TEXT_SIZE, ""), (MAX_TEXT_SIZE + 1, "more than the")])
+def test_text_size_bound(size: int, error: str) -> None:
+    text = padded(crafted_vg(), size)
+    image = pv_image(CRAFTED_PE_START + MiB, PV_UUID, [Mda(4096, CRAFTED_PE_START - 4096, text)])
+    if not error:
+        assert pv_of(image).vg is not None
+        return
+    with pytest.raises(LvmMetadataError, match=f"holds {size} bytes of metadata text, {error} {MAX_TEXT_SIZE}"):
+        read_pv(BytesReader(bytes(image)))
+
+
+@pytest.mark.parametrize("text", [
+    b'a = "' + b"\\\\" * (4 << 20) + b'"',  # one huge string of escapes
+    b"a {" * (4 << 20),  # deep nesting
+    b"a = [" + b"0," * (4 << 20) + b"0]",  # one long list
+    b"".join(b"k%d = 0\n" % i for i in range(1 << 20)),  # many keys in one section
+    b"".join(b"s%d { a = 1 }\n" % i for i in range(MAX_KEYS + 1)),  # many sections in one
+    b"".join(b"t%d {%s}\n" % (j, b"".join(b"s%d{}" % i for i in range(1000))) for j in range(600)),  # in all
+])
+def test_crafted_texts_stop_at_a_bound(text: bytes) -> None:
+    with pytest.raises(LvmMetadataError, match="imgmount reads"):
+        parse_config(text)
+
+
+def test_an_image_parses_each_distinct_text_once_and_so_much_text_in_all(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A VG's PVs carry the same text: parsed once. Distinct texts beyond MAX_IMAGE_TEXT in one image (a
+    crafted image with a different large text on each of many partitions) are refused."""
+    first, second = simple_vg(seqno=3), simple_vg(seqno=4)
+    monkeypatch.setattr(lvmmeta, "MAX_IMAGE_TEXT", len(first) + len(second) - 1)
+    texts = lvmmeta.MetadataTexts()
+    assert texts.vg(first) is texts.vg(first) and texts.vg(first).seqno == 3
+    with pytest.raises(LvmMetadataError, match="bytes of distinct text"):
+        texts.vg(second)
