@@ -56,11 +56,14 @@ def kill(pid: int, started: int) -> bool:
         os.close(fd)
 
 
-SYS_KCMP, KCMP_FILE = 312, 0  # x86_64
+SYS_KCMP = {"x86_64": 312, "aarch64": 272, "i686": 349, "armv7l": 378}.get(os.uname().machine)
+KCMP_FILE = 0
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
 def same_open_file(pid: int, fd: int, our_fd: int) -> bool:
     """``pid``'s ``fd`` is our own ``our_fd`` (the same open file description: kcmp(2)), e.g. a copy that a
-    program we just started holds between its fork and its exec, which closes it."""
+    program we just started holds between its fork and its exec, which closes it. False where unknown."""
+    if SYS_KCMP is None:
+        return False
     return int(_libc.syscall(SYS_KCMP, os.getpid(), pid, KCMP_FILE, our_fd, fd)) == 0

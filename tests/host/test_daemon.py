@@ -231,6 +231,7 @@ BAD_CALLS: list[tuple[str, Any, str, str]] = [
     ("wrong variant type", _mount("{raw}", **{"read-only": v("s", "no")}), "InvalidArgument",
      "must be of type b, not s"),
     ("relative path", _mount("disk.raw"), "InvalidArgument", "must be absolute"),
+    ("path over PATH_MAX", _mount("/" + "x/" * 3000), "InvalidArgument", "longer than PATH_MAX"),
     ("newline in the path", _mount("/tmp/a\nb"), "InvalidArgument", "control character"),
     ("non-existent", _mount("/nonexistent/x.qcow2"), "NotFound", "no such image"),
     ("a directory", _mount("{dir}"), "InvalidArgument", "is a directory"),

@@ -12,6 +12,7 @@ import select
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -20,11 +21,12 @@ from typing import Any
 import pytest
 from dbus_fast import Variant
 
-from mountd.dbusapi import MANAGER_IFACE, MANAGER_PATH, MOUNT_IFACE
+from mountd.dbusapi import ERROR_PREFIX, MANAGER_IFACE, MANAGER_PATH, MOUNT_IFACE
 from tests.support import guests, images, leftovers
 from tests.support.attacker import Inotify
 from tests.support.bus import (
     BIN,
+    REPO,
     Bus,
     Client,
     Daemon,
@@ -190,6 +192,48 @@ def _stuck_mount_is_cancelled(bus: Bus, run: Path, guest: Guest, who: tuple[int,
         assert leftovers.snapshot().new_since(before) == []
     finally:
         daemon.close()
+
+
+HOLD_LEASE = """
+import fcntl, os, signal, sys
+signal.signal(signal.SIGIO, signal.SIG_IGN)  # told of each break, and keeps the lease for lease-break-time
+fd = os.open(sys.argv[1], os.O_RDWR)
+fcntl.fcntl(fd, 1024, fcntl.F_WRLCK)  # F_SETLEASE: any other open of the file waits for the lease to go
+print("leased", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_a_lease_on_her_image_stalls_no_one(bus: Bus, c: Client, daemon: Daemon, guest: Guest, tmp_path: Path,
+                                            group: int) -> None:
+    """She holds a write lease on her image (an open of it would wait 45 s, lease-break-time) and sends 8
+    Inspect calls of it at once: each is answered with an error at once (the daemon opens her files
+    non-blocking), and root mounts and unmounts another image meanwhile in normal time (the client gives up
+    after 20 s)."""
+    user = pwd.getpwnam("daemon")
+    shared = world_dir("imgmount-lease-")
+    try:
+        mine = copy(guest.raw, shared / "leased.raw")
+        os.chown(mine, user.pw_uid, user.pw_gid)
+        who = as_user(user.pw_uid, user.pw_gid, (group,))
+        holder = subprocess.Popen([*who, sys.executable, "-c", HOLD_LEASE, str(mine)], stdin=subprocess.PIPE,
+                                  stdout=subprocess.PIPE, text=True)
+        try:
+            assert holder.stdout is not None and holder.stdout.readline() == "leased\n"
+            flood = subprocess.Popen([*who, sys.executable, "-m", "tests.support.flood", c.address, str(mine), "8"],
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+            path = c.mount(copy(guest.raw, tmp_path / "other.raw")).value()
+            assert c.call(path, MOUNT_IFACE, "Unmount", "a{sv}", [{}]).error is None
+            out, err = flood.communicate(timeout=120)
+            assert flood.returncode == 0, err
+            assert [name for name, _ in json.loads(out)] == [ERROR_PREFIX + "NotAuthorized"] * 8
+            assert holder.poll() is None  # her lease was never broken by a wait of ours
+        finally:
+            holder.kill()
+            holder.wait()
+        assert "a program holds a lease on it" in daemon.log()
+    finally:
+        shutil.rmtree(shared)
 
 
 # --- crashes ----------------------------------------------------------------------------------------------
