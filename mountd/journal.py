@@ -145,17 +145,6 @@ class Journal:
         return records
 
     @contextlib.contextmanager
-    def locked(self) -> Iterator[None]:
-        """Serialise the few short steps that every operation shares (choosing names), across processes."""
-        self.ensure()
-        fd = os.open(self.root / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
-        finally:
-            os.close(fd)
-
-    @contextlib.contextmanager
     def image_locked(self, key: str) -> Iterator[None]:
         """Serialise mounts and unmounts of one image (``key``: its "st_dev:st_ino") across processes, and
         only those: operations on other images go on meanwhile. The lock file is removed by its holder;
