@@ -6,6 +6,7 @@ import errno
 import fcntl
 import os
 import select
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -43,12 +44,25 @@ def lock_out_udev(fd: int, timeout: float = UDEV_LOCK_TIMEOUT) -> bool:
             select.select([], [], [], TICK)
 
 
+_THREAD = threading.local()
+
+
+def _udev_context() -> Any:
+    """This thread's libudev context (libudev objects are for one thread each). Made once: each new one
+    runs ``ldconfig -p`` (pyudev finds libudev with ctypes.util.find_library), a fork of the daemon whose
+    copies of our descriptors a scan of /proc could take for another user of a device we detach."""
+    context = getattr(_THREAD, "udev", None)
+    if context is None:
+        context = _THREAD.udev = pyudev.Context()
+    return context
+
+
 class BlockEvents:
     """Kernel block uevents (netlink: needs no udevd), from the moment of creation: create it first, then act,
     then :meth:`wait`. The socket closes when the object is freed (pyudev's Monitor has no stop())."""
 
     def __init__(self) -> None:
-        self._monitor: Any = pyudev.Monitor.from_netlink(pyudev.Context(), source="kernel")
+        self._monitor: Any = pyudev.Monitor.from_netlink(_udev_context(), source="kernel")
         self._monitor.filter_by("block")
         self._monitor.start()
 

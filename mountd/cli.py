@@ -19,21 +19,23 @@ printed shows such names as :func:`~mountd.model.display_name` does (``\\xNN``),
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
-import logging
 import os
 import sys
-import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
-from dbus_fast import BusType, Message, MessageFlag, MessageType, Variant
-from dbus_fast.aio import MessageBus
-from dbus_fast.errors import AuthError, InvalidAddressError
-
-from .dbusapi import BUS_NAME, ERROR_PREFIX, MANAGER_IFACE, MANAGER_PATH, MOUNT_IFACE, mount_info, mount_path
+from .busnames import BUS_NAME, ERROR_PREFIX, MANAGER_IFACE, MANAGER_PATH, MOUNT_IFACE, mount_info, mount_path
+from .client import (
+    ALLOW_INTERACTIVE_AUTHORIZATION,
+    BusConnection,
+    BusError,
+    Call,
+    Variant,
+    driver_call,
+    system_bus_address,
+)
 from .errors import (
     BusyError,
     FailedError,
@@ -47,14 +49,14 @@ from .errors import (
     OperationTimeoutError,
     UnsupportedError,
 )
-from .imageinfo import FORMATS
 from .journal import STATE_DIR_ENV
 from .model import BACKENDS, MountInfo, MountRequest, display_name, find_mount
 
 if TYPE_CHECKING:
+    import logging
+
     from .engine import Engine
 
-log = logging.getLogger("mountd")
 T = TypeVar("T")
 CONNECT_TIMEOUT = 5.0
 BUS_ERROR = "org.freedesktop.DBus.Error"
@@ -85,13 +87,24 @@ def imgmount_parser() -> argparse.ArgumentParser:
     p.add_argument("--volume", action="append", default=[], metavar="NAME",
                    help="mount only this volume (p1, vg/lv, disk: see --info); repeatable")
     p.add_argument("--mount-root", metavar="DIR", help="where to make mountpoints (default /run/media/USER)")
-    p.add_argument("--format", choices=FORMATS, help="the image format (default: probed, then pinned)")
+    p.add_argument("--format", choices=_Formats(), metavar="FORMAT",
+                   help="the image format: %(choices)s (default: probed, then pinned)")
     p.add_argument("--snapshot", metavar="NAME", help="mount a qcow2 internal snapshot (read-only)")
     p.add_argument("--backend", choices=BACKENDS, default="auto", help="how to attach the image")
     p.add_argument("-o", "--option", action="append", default=[], metavar="OPT",
                    help="an extra mount option from the allowed list (noatime, noexec, ...); repeatable")
     _common(p)
     return p
+
+
+class _Formats:
+    """The image formats, as ``--format``'s choices: read from :mod:`mountd.imageinfo` only when argparse
+    looks at them (``--format`` given, ``--help``, a usage error), so the other commands do not import it.
+    (The option has a metavar: argparse would otherwise list the choices as it builds the parser.)"""
+
+    def __iter__(self) -> Iterator[str]:  # also what ``in`` uses
+        from .imageinfo import FORMATS  # noqa: PLC0415 - deferred, as the class says
+        return iter(FORMATS)
 
 
 def imgumount_parser() -> argparse.ArgumentParser:
@@ -116,10 +129,9 @@ def imgmount_main(argv: Sequence[str] | None = None) -> int:
         return _guarded("imgmount", args, _usage("name an image (or use --list)"), dict, str)
     image = os.path.abspath(args.image)
     if args.info:
-        from .inspect import inspect_image  # noqa: PLC0415 - deferred, as _engine() says
-        from .render import inspection_to_dict, render_tree  # noqa: PLC0415
-        return _guarded("imgmount", args, lambda: inspect_image(image, fmt=args.format),
-                        inspection_to_dict, render_tree)
+        from .render import inspection_to_dict, render_tree  # noqa: PLC0415 - deferred, as _engine() says
+        return _guarded("imgmount", args, lambda: _inspection(image, args.format), inspection_to_dict,
+                        render_tree)
     request = MountRequest(image=image, read_only=not args.rw, volumes=tuple(args.volume),
                            mount_root=args.mount_root and os.path.abspath(args.mount_root),
                            format=args.format, snapshot=args.snapshot, backend=args.backend,
@@ -151,14 +163,14 @@ def _using(action: Callable[[Mounter], T]) -> Callable[[], T]:
             if os.geteuid() != 0:
                 raise FailedError("the imgmount daemon is not reachable (no system bus, or imgmountd is not "
                                   "installed): install it with scripts/install, or run this as root")
-            log.debug("no imgmount daemon to talk to: running the engine in-process")
+            _logger().debug("no imgmount daemon to talk to: running the engine in-process")
             return action(_engine())
         try:
             return action(client)
         except DaemonUnavailableError as exc:
             if os.geteuid() != 0:
                 raise
-            log.warning("%s: running the engine in-process instead", exc.message)
+            _logger().warning("%s: running the engine in-process instead", exc.message)
             return action(_engine())
         finally:
             client.close()
@@ -170,7 +182,27 @@ def _engine() -> Engine:
     """The engine in-process, imported only here: a command that talks to the daemon needs none of it, and
     importing it costs a third of the command's start-up."""
     from .engine import Engine  # noqa: PLC0415
+
+    _logger()  # the engine's warnings go to stderr
     return Engine()
+
+
+def _inspection(image: str, fmt: str | None) -> Any:
+    """``--info``: the image inspected in-process (deferred, as :func:`_engine` is)."""
+    from .inspect import inspect_image  # noqa: PLC0415
+    _logger()
+    return inspect_image(image, fmt=fmt)
+
+
+def _logger(*, debug: bool = False) -> logging.Logger:
+    """The commands' logger, set up on first use: to stderr, WARNING and above, or everything with
+    ``--debug`` (which sets it up first). Deferred: importing logging costs about 10 ms here (a third of a
+    bare ``python -c pass``), and a command that has its answer from the daemon logs nothing."""
+    import logging  # noqa: PLC0415
+
+    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, stream=sys.stderr,
+                        format="%(name)s: %(message)s")
+    return logging.getLogger("mountd")
 
 
 def _usage(message: str) -> Callable[[], Any]:
@@ -185,38 +217,40 @@ class DaemonUnavailableError(FailedError):
 
 
 class DaemonClient:
-    """The engine's interface, over D-Bus to imgmountd (blocking: each call runs a private event loop)."""
+    """The engine's interface, over D-Bus to imgmountd: the small blocking client of :mod:`mountd.client`, so
+    a command that talks to the daemon imports neither dbus-fast nor asyncio nor the engine."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, bus: MessageBus) -> None:
-        self.loop = loop
+    def __init__(self, bus: BusConnection) -> None:
         self.bus = bus
 
     @classmethod
     def connect(cls) -> DaemonClient | None:
         """A client, or None when there is no system bus or the daemon is neither running nor activatable."""
-        loop = asyncio.new_event_loop()
-        bus = loop.run_until_complete(_system_bus())
-        if bus is None or not loop.run_until_complete(_daemon_available(bus)):
-            if bus is not None:
-                bus.disconnect()
-            loop.close()
+        bus = _system_bus()
+        if bus is None:
             return None
-        return cls(loop, bus)
+        try:
+            if _daemon_available(bus):
+                return cls(bus)
+        except (OSError, BusError) as exc:
+            _logger().debug("the system bus went away: %s", exc)
+        bus.close()
+        return None
 
     def close(self) -> None:
-        self.bus.disconnect()
-        self.loop.close()
+        self.bus.close()
 
     def _call(self, path: str, interface: str, member: str, signature: str = "",
               body: Sequence[Any] = ()) -> list[Any]:
         # A command run from a terminal lets polkit ask for a password, if the session has an agent.
-        flags = MessageFlag.ALLOW_INTERACTIVE_AUTHORIZATION if sys.stdin.isatty() else MessageFlag.NONE
-        msg = Message(destination=BUS_NAME, path=path, interface=interface, member=member,
-                      signature=signature, body=list(body), flags=flags)
-        reply = self.loop.run_until_complete(self.bus.call(msg))
-        if reply is None or reply.message_type is not MessageType.ERROR:
-            return [] if reply is None else list(reply.body)
-        raise _error(reply.error_name or "", str(reply.body[0]) if reply.body else "")
+        flags = ALLOW_INTERACTIVE_AUTHORIZATION if sys.stdin.isatty() else 0
+        try:
+            reply = self.bus.call(Call(BUS_NAME, path, interface, member, signature, body, flags))
+        except (OSError, BusError) as exc:
+            raise FailedError(f"lost the connection to imgmountd on the system bus ({exc})") from exc
+        if reply.error is None:
+            return reply.body
+        raise _error(reply.error, str(reply.body[0]) if reply.body else "")
 
     def mounts(self) -> list[MountInfo]:
         objects = self._call(MANAGER_PATH, "org.freedesktop.DBus.ObjectManager", "GetManagedObjects")[0]
@@ -267,25 +301,22 @@ def _is_utf8(text: str) -> bool:
     return True
 
 
-async def _system_bus() -> MessageBus | None:
+def _system_bus() -> BusConnection | None:
     try:
-        return await asyncio.wait_for(MessageBus(bus_type=BusType.SYSTEM).connect(), CONNECT_TIMEOUT)
-    except (OSError, TimeoutError, AuthError, InvalidAddressError, EOFError) as exc:
-        log.debug("no system bus: %s", exc)
+        return BusConnection.connect(system_bus_address(), CONNECT_TIMEOUT)
+    except (OSError, BusError, ValueError) as exc:
+        _logger().debug("no system bus: %s", exc)
         return None
 
 
-async def _daemon_available(bus: MessageBus) -> bool:
-    async def ask(member: str, signature: str = "", body: Sequence[Any] = ()) -> Any:
-        reply = await bus.call(Message(destination="org.freedesktop.DBus", path="/org/freedesktop/DBus",
-                                       interface="org.freedesktop.DBus", member=member, signature=signature,
-                                       body=list(body)))
-        ok = reply is not None and reply.message_type is MessageType.METHOD_RETURN
-        return reply.body[0] if ok and reply is not None else None
+def _daemon_available(bus: BusConnection) -> bool:
+    def ask(member: str, signature: str = "", body: Sequence[Any] = ()) -> Any:
+        reply = bus.call(driver_call(member, signature, body))
+        return reply.body[0] if reply.error is None and reply.body else None
 
-    if await ask("NameHasOwner", "s", [BUS_NAME]):
+    if ask("NameHasOwner", "s", [BUS_NAME]):
         return True
-    return BUS_NAME in (await ask("ListActivatableNames") or [])
+    return BUS_NAME in (ask("ListActivatableNames") or [])
 
 
 def _error(name: str, text: str) -> MountdError:
@@ -327,8 +358,8 @@ def _mounts_text(ms: list[MountInfo]) -> str:
 def _guarded(prog: str, args: argparse.Namespace, action: Callable[[], Any], as_json: Callable[[Any], Any],
              as_text: Callable[[Any], str]) -> int:
     """Run ``action`` and print its result; the one place where exceptions become messages."""
-    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, stream=sys.stderr,
-                        format="%(name)s: %(message)s")
+    if args.debug:
+        _logger(debug=True)
     try:
         result = action()
     except MountdError as exc:
@@ -336,8 +367,10 @@ def _guarded(prog: str, args: argparse.Namespace, action: Callable[[], Any], as_
     except KeyboardInterrupt:
         return _fail(prog, args.json, "interrupted", 130, "Failed")
     except Exception:
+        import uuid  # noqa: PLC0415 - only for an incident: it imports platform, a few ms of every start
+
         incident = uuid.uuid4().hex[:8]
-        log.error("incident %s", incident, exc_info=args.debug)
+        _logger().error("incident %s", incident, exc_info=args.debug)
         return _fail(prog, args.json, f"internal error (incident {incident}): run again with --debug and "
                      "report it", 1, "Failed")
     print(json.dumps(_shown(as_json(result)), indent=2) if args.json else display_name(as_text(result)))

@@ -9,7 +9,6 @@ exceptions become D-Bus errors. dbus-fast still serves introspection, properties
 
 from __future__ import annotations
 
-import functools
 import logging
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
@@ -24,8 +23,18 @@ from dbus_fast.constants import ArgDirection, PropertyAccess
 from dbus_fast.service import ServiceInterface, dbus_property, dbus_signal
 
 from . import __version__
+from .busnames import (
+    BUS_NAME,
+    ERROR_PREFIX,
+    MANAGER_IFACE,
+    MANAGER_PATH,
+    MOUNT_IFACE,
+    MOUNTS_PATH,
+    mount_info,
+    mount_path,
+)
 from .errors import InvalidArgumentError, MountdError
-from .model import MountedVolume, MountInfo, display_name
+from .model import MountInfo, display_name
 
 if TYPE_CHECKING:
     from .auth import Caller
@@ -33,12 +42,14 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-BUS_NAME = "io.github.imgmount.Mountd1"
-MANAGER_PATH = "/io/github/imgmount/Mountd1"
-MOUNTS_PATH = f"{MANAGER_PATH}/mounts"
-MANAGER_IFACE = f"{BUS_NAME}.Manager"
-MOUNT_IFACE = f"{BUS_NAME}.Mount"
-ERROR_PREFIX = f"{BUS_NAME}.Error."
+# The API's names live in mountd.busnames (no dbus-fast there, for the commands): re-exported from here.
+__all__ = [
+    "BUS_NAME", "ERROR_PREFIX", "INSPECT_OPTIONS", "MANAGER_IFACE", "MANAGER_PATH", "MOUNTS_PATH",
+    "MOUNT_IFACE", "MOUNT_OPTIONS", "STRING_LISTS", "UNMOUNT_OPTIONS", "Admit", "ApiInterface", "ApiMethod",
+    "ManagerInterface", "MountInterface", "Strings", "Volumes", "api_method", "check_text", "error_reply",
+    "incident_reply", "mount_info", "mount_path", "parse_options", "to_vardict", "to_variant",
+    "volumes_value",
+]
 
 # Each method's options: key -> variant signature. Anything else is InvalidArgument.
 MOUNT_OPTIONS = {"read-only": "b", "volumes": "as", "mount-root": "s", "format": "s", "snapshot": "s",
@@ -52,10 +63,6 @@ Volumes = Annotated[list[list[str]], DBusSignature("a(ssss)")]
 Strings = Annotated[list[str], DBusSignature("as")]
 #: Identifies the caller of one call and holds its place among the calls in flight until the block ends.
 Admit = Callable[[Message], AbstractAsyncContextManager["Caller"]]
-
-
-def mount_path(mount_id: str) -> str:
-    return f"{MOUNTS_PATH}/{mount_id}"
 
 
 def error_reply(msg: Message, exc: MountdError) -> Message:
@@ -321,21 +328,3 @@ class MountInterface(ApiInterface):
 def volumes_value(info: MountInfo) -> list[list[str]]:
     """The ``Volumes`` property; names made from the image and the caller's paths, shown as valid UTF-8."""
     return [[display_name(x) for x in (v.name, v.device, v.filesystem, v.mountpoint)] for v in info.volumes]
-
-
-# --- the client side: what the commands get back ----------------------------------------------------------
-
-
-def mount_info(path: str, props: Mapping[str, Variant]) -> MountInfo:
-    """A Mount object's properties as the engine's MountInfo."""
-    value = functools.partial(_prop, props)
-    volumes = tuple(MountedVolume(*(str(x) for x in v)) for v in value("Volumes", []))
-    return MountInfo(path.rsplit("/", 1)[-1], value("Image", ""), value("Format", ""),
-                     bool(value("ReadOnly", True)), int(value("Owner", 0)), value("Backend", ""),
-                     value("Device", ""), volumes, value("State", ""), value("ImageIdentity", ""),
-                     tuple(value("Notes", {}).items()))
-
-
-def _prop(props: Mapping[str, Variant], key: str, default: Any) -> Any:
-    v = props.get(key)
-    return v.value if isinstance(v, Variant) else default

@@ -108,6 +108,11 @@ def sysfs_view(number: int) -> dict[str, Any] | None:
         return None
 
 
+def _same_binding(now: dict[str, Any] | None, before: dict[str, Any]) -> bool:
+    keys = ("backing_file", "offset", "sizelimit", "dev")
+    return now is not None and all(now[k] == before[k] for k in keys)
+
+
 def _backing_name(path: Path) -> str:
     """The kernel's name of a loop device's backing file, as Python names files (it need not be UTF-8)."""
     return os.fsdecode(path.read_bytes().rstrip(b"\n"))
@@ -298,6 +303,15 @@ class LoopLayer(Layer):
             _clear(self.node)
             log.warning("%s is busy (%s): it will detach itself once released", self.node, "; ".join(users))
             return
+        self._clear(fd, number, force=force)
+        log.info("detached %s", self.node)
+
+    def _clear(self, fd: int, number: int, *, force: bool) -> None:
+        """LOOP_CLR_FD through our exclusive ``fd`` (closed here), then wait until the device no longer backs
+        what it did: freed, it may at once be taken by another mount (LOOP_CTL_GET_FREE hands it out), which
+        is not a late user of ours. Only sysfs is read: an open of ours could make that other mount's own
+        detach find the device "open by" us."""
+        before = sysfs_view(number)  # ours (checked by inode): the binding that must go
         try:
             fcntl.ioctl(fd, LOOP_CLR_FD)
         except OSError as exc:
@@ -305,17 +319,16 @@ class LoopLayer(Layer):
                 raise FailedError(f"cannot detach {self.node}: {exc.strerror}") from None
         finally:
             os.close(fd)  # the clear happens at this last close
-        # Freed, the device may at once be taken by another mount (LOOP_CTL_GET_FREE hands it out): then it
-        # is no longer ours, which is all we wait for. Only sysfs is read: an open of ours could make that
-        # other mount's own detach find the device "open by" us.
+        def still() -> bool:
+            return before is not None and _same_binding(sysfs_view(number), before)
+
         with contextlib.suppress(OperationTimeoutError):
-            wait_until(lambda: not self._sysfs_matches(number), SETTLE_TIMEOUT, f"{self.node} to be released")
-        if self._sysfs_matches(number):  # someone opened it between our check and our close
+            wait_until(lambda: not still(), SETTLE_TIMEOUT, f"{self.node} to be released")
+        if still():  # someone opened it between our check and our close
             if not force:
                 _cancel_autoclear(self.node)
             users = device_users(number, self.node) or ["an opener that is not visible here"]
             raise BusyError(f"{self.node} is busy: {'; '.join(users)}: stop using it first")
-        log.info("detached %s", self.node)
 
 
 # ---- kernel calls ----------------------------------------------------------------------------------------
@@ -449,12 +462,13 @@ def device_users(number: int, node: str, *, own_fd: int | None = None) -> list[s
 
 
 def _only_our_copy(pid: int, node: str, own_fd: int | None) -> bool:
-    """Every fd ``pid`` has on ``node`` is our own ``own_fd``, inherited by a program another thread of ours
-    is starting (it closes it at its exec, O_CLOEXEC): not a user of the device."""
+    """``pid`` is no user of the device: each fd it has on ``node`` now (none, once it has gone on to its
+    exec) is our own ``own_fd``, inherited by a program another thread of ours is starting (O_CLOEXEC: its
+    exec closes it)."""
     if own_fd is None:
         return False
     fds = [int(fd) for fd in _listdir(f"/proc/{pid}/fd") if _link(f"/proc/{pid}/fd/{fd}") == node]
-    return bool(fds) and all(same_open_file(pid, fd, own_fd) for fd in fds)
+    return all(same_open_file(pid, fd, own_fd) for fd in fds)
 
 
 def _listdir(path: str) -> list[str]:

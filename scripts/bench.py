@@ -28,11 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench_crafted import crafted_info  # scripts/, beside this file
 from dbus_fast import Variant
 
-from mountd.dbusapi import MANAGER_IFACE, MANAGER_PATH, MOUNT_IFACE
-from mountd.engine import Engine
-from mountd.model import MountRequest
-from tests.support import images
-from tests.support.bus import (
+from imgmount_testkit import images
+from imgmount_testkit.bus import (
     Bus,
     Daemon,
     OtherUser,
@@ -43,6 +40,9 @@ from tests.support.bus import (
     reply_of,
     tmpfs,
 )
+from mountd.dbusapi import MANAGER_IFACE, MANAGER_PATH, MOUNT_IFACE
+from mountd.engine import Engine
+from mountd.model import MountRequest
 
 MiB = images.MiB
 BIN = Path(sys.executable).parent

@@ -22,9 +22,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from mountd.lvmmeta import MAX_ITEMS, MAX_LVS, MAX_TEXT_SIZE  # noqa: E402
-from tests.support import images  # noqa: E402
-from tests.support.lvm_synth import (  # noqa: E402
+from imgmount_testkit import images  # noqa: E402
+from imgmount_testkit.lvm_synth import (  # noqa: E402
     CRAFTED_PE_START,
     crafted_items,
     crafted_pv_uuid,
@@ -33,6 +32,7 @@ from tests.support.lvm_synth import (  # noqa: E402
     pv_file,
     write_pv,
 )
+from mountd.lvmmeta import MAX_ITEMS, MAX_LVS, MAX_TEXT_SIZE  # noqa: E402
 
 # The child: ``imgmount`` with its arguments read from stdin (a 1 MiB path is longer than an argument may be).
 CHILD = ("import json, sys; from mountd.cli import imgmount_main; "

@@ -1,14 +1,30 @@
-"""Fixtures of the host lane's daemon tests: a private bus, a state tmpfs, the real imgmountd, a client."""
+"""Fixtures of the host lane's daemon tests: a private bus, a state tmpfs, the real imgmountd, a client, and
+the images and accounts the daemon tests (test_daemon_*.py) share."""
 
 from __future__ import annotations
 
+import os
+import pwd
+import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
+from imgmount_testkit import images
+from imgmount_testkit.bus import (
+    Bus,
+    Client,
+    Daemon,
+    OtherUser,
+    client,
+    imgmount_group,
+    private_bus,
+    tmpfs,
+    world_dir,
+)
 from tests.support import guests
-from tests.support.bus import Bus, Client, Daemon, OtherUser, client, imgmount_group, private_bus, tmpfs
+from tests.support.daemon_calls import copy
 from tests.support.guests import Guest
 
 
@@ -56,6 +72,45 @@ def other(bus: Bus) -> Iterator[Callable[..., OtherUser]]:
 def gpt(tmp_path_factory: pytest.TempPathFactory) -> Guest:
     """GPT: p1 ext4, p2 xfs, p3 btrfs, p4 an LVM PV holding guestvg/root (ext4)."""
     return guests.gpt_guest(tmp_path_factory.mktemp("gpt") / "gpt.raw")
+
+
+@pytest.fixture(scope="module")
+def shared() -> Iterator[Path]:
+    """Images live where other uids may look (pytest's tmp_path is root-only)."""
+    path = world_dir("imgmount-daemon-")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def guest(shared: Path) -> Guest:
+    return guests.whole_disk_guest(shared / "disk.raw")
+
+
+@pytest.fixture(scope="module")
+def users() -> dict[str, tuple[int, int]]:
+    """Three existing unprivileged accounts (polkit rules name users): uid and primary gid."""
+    return {name: (pwd.getpwnam(name).pw_uid, pwd.getpwnam(name).pw_gid) for name in ("daemon", "bin", "sys")}
+
+
+@pytest.fixture(scope="module")
+def files(shared: Path, guest: Guest, users: dict[str, tuple[int, int]]) -> dict[str, Path]:
+    """pub: root's, readable by all; secret: root's only; mine: daemon's own; over: daemon's overlay on
+    secret; media: root's directory for mount-root."""
+    uid, gid = users["daemon"]
+    auth = shared / "auth"
+    auth.mkdir()
+    out = {"pub": copy(guest.raw, auth / "pub.raw"), "secret": copy(guest.raw, auth / "secret.raw"),
+           "mine": copy(guest.raw, auth / "mine.raw"), "over": auth / "over.qcow2"}
+    out["secret"].chmod(0o600)
+    images.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(out["secret"]), "-F", "raw",
+                str(out["over"])])
+    for own in (out["mine"], out["over"]):
+        os.chown(own, uid, gid)
+        own.chmod(0o600)
+    out["media"] = auth / "media"
+    out["media"].mkdir()
+    return out
 
 
 @pytest.fixture(scope="module")

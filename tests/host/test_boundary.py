@@ -33,10 +33,8 @@ from typing import Any
 
 import pytest
 
-from mountd.dbusapi import ERROR_PREFIX, MOUNT_IFACE
-from tests.support import images
-from tests.support.attacker import Attacker
-from tests.support.bus import (
+from imgmount_testkit import images
+from imgmount_testkit.bus import (
     REPO,
     Bus,
     Client,
@@ -46,6 +44,8 @@ from tests.support.bus import (
     client,
     world_dir,
 )
+from mountd.dbusapi import ERROR_PREFIX, MOUNT_IFACE
+from tests.support.attacker import Attacker
 
 pytestmark = pytest.mark.host
 

@@ -12,12 +12,13 @@ from pathlib import Path
 
 import pytest
 
+from imgmount_testkit import images
 from mountd.engine import Engine
 from mountd.errors import BusyError, InUseError, InvalidArgumentError, NotFoundError, UnsupportedError
 from mountd.journal import Journal
 from mountd.layer import InjectedFault
 from mountd.model import MountInfo, MountRequest
-from tests.support import guests, images, leftovers
+from tests.support import guests, leftovers
 from tests.support.guests import Guest
 from tests.support.vms import running_vm
 

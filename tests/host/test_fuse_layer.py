@@ -15,13 +15,13 @@ import pytest
 
 import mountd.fuse
 import mountd.loop
+from imgmount_testkit import images
 from mountd.errors import BusyError, InUseError, UnsupportedError
 from mountd.journal import Journal, LayerRecord, MountRecord
 from mountd.layer import FAULT_ENV, InjectedFault, layer_from_record
 from mountd.loop import loops_backed_by
 from mountd.mounts import mountinfo
 from mountd.stack import MountStack
-from tests.support import images
 from tests.support.layers import attach_in_child, attached, planned
 from tests.support.vms import running_vm
 

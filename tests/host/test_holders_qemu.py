@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from imgmount_testkit import images
 from mountd.errors import InUseError, InvalidImageError, NotFoundError
 from mountd.holders import (
     FREE,
@@ -29,7 +30,6 @@ from mountd.holders import (
     pack_flock,
     probe_lock_bytes,
 )
-from tests.support import images
 from tests.support.vms import process_holding, running_vm
 
 QEMU = "qemu-system-x86_64"

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from imgmount_testkit import images
 from mountd.inspect import Inspection, inspect_image
-from tests.support import images
 
 MiB = images.MiB
 TABLE = """label: gpt

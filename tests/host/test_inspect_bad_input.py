@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from imgmount_testkit import images
 from mountd.errors import (
     InvalidArgumentError,
     InvalidImageError,
@@ -18,7 +19,6 @@ from mountd.errors import (
     UnsupportedError,
 )
 from mountd.inspect import inspect_image
-from tests.support import images
 
 MiB = images.MiB
 

@@ -15,9 +15,10 @@ from pathlib import Path
 
 import pytest
 
+from imgmount_testkit import images
+from imgmount_testkit.bus import tmpfs
 from mountd.errors import UnsupportedError
-from tests.support import images, leftovers
-from tests.support.bus import tmpfs
+from tests.support import leftovers
 
 MiB, TiB = images.MiB, 1 << 40
 SIZE = 20 * TiB

@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 
 import mountd.loop
+from imgmount_testkit import images
 from mountd.errors import BusyError, InvalidArgumentError
 from mountd.holders import ImageInUseError
 from mountd.journal import LayerRecord
 from mountd.layer import Layer, layer_from_record
 from mountd.loop import LoopLayer, loops_backed_by, sysfs_view
-from tests.support import images
 from tests.support.layers import attach_in_child, attached, planned
 from tests.support.vms import process_holding, running_vm
 

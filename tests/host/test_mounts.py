@@ -15,15 +15,15 @@ from pathlib import Path
 
 import pytest
 
+from imgmount_testkit import images
+from imgmount_testkit.images import MiB
 from mountd import mounts
 from mountd.errors import BusyError, InvalidArgumentError, InvalidImageError, UnsupportedError
 from mountd.filesystems import mount_options, mountable_types
 from mountd.journal import Journal, LayerRecord, MountRecord
 from mountd.layer import FAULT_ENV, InjectedFault, layer_from_record
-from mountd.mounts import MountLayer, mountinfo, parse_mountinfo, unique_mountpoint, users_of
+from mountd.mounts import MountLayer, mountinfo, unique_mountpoint, users_of
 from mountd.stack import MountStack
-from tests.support import images
-from tests.support.images import MiB
 
 OWNER = 4242  # no passwd entry: the directory gets gid 0
 SIZES = {"ext4": 32 * MiB, "xfs": 64 * MiB, "btrfs": 128 * MiB, "vfat": 32 * MiB}
@@ -382,19 +382,3 @@ def test_unique_mountpoint(workdir: Path) -> None:
     (workdir / "full").mkdir()
     with pytest.raises(mounts.FailedError, match="every name from full to full-1000"):
         unique_mountpoint(root, "full")
-
-
-def test_mountinfo_parser() -> None:
-    text = (b"36 35 98:0 /mnt1 /mnt/my\\040disk\\011x\\134y rw,noatime master:1 - ext3 /dev/root rw,errors=continue\n"
-            b"37 36 0:40 / /run/media/u/vol rw,nosuid,nodev shared:5 master:2 - btrfs /dev/loop\\0401 "
-            b"rw,rescue=nologreplay\n"
-            b"garbage line\n"
-            b"38 36 7:1 / /x ro - xfs /dev/loop1 ro,norecovery\n")
-    first, second, third = parse_mountinfo(text)
-    assert first.mountpoint == "/mnt/my disk\tx\\y" and first.root == "/mnt1" and first.dev == "98:0"
-    assert (first.mount_id, first.parent_id, first.fstype) == (36, 35, "ext3")
-    assert first.options == ("rw", "noatime") and first.super_options == ("rw", "errors=continue")
-    assert second.source == "/dev/loop 1" and second.fstype == "btrfs"
-    assert third.options == ("ro",) and third.super_options == ("ro", "norecovery")
-    assert parse_mountinfo(b"") == []
-    assert any(e.mountpoint == "/" for e in mountinfo())

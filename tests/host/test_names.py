@@ -23,10 +23,11 @@ from pathlib import Path
 import pytest
 from dbus_fast import Variant
 
+from imgmount_testkit import images
+from imgmount_testkit.bus import Bus, Client, Daemon, OtherUser, as_user, client, world_dir
 from mountd.dbusapi import ERROR_PREFIX, MOUNT_IFACE
 from mountd.errors import InvalidArgumentError
-from tests.support import guests, images, leftovers
-from tests.support.bus import Bus, Client, Daemon, OtherUser, as_user, client, world_dir
+from tests.support import guests, leftovers
 
 BIN = Path(sys.executable).parent
 CONTENT = guests.whole_disk_guest  # what each image holds: one ext4 with guests' "disk" files

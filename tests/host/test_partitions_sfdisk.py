@@ -18,9 +18,9 @@ from typing import Any
 
 import pytest
 
+from imgmount_testkit import images
 from mountd.blockio import FileReader
 from mountd.partitions import PartitionTable, PartitionTableError, read_partition_table
-from tests.support import images
 from tests.support.tables import header_field, set_header_field
 
 MiB = images.MiB

@@ -15,7 +15,6 @@ import os
 import pwd
 import re
 import shutil
-import struct
 import subprocess
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -23,8 +22,10 @@ from pathlib import Path
 
 import pytest
 
+from imgmount_testkit import images
+from imgmount_testkit.bus import world_dir
 from mountd import cli, recovery, volumes
-from mountd.blockio import BytesReader, FileReader, SliceReader
+from mountd.blockio import FileReader
 from mountd.engine import Engine
 from mountd.fsprobe import probe
 from mountd.holders import READ_ONLY, file_usage
@@ -32,8 +33,7 @@ from mountd.journal import STATE_DIR_ENV, Journal
 from mountd.layer import FAULT_ENV, InjectedFault
 from mountd.model import MountRequest
 from mountd.opener import Credentials
-from tests.support import images, leftovers
-from tests.support.bus import world_dir
+from tests.support import leftovers
 from tests.support.vms import running_vm
 
 MiB = images.MiB
@@ -370,33 +370,3 @@ def _churn(mnt: Path, count: int) -> None:
         (d / f"f{i}").touch()
     for i in range(40):
         shutil.rmtree(mnt / f"d{i}")
-
-
-def _ext_superblock(compat: int, incompat: int, journal_inum: int) -> bytes:
-    sb = bytearray(1024)
-    struct.pack_into("<H", sb, 0x38, 0xEF53)
-    struct.pack_into("<II", sb, 0x5C, compat, incompat)
-    struct.pack_into("<I", sb, 0xE0, journal_inum)
-    return bytes(1024) + bytes(sb)
-
-
-@pytest.mark.parametrize(("compat", "incompat", "inum", "state"), [
-    (0x4, 0x4 | 0x40, 8, recovery.PENDING),  # has_journal, needs_recovery (and extents)
-    (0x4, 0x40, 8, recovery.CLEAN),
-    (0x4, 0x4, 0, recovery.ELSEWHERE),  # its journal is another device
-    (0x0, 0x4, 0, recovery.CLEAN),  # no journal, whatever the flag says
-])
-def test_ext_superblock_flags(compat: int, incompat: int, inum: int, state: str) -> None:
-    assert recovery.pending("ext4", BytesReader(_ext_superblock(compat, incompat, inum))) == state
-
-
-def test_btrfs_log_root_and_what_is_not_a_superblock() -> None:
-    sb = bytearray(0x10000 + 0x1000)
-    sb[0x10040:0x10048] = b"_BHRfS_M"
-    assert recovery.pending("btrfs", BytesReader(bytes(sb))) == recovery.CLEAN
-    struct.pack_into("<Q", sb, 0x10060, 30408704)
-    assert recovery.pending("btrfs", BytesReader(bytes(sb))) == recovery.PENDING
-    junk = BytesReader(os.urandom(4 * MiB))
-    assert [recovery.pending(t, junk) for t in ("ext4", "xfs", "btrfs", "vfat")] == [""] * 4
-    assert recovery.pending("xfs", SliceReader(junk, 0, 0)) == ""
-

@@ -21,10 +21,8 @@ from typing import Any
 import pytest
 from dbus_fast import Variant
 
-from mountd.dbusapi import ERROR_PREFIX, MANAGER_IFACE, MANAGER_PATH, MOUNT_IFACE
-from tests.support import guests, images, leftovers
-from tests.support.attacker import Inotify
-from tests.support.bus import (
+from imgmount_testkit import images
+from imgmount_testkit.bus import (
     BIN,
     REPO,
     Bus,
@@ -37,6 +35,9 @@ from tests.support.bus import (
     servers_of,
     world_dir,
 )
+from mountd.dbusapi import ERROR_PREFIX, MANAGER_IFACE, MANAGER_PATH, MOUNT_IFACE
+from tests.support import guests, leftovers
+from tests.support.attacker import Inotify
 from tests.support.guests import Guest
 
 IN_MOVED_TO = 0x80

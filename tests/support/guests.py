@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.support import images
+from imgmount_testkit import images
 
 MiB = images.MiB
 

@@ -1,6 +1,6 @@
 """Volume groups over several PVs, each a region of one image exposed as a loop device, made by the LVM tools.
 
-:func:`tests.support.images.make_lvm` covers one PV with default options; this drives the tools directly for
+:func:`imgmount_testkit.images.make_lvm` covers one PV with default options; this drives the tools directly for
 everything else (extent sizes, two metadata copies, several PVs, stripes, lvextend, renames) and reads back
 what the tools report, in bytes, as JSON. Like images.py it needs no device-mapper: ``--driverloaded n``.
 LVM's metadata backups and archives are switched off so that test VGs leave nothing under /etc/lvm.
@@ -14,7 +14,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.support.images import LVM_ENV, loop, run
+from imgmount_testkit.images import LVM_ENV, loop, run
 
 NO_BACKUP = "backup { backup = 0 archive = 0 }"
 

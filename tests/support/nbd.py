@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pyudev
 
-from tests.support.images import run
+from imgmount_testkit.images import run
 
 SYS_BLOCK = Path("/sys/block")
 ATTACH_TIMEOUT = 30.0

@@ -15,6 +15,25 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from imgmount_testkit.lvm_synth import (
+    CRAFTED_PE_START,
+    PV_UUID,
+    Lv,
+    Mda,
+    MiB,
+    Pv,
+    Seg,
+    crafted_items,
+    crafted_vg,
+    crc_reference,
+    metadata_text,
+    nested,
+    padded,
+    pv_image,
+    simple_image,
+    simple_vg,
+    vg_section,
+)
 from mountd import lvmmeta
 from mountd.blockio import BlockReader, BytesReader
 from mountd.lvmmeta import (
@@ -38,25 +57,6 @@ from mountd.lvmmeta import (
     parse_config,
     parse_vg,
     read_pv,
-)
-from tests.support.lvm_synth import (
-    CRAFTED_PE_START,
-    PV_UUID,
-    Lv,
-    Mda,
-    MiB,
-    Pv,
-    Seg,
-    crafted_items,
-    crafted_vg,
-    crc_reference,
-    metadata_text,
-    nested,
-    padded,
-    pv_image,
-    simple_image,
-    simple_vg,
-    vg_section,
 )
 
 # Sector 1 and the metadata area header of a PV written by pvcreate/vgcreate of LVM 2.03.16 (zeros trimmed).

@@ -10,9 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from mountd.dbusapi import MOUNT_IFACE
-from tests.support import guests, images
-from tests.support.bus import (
+from imgmount_testkit import images
+from imgmount_testkit.bus import (
     Bus,
     Client,
     Daemon,
@@ -24,6 +23,8 @@ from tests.support.bus import (
     tmpfs,
     world_dir,
 )
+from mountd.dbusapi import MOUNT_IFACE
+from tests.support import guests
 
 
 @pytest.fixture

@@ -14,9 +14,10 @@ from pathlib import Path
 
 import pytest
 
+from imgmount_testkit import images
 from mountd.blockio import FileReader
 from mountd.partitions import PartitionTable, read_partition_table
-from tests.support import images, nbd
+from tests.support import nbd
 
 SECTOR = 512  # sysfs start/size unit
 KERNEL_SCAN_TIMEOUT = 10.0

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from imgmount_testkit import images
 from mountd.blockdev import BlockEvents
 from mountd.errors import BusyError, InvalidArgumentError, InvalidImageError, NoFreeDeviceError
 from mountd.journal import LayerRecord
@@ -29,7 +30,6 @@ from mountd.nbd import (
     server_pid,
 )
 from mountd.processes import proc_state
-from tests.support import images
 from tests.support.nbd_layers import (
     attach,
     nbd_attached,

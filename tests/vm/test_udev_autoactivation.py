@@ -18,10 +18,11 @@ from pathlib import Path
 
 import pytest
 
+from imgmount_testkit import images
 from mountd.engine import Engine
 from mountd.journal import Journal
 from mountd.model import MountRequest
-from tests.support import guests, images, nbd
+from tests.support import guests, nbd
 
 RULE = Path(__file__).resolve().parents[2] / "systemd" / "60-imgmount.rules"
 VG = "guestvg"

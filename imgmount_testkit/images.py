@@ -43,7 +43,8 @@ def blank(path: Path, size: int) -> Path:
 def partition(path: Path, script: str, *, sector_size: int = 512) -> None:
     """Write a partition table with ``sfdisk`` from a script (``label: gpt`` / ``label: dos`` ...).
 
-    sfdisk treats a regular file as 512-byte sectors; other sizes go through a loop device of that sector size.
+    sfdisk treats a regular file as 512-byte sectors; other sizes go through a loop device of that sector
+    size.
     """
     with _as_device(path, sector_size) as dev:
         run(["sfdisk", "--no-reread", "--no-tell-kernel", "-q", "--wipe", "never", dev], stdin=script)
@@ -184,8 +185,9 @@ def make_lvm(image: Path, offset: int, size: int, vg: str, lvs: Sequence[LvSpec]
 def _undo_auto_activation(dev: str, vg: str) -> None:
     """Where a udevd runs (the VM lane), Debian's LVM rules auto-activate the new VG on our loop device, as
     they would on any host: wait for udev to finish, then deactivate it, so the loop device can go."""
-    if shutil.which("udevadm") is None or \
-            subprocess.run(["udevadm", "control", "--ping"], capture_output=True, check=False).returncode != 0:
+    if shutil.which("udevadm") is None:
+        return
+    if subprocess.run(["udevadm", "control", "--ping"], capture_output=True, check=False).returncode != 0:
         return
     run(["udevadm", "settle", "--timeout=60"])
     run(["vgchange", "-q", "-an", "--devices", dev, vg], env=LVM_ENV)

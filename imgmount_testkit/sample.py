@@ -6,7 +6,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from tests.support import images
+from imgmount_testkit import images
 
 SIZE = 512 * images.MiB
 TABLE = """label: gpt

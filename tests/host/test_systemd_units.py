@@ -2,7 +2,7 @@
 
 ``scripts/install --root`` installs into a temporary root that holds a copy of the host's systemd units, so
 ``systemd-analyze verify`` sees the unit exactly where a real install puts it, next to the real ExecStart=.
-dbus-daemon and polkitd load the installed files for real (tests/support/policybus.py). Nothing here
+dbus-daemon and polkitd load the installed files for real (imgmount_testkit/bus.py). Nothing here
 touches the host's /etc, /usr or /opt.
 """
 
@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import images
-from tests.support.policybus import BusStartError, name_owner, polkitd, private_bus
+from imgmount_testkit import images
+from imgmount_testkit.bus import Bus, BusStartError, name_owner, polkitd, private_bus
 
 REPO = Path(__file__).resolve().parents[2]
 INSTALL = REPO / "scripts" / "install"
@@ -31,17 +31,18 @@ MANAGER_PATH = "/io/github/imgmount/Mountd1"
 VENV = "/opt/imgmount"
 DAEMON = f"{VENV}/bin/imgmountd"
 UNIT = "/usr/local/lib/systemd/system/imgmountd.service"
-# Where each file of systemd/ goes, and its mode: the paths the readers (systemd, dbus, polkit, desktops)
+# Where each file of systemd/ (and the interface description) goes, and its mode: the paths the readers (systemd, dbus, polkit, desktops)
 # look in.
 TARGETS = {
-    "imgmountd.service": (UNIT, 0o644),
-    f"{BUS_NAME}.conf": (f"/usr/share/dbus-1/system.d/{BUS_NAME}.conf", 0o644),
-    f"{BUS_NAME}.service": (f"/usr/share/dbus-1/system-services/{BUS_NAME}.service", 0o644),
-    "io.github.imgmount.policy": ("/usr/share/polkit-1/actions/io.github.imgmount.policy", 0o644),
-    "imgmount.desktop": ("/usr/local/share/applications/imgmount.desktop", 0o644),
-    "imgmount.sysusers.conf": ("/usr/local/lib/sysusers.d/imgmount.conf", 0o644),
-    "60-imgmount.rules": ("/etc/udev/rules.d/60-imgmount.rules", 0o644),
-    "imgmount-open": ("/usr/local/bin/imgmount-open", 0o755),
+    "systemd/imgmountd.service": (UNIT, 0o644),
+    f"systemd/{BUS_NAME}.conf": (f"/usr/share/dbus-1/system.d/{BUS_NAME}.conf", 0o644),
+    f"systemd/{BUS_NAME}.service": (f"/usr/share/dbus-1/system-services/{BUS_NAME}.service", 0o644),
+    f"mountd/data/{BUS_NAME}.xml": (f"/usr/share/dbus-1/interfaces/{BUS_NAME}.xml", 0o644),
+    "systemd/io.github.imgmount.policy": ("/usr/share/polkit-1/actions/io.github.imgmount.policy", 0o644),
+    "systemd/imgmount.desktop": ("/usr/local/share/applications/imgmount.desktop", 0o644),
+    "systemd/imgmount.sysusers.conf": ("/usr/local/lib/sysusers.d/imgmount.conf", 0o644),
+    "systemd/60-imgmount.rules": ("/etc/udev/rules.d/60-imgmount.rules", 0o644),
+    "systemd/imgmount-open": ("/usr/local/bin/imgmount-open", 0o755),
 }
 POLKIT_ACTIONS = ("io.github.imgmount.mount", "io.github.imgmount.mount-read-write",
                   "io.github.imgmount.unmount-others")
@@ -114,7 +115,7 @@ def unit_values(path: Path, section: str, key: str) -> list[str]:
 def test_install_puts_each_file_in_place(installed: Installed) -> None:
     for source, (target, mode) in TARGETS.items():
         placed = installed.root / target.lstrip("/")
-        assert placed.read_bytes() == (REPO / "systemd" / source).read_bytes(), target
+        assert placed.read_bytes() == (REPO / source).read_bytes(), target
         assert stat.S_IMODE(placed.stat().st_mode) == mode, target
     for command in ("imgmount", "imgumount"):
         assert os.readlink(installed.root / "usr/local/bin" / command) == f"{VENV}/bin/{command}"
@@ -131,6 +132,10 @@ def test_installed_package_runs(installed: Installed) -> None:
                  cwd="/")
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith(str(installed.root / VENV.lstrip("/"))), "runs the copy, not the checkout"
+    # The interface description is package data: the installed package carries it.
+    shipped = run([str(venv_python), "-c", "from importlib import resources; "
+                   f"print(resources.files('mountd').joinpath('data/{BUS_NAME}.xml').read_text())"], cwd="/")
+    assert shipped.stdout.rstrip("\n") == (REPO / f"mountd/data/{BUS_NAME}.xml").read_text().rstrip("\n")
 
 
 def test_install_again_changes_nothing(installed: Installed) -> None:
@@ -242,25 +247,22 @@ def test_bus_policy_lets_root_own_the_name_and_everyone_call_the_api() -> None:
 
 
 @pytest.fixture(scope="module")
-def bus(installed: Installed) -> Iterator[str]:
+def bus(installed: Installed) -> Iterator[Bus]:
     """A system-like bus loading the installed policy and activation file, and a root owner of the name."""
     need("dbus-daemon", "dbus")
     share = installed.root / "usr/share/dbus-1"
-    with (private_bus([share / f"system.d/{BUS_NAME}.conf",
-                       Path("/usr/share/dbus-1/system.d/org.freedesktop.PolicyKit1.conf")],
-                      servicedir=share / "system-services") as address,
-          name_owner(address, BUS_NAME, MANAGER_PATH, [f"{BUS_NAME}.Manager", f"{BUS_NAME}.Mount",
-                                                        f"{BUS_NAME}.Debug"])):
-        yield address
+    with (private_bus([share / f"system.d/{BUS_NAME}.conf"], servicedir=share / "system-services") as b,
+          name_owner(b, BUS_NAME, MANAGER_PATH, [f"{BUS_NAME}.Manager", f"{BUS_NAME}.Mount", f"{BUS_NAME}.Debug"])):
+        yield b
 
 
-def call(address: str, method: str, *args: str, user: list[str] | None = None,
+def call(bus: Bus, method: str, *args: str, user: list[str] | None = None,
          dest: str = BUS_NAME, path: str = MANAGER_PATH) -> subprocess.CompletedProcess[str]:
-    return run([*(user or []), need("dbus-send", "dbus-bin"), f"--bus={address}", "--print-reply",
+    return run([*(user or []), need("dbus-send", "dbus-bin"), f"--bus={bus.address}", "--print-reply",
                 f"--dest={dest}", path, method, *args])
 
 
-def test_dbus_daemon_loads_the_policy_and_the_activation_file(bus: str) -> None:
+def test_dbus_daemon_loads_the_policy_and_the_activation_file(bus: Bus) -> None:
     listed = call(bus, "org.freedesktop.DBus.ListActivatableNames", dest="org.freedesktop.DBus",
                   path="/org/freedesktop/DBus")
     assert f'string "{BUS_NAME}"' in listed.stdout, listed.stderr
@@ -273,7 +275,7 @@ def test_dbus_daemon_refuses_a_broken_policy(tmp_path: Path) -> None:
         pass
 
 
-def test_only_root_may_own_the_name(bus: str) -> None:
+def test_only_root_may_own_the_name(bus: Bus) -> None:
     request = ("org.freedesktop.DBus.RequestName", f"string:{BUS_NAME}", "uint32:0")
     as_nobody = call(bus, *request, user=NOBODY, dest="org.freedesktop.DBus", path="/org/freedesktop/DBus")
     assert "org.freedesktop.DBus.Error.AccessDenied" in as_nobody.stderr
@@ -289,28 +291,27 @@ def test_only_root_may_own_the_name(bus: str) -> None:
     ("org.freedesktop.DBus.ObjectManager.GetManagedObjects", ()),
     ("org.freedesktop.DBus.Peer.Ping", ()),
 ])
-def test_everyone_may_call_the_api(bus: str, method: str, args: tuple[str, ...]) -> None:
+def test_everyone_may_call_the_api(bus: Bus, method: str, args: tuple[str, ...]) -> None:
     result = call(bus, method, *args, user=NOBODY)
     assert (result.returncode, result.stderr) == (0, "")
 
 
-def test_an_interface_the_policy_does_not_list_is_unreachable(bus: str) -> None:
+def test_an_interface_the_policy_does_not_list_is_unreachable(bus: Bus) -> None:
     result = call(bus, f"{BUS_NAME}.Debug.Ping", user=NOBODY)
     assert "org.freedesktop.DBus.Error.AccessDenied" in result.stderr
 
 
 # ---- polkit -------------------------------------------------------------------------------------------------
 
-def test_polkitd_knows_the_actions_and_their_defaults(bus: str, installed: Installed) -> None:
+def test_polkitd_knows_the_actions_and_their_defaults(bus: Bus, installed: Installed) -> None:
     pkaction = need("pkaction", "polkitd")
-    need("gdbus", "libglib2.0-bin")
     need("/usr/lib/polkit-1/polkitd", "polkitd")
     policy = installed.root / "usr/share/polkit-1/actions/io.github.imgmount.policy"
     declared = {a.get("id"): {d.tag: d.text for d in a.iterfind("defaults/*")}
                 for a in ET.parse(policy).getroot().iter("action")}
     assert set(declared) == set(POLKIT_ACTIONS)
-    with polkitd(bus, [policy]):
-        env = {**os.environ, "DBUS_SYSTEM_BUS_ADDRESS": bus}
+    with polkitd(bus, actions=[policy]):
+        env = {**os.environ, "DBUS_SYSTEM_BUS_ADDRESS": bus.address}
         for action in POLKIT_ACTIONS:
             shown = run([pkaction, "--verbose", "--action-id", action], env=env)
             assert shown.returncode == 0, shown.stderr
@@ -331,7 +332,7 @@ def desktop_entry() -> configparser.SectionProxy:
 
 def test_desktop_entry_validates(installed: Installed) -> None:
     validate = need("desktop-file-validate", "desktop-file-utils")
-    result = run([validate, str(installed.root / TARGETS["imgmount.desktop"][0].lstrip("/"))])
+    result = run([validate, str(installed.root / TARGETS["systemd/imgmount.desktop"][0].lstrip("/"))])
     assert (result.returncode, result.stdout + result.stderr) == (0, "")
     entry = desktop_entry()
     assert (entry["Exec"], entry["Terminal"], entry["NoDisplay"]) == ("imgmount-open %f", "false", "true")
@@ -367,7 +368,7 @@ def desktop_session(installed: Installed, tmp_path: Path) -> Path:
 
 
 def open_with(installed: Installed, session: Path, image: Path) -> subprocess.CompletedProcess[str]:
-    opener = installed.root / TARGETS["imgmount-open"][0].lstrip("/")
+    opener = installed.root / TARGETS["systemd/imgmount-open"][0].lstrip("/")
     path = f"{session}:{installed.root / VENV.lstrip('/') / 'bin'}:/usr/sbin:/usr/bin:/sbin:/bin"
     return run([str(opener), str(image)], env={**os.environ, "PATH": path})
 

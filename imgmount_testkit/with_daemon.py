@@ -11,7 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.support.bus import Daemon, private_bus
+from imgmount_testkit.bus import Daemon, private_bus
 
 
 def main(argv: list[str]) -> int:

@@ -1,14 +1,19 @@
-"""A private system-like bus, the real imgmountd on it, real clients, and a real polkitd, for the daemon tests.
+"""A private system-like bus, the real imgmountd on it, real clients and a real polkitd, for the daemon tests.
 
-- :func:`private_bus`: ``dbus-daemon`` with ``tests/data/system-bus.conf`` (the system bus's default policy plus
-  the real policy files), its socket in a world-searchable directory so callers of other uids can connect.
+- :func:`private_bus`: ``dbus-daemon`` with ``system-bus.conf`` beside this file (the system bus's default
+  policy plus the policy files it is given: by default the checkout's; polkit's own always), its socket in a
+  world-searchable directory so callers of other uids can connect, listing the activation files of a service
+  directory. A configuration dbus-daemon refuses is a :class:`BusStartError` naming why.
 - :class:`Daemon`: the ``imgmountd`` executable on that bus with a state directory of its own; started,
   killed, stopped and restarted like systemd would; whatever it leaves mounted is cleaned up in-process.
 - :class:`Client`: a blocking dbus-fast client that also records the signals the daemon emits.
 - :func:`polkitd`: Debian's polkitd on the bus, in a mount namespace of its own where our polkit actions and
   the test's JavaScript rules are bind-mounted over ``/usr/share/polkit-1/actions`` and
   ``/etc/polkit-1/rules.d``, so the host's polkit configuration is neither read nor touched.
-- :func:`as_user`: run a command as another uid (``setpriv``), e.g. :mod:`tests.support.busclient`.
+- :func:`name_owner`: a stand-in owner of a bus name as root, to see what the bus policy lets through.
+- :func:`as_user`: run a command as another uid (``setpriv``), e.g. :mod:`imgmount_testkit.busclient`.
+
+Every process started here is stopped by the context manager or the ``close`` that started it.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import contextlib
 import grp
 import json
 import os
+import selectors
 import shutil
 import signal
 import subprocess
@@ -35,9 +41,10 @@ from mountd.dbusapi import BUS_NAME, MANAGER_IFACE, MANAGER_PATH
 from mountd.engine import Engine
 from mountd.journal import Journal
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-CONFIG = REPO / "tests" / "data" / "system-bus.conf"
+CONFIG = Path(__file__).with_name("system-bus.conf")
+POLICY = REPO / "systemd" / f"{BUS_NAME}.conf"
 POLKIT_ACTIONS = REPO / "systemd" / "io.github.imgmount.policy"
 POLKITD = "/usr/lib/polkit-1/polkitd"
 TIMEOUT = 20.0
@@ -56,23 +63,41 @@ class Bus:
     home: Path  # world-searchable; holds the socket and services/
 
 
+class BusStartError(RuntimeError):
+    """A process of the bus (dbus-daemon, polkitd, a name owner) did not come up; the message says why."""
+
+
 @contextlib.contextmanager
-def private_bus() -> Iterator[Bus]:
+def private_bus(includes: Sequence[Path] = (POLICY,), servicedir: Path | None = None) -> Iterator[Bus]:
+    """A system-like bus with the policy files ``includes`` and the activation files of ``servicedir``
+    (default: ``home/services``, empty)."""
     home = world_dir("imgmount-bus-")
     (home / "services").mkdir()
     conf = home / "bus.conf"
-    conf.write_text(CONFIG.read_text().replace("@BUSDIR@", str(home)).replace("@REPO@", str(REPO)))
+    conf.write_text(CONFIG.read_text()
+                    .replace("@BUSDIR@", str(home))
+                    .replace("@SERVICEDIR@", str(servicedir or home / "services"))
+                    .replace("@INCLUDES@", "\n  ".join(f"<include>{p}</include>" for p in includes)))
     proc = subprocess.Popen(["dbus-daemon", f"--config-file={conf}", "--nofork", "--print-address=1"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        assert proc.stdout is not None
-        address = proc.stdout.readline().strip()  # dbus-daemon prints it once it listens, or exits
-        if not address:
-            raise RuntimeError(f"dbus-daemon did not start: {proc.communicate()[1]}")
-        yield Bus(address, home)
+        yield Bus(_first_line(proc, "dbus-daemon"), home)
     finally:
         _stop(proc)
         shutil.rmtree(home, ignore_errors=True)
+
+
+def _first_line(proc: subprocess.Popen[str], what: str) -> str:
+    """The first line ``proc`` prints once it is ready, waited for at most TIMEOUT; else it is stopped."""
+    assert proc.stdout is not None and proc.stderr is not None
+    with selectors.DefaultSelector() as sel:
+        sel.register(proc.stdout, selectors.EVENT_READ)
+        ready = sel.select(timeout=TIMEOUT)
+    line = proc.stdout.readline() if ready else ""
+    if not line:
+        _stop(proc)
+        raise BusStartError(f"{what} did not start: {proc.stderr.read().strip() or 'no output'}")
+    return line.strip()
 
 
 def _stop(proc: subprocess.Popen[Any]) -> None:
@@ -83,6 +108,50 @@ def _stop(proc: subprocess.Popen[Any]) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+# Owns a bus name as root and answers on one object, so that tests can see what the bus policy lets
+# through to it. dbus-fast adds Introspectable, Properties, Peer and ObjectManager by itself.
+_OWNER = """
+import asyncio, sys
+from dbus_fast.aio import MessageBus
+from dbus_fast.service import PropertyAccess, ServiceInterface, dbus_property, method
+
+address, name, path, interfaces = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
+
+def make(iface):
+    class Answering(ServiceInterface):
+        @method()
+        def Ping(self) -> 's':
+            return iface
+
+        @dbus_property(access=PropertyAccess.READ)
+        def Version(self) -> 's':
+            return '0'
+    return Answering(iface)
+
+async def main():
+    bus = await MessageBus(bus_address=address).connect()
+    for iface in interfaces:
+        bus.export(path, make(iface))
+    await bus.request_name(name)
+    print('ready', flush=True)
+    await bus.wait_for_disconnect()
+
+asyncio.run(main())
+"""
+
+
+@contextlib.contextmanager
+def name_owner(bus: Bus, name: str, path: str, interfaces: Sequence[str]) -> Iterator[None]:
+    """Own ``name`` as root on ``bus`` and answer ``Ping() -> s`` on each of ``interfaces`` at ``path``."""
+    proc = subprocess.Popen([sys.executable, "-c", _OWNER, bus.address, name, path, *interfaces],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _first_line(proc, f"the owner of {name}")
+        yield
+    finally:
+        _stop(proc)
 
 
 # --- clients ----------------------------------------------------------------------------------------------
@@ -153,7 +222,8 @@ class Client:
         return {k: v.value for k, v in found.items()}
 
     def prop(self, path: str, interface: str, name: str) -> Any:
-        return self.call(path, "org.freedesktop.DBus.Properties", "Get", "ss", [interface, name]).value().value
+        found = self.call(path, "org.freedesktop.DBus.Properties", "Get", "ss", [interface, name]).value()
+        return found.value
 
     def driver(self, member: str, signature: str = "", *body: Any) -> Any:
         msg = Message(destination="org.freedesktop.DBus", path="/org/freedesktop/DBus",
@@ -212,7 +282,8 @@ def tmpfs() -> Iterator[Path]:
     nothing (on this machine's disk, they would be most of a test's time). Not /dev/shm: the engine takes
     paths under /dev/ for device nodes."""
     path = Path(tempfile.mkdtemp(prefix="imgmount-run-"))
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m,mode=0755", "imgmount-test", str(path)], check=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m,mode=0755", "imgmount-test", str(path)],
+                   check=True)
     try:
         yield path
     finally:
@@ -291,11 +362,11 @@ SPARE_GID = 64999  # for the group imgmount where /etc cannot change
 
 
 class OtherUser:
-    """A client process of another uid (:mod:`tests.support.busclient` under ``setpriv``), kept for many
+    """A client process of another uid (:mod:`imgmount_testkit.busclient` under ``setpriv``), kept for many
     calls; ``close`` ends it."""
 
     def __init__(self, bus: Bus, uid: int, gid: int, groups: Sequence[int] = ()) -> None:
-        argv = [*as_user(uid, gid, groups), sys.executable, "-m", "tests.support.busclient", bus.address]
+        argv = [*as_user(uid, gid, groups), sys.executable, "-m", "imgmount_testkit.busclient", bus.address]
         self.uid = uid
         self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=REPO,
                                      env={"PATH": os.environ["PATH"]})
@@ -325,23 +396,31 @@ class OtherUser:
 
 
 @contextlib.contextmanager
-def polkitd(bus: Bus, rules: str) -> Iterator[None]:
-    """polkitd on ``bus`` with our actions and ``rules`` (JavaScript) in a private mount namespace."""
+def polkitd(bus: Bus, rules: str = "", actions: Sequence[Path] = (POLKIT_ACTIONS,)) -> Iterator[None]:
+    """polkitd on ``bus`` knowing only the polkit ``actions`` files and ``rules`` (JavaScript), in a private
+    mount namespace. The bus must include polkit's own policy file (``private_bus`` always does)."""
     home = world_dir("imgmount-polkit-")
     (home / "actions").mkdir(mode=0o755)
     (home / "rules").mkdir(mode=0o755)
-    shutil.copy(POLKIT_ACTIONS, home / "actions" / POLKIT_ACTIONS.name)
-    (home / "rules" / "50-imgmount-test.rules").write_text(rules)
+    for policy in actions:
+        shutil.copy(policy, home / "actions" / policy.name)
+    if rules:
+        (home / "rules" / "50-imgmount-test.rules").write_text(rules)
     for f in [*(home / "actions").iterdir(), *(home / "rules").iterdir()]:
         f.chmod(0o644)
     script = ('mount --bind "$1/actions" /usr/share/polkit-1/actions && '
               'mount --bind "$1/rules" /etc/polkit-1/rules.d && exec "$2" --no-debug')
     proc = subprocess.Popen(["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh",
                              str(home), POLKITD], env={**os.environ, "DBUS_SYSTEM_BUS_ADDRESS": bus.address},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         with client(bus.address) as c:
-            c.wait_owner("org.freedesktop.PolicyKit1")
+            try:
+                c.wait_owner("org.freedesktop.PolicyKit1")
+            except TimeoutError:
+                _stop(proc)
+                assert proc.stderr is not None
+                raise BusStartError(f"polkitd did not start: {proc.stderr.read().strip()}") from None
         yield
     finally:
         _stop(proc)

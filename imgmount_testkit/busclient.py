@@ -1,6 +1,6 @@
 """A D-Bus client process for the daemon tests, run as another uid (``setpriv ... python -m`` this module).
 
-    python -m tests.support.busclient ADDRESS
+    python -m imgmount_testkit.busclient ADDRESS
 
 Reads one call per line on stdin, ``[path, interface, member, signature, args]`` in JSON (an ``a{sv}``
 argument is an object of ``[signature, value]`` pairs), makes it, and answers one line per call:

@@ -1,0 +1,114 @@
+"""imgmountd's life cycle for real: SIGKILL and a restart that republishes, a killed QEMU server, SIGTERM
+that unmounts everything and flushes."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+from pathlib import Path
+
+from imgmount_testkit import images
+from imgmount_testkit.bus import Bus, Client, Daemon, client
+from mountd.dbusapi import MOUNT_IFACE
+from mountd.engine import Engine
+from mountd.journal import Journal
+from mountd.model import MountRequest
+from tests.support import guests, leftovers
+from tests.support.daemon_calls import copy, mountpoint, qcow2, v, wait_gone
+from tests.support.guests import Guest
+
+
+def _eight(guest: Guest, where: Path) -> list[tuple[Path, bool]]:
+    """4 raw (loop) and 4 qcow2 (FUSE) images; 2 of each read-write."""
+    out = []
+    for i in range(4):
+        out.append((copy(guest.raw, where / f"life{i}.raw"), i < 2))
+        out.append((qcow2(guest.raw, where / f"life{i}.qcow2"), i < 2))
+    return out
+
+
+def _write(mount: Path, name: str, *, sync: bool) -> bytes:
+    data = hashlib.sha256(name.encode()).digest() * 32768  # 1 MiB
+    with open(mount / "written.bin", "wb") as f:
+        f.write(data)
+        if sync:
+            os.fsync(f.fileno())
+    return data
+
+
+def test_sigkill_loses_nothing_and_a_restart_republishes(bus: Bus, run: Path, tmp_path: Path,
+                                                          guest: Guest) -> None:
+    daemon = Daemon(bus, run).start()
+    try:
+        written = {}
+        with client(bus.address) as c:
+            for image, rw in _eight(guest, tmp_path):
+                path = c.mount(image, **{"read-only": v("b", not rw)}).value()
+                if rw:
+                    written[path] = _write(mountpoint(c, path), image.name, sync=True)
+            paths = sorted(c.manager("ListMounts").value())
+        assert daemon.signal(signal.SIGKILL) == -signal.SIGKILL
+        daemon.start()
+        with client(bus.address) as c:
+            assert sorted(c.manager("ListMounts").value()) == paths
+            assert {c.prop(p, MOUNT_IFACE, "State") for p in paths} == {"mounted"}
+            for path, data in written.items():
+                assert (mountpoint(c, path) / "written.bin").read_bytes() == data
+                guests.check_files(mountpoint(c, path), guest.files["disk"])
+            for path in paths:
+                c.call(path, MOUNT_IFACE, "Unmount", "a{sv}", [{}]).value()
+        for image in tmp_path.glob("*.qcow2"):
+            images.run(["qemu-img", "check", "-q", str(image)])
+    finally:
+        daemon.close()
+
+
+def test_a_killed_qemu_server_makes_its_mount_broken(c: Client, daemon: Daemon, guest: Guest,
+                                                     tmp_path: Path) -> None:
+    before = leftovers.snapshot()
+    path = c.mount(qcow2(guest.raw, tmp_path / "victim.qcow2"), backend=v("s", "fuse")).value()
+    record = json.loads((daemon.state / "mounts" / f"{path.rsplit('/', 1)[1]}.json").read_text())
+    pid = next(layer["identity"]["pid"] for layer in record["layers"] if layer["kind"] == "fuse")
+    c.watch()
+    os.kill(pid, signal.SIGKILL)
+    wait_gone(pid)
+    assert c.prop(path, MOUNT_IFACE, "State") == "broken"
+    changed = c.wait_signal(lambda m: m.member == "PropertiesChanged" and m.path == path)
+    assert changed.body[1]["State"].value == "broken"
+    assert c.call(path, MOUNT_IFACE, "Unmount", "a{sv}", [{}]).error is None
+    assert c.manager("ListMounts").value() == []
+    assert leftovers.snapshot().new_since(before) == []
+
+
+def test_sigterm_unmounts_everything_and_flushes(bus: Bus, run: Path, tmp_path: Path, guest: Guest) -> None:
+    before = leftovers.snapshot()
+    daemon = Daemon(bus, run).start()
+    written = {}
+    try:
+        with client(bus.address) as c:
+            for image, rw in _eight(guest, tmp_path):
+                path = c.mount(image, **{"read-only": v("b", not rw)}).value()
+                if rw:
+                    written[image] = _write(mountpoint(c, path), image.name, sync=False)
+            # An image inside another mount: it must come off first, or the outer one would be busy.
+            outer = next(iter(written))
+            nested = copy(guest.raw, mountpoint(c, c.mount(outer, **{"read-only": v("b", False)}).value()) / "in.raw")
+            c.mount(nested).value()
+        assert daemon.signal(signal.SIGTERM) == 0
+        assert list((daemon.state / "mounts").iterdir()) == []
+        log = daemon.log()
+        assert log.index(f"unmounted {nested}") < log.index(f"unmounted {outer}") and "lazy" not in log
+    finally:
+        daemon.close()
+    assert leftovers.snapshot().new_since(before) == []
+    engine = Engine(Journal(str(tmp_path / "check")))
+    for image, data in written.items():
+        if image.suffix == ".qcow2":
+            images.run(["qemu-img", "check", "-q", str(image)])
+        info = engine.mount(MountRequest(image=str(image), mount_root=str(tmp_path / "media")))
+        try:
+            assert (Path(info.volumes[0].mountpoint) / "written.bin").read_bytes() == data
+        finally:
+            engine.unmount(info.id)

@@ -1,0 +1,53 @@
+"""Small helpers of the daemon tests (tests/host/test_daemon_*.py): variants, image copies, mountpoints,
+error replies, waiting for a process to exit."""
+
+from __future__ import annotations
+
+import os
+import select
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from dbus_fast import Variant
+
+from imgmount_testkit import images
+from imgmount_testkit.bus import Client
+from mountd.dbusapi import ERROR_PREFIX, MOUNT_IFACE
+
+OM = "org.freedesktop.DBus.ObjectManager"
+PROPS = "org.freedesktop.DBus.Properties"
+
+
+def v(signature: str, value: Any) -> Variant:
+    return Variant(signature, value)
+
+
+def copy(src: Path, dst: Path) -> Path:
+    subprocess.run(["cp", "--sparse=always", str(src), str(dst)], check=True)
+    return dst
+
+
+def qcow2(src: Path, dst: Path) -> Path:
+    images.convert(src, dst, "qcow2")
+    dst.chmod(0o644)
+    return dst
+
+
+def mountpoint(c: Client, path: str) -> Path:
+    return Path(c.prop(path, MOUNT_IFACE, "Volumes")[0][3])
+
+
+def error(reply: Any, name: str) -> str:
+    """Assert ``reply`` is the error ``name`` (short names are ours) and return its message."""
+    full = name if "." in name else ERROR_PREFIX + name
+    assert reply.error == full, f"expected {full}, got {reply.error}: {reply.body}"
+    return str(reply.text)
+
+
+def wait_gone(pid: int) -> None:
+    fd = os.pidfd_open(pid)
+    try:
+        assert select.select([fd], [], [], 30)[0], f"process {pid} did not exit"
+    finally:
+        os.close(fd)
