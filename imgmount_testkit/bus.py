@@ -349,6 +349,18 @@ class Daemon:
         shutil.rmtree(self.home, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def serving(run: Path) -> Iterator[tuple[Bus, Daemon, Client]]:
+    """A private bus, the real daemon on it (its state under ``run``) and a client, all ended after."""
+    with private_bus() as bus:
+        daemon = Daemon(bus, run).start()
+        try:
+            with client(bus.address) as cl:
+                yield bus, daemon, cl
+        finally:
+            daemon.close()
+
+
 # --- other users and polkit ---------------------------------------------------------------------------
 
 

@@ -49,8 +49,8 @@ from .errors import (
     OperationTimeoutError,
     UnsupportedError,
 )
-from .journal import STATE_DIR_ENV
 from .model import BACKENDS, MountInfo, MountRequest, display_name, find_mount
+from .settings import STATE_DIR_ENV
 
 if TYPE_CHECKING:
     import logging

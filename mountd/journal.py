@@ -19,9 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import FailedError, NotFoundError
-
-DEFAULT_STATE_DIR = "/run/imgmount"
-STATE_DIR_ENV = "IMGMOUNT_STATE_DIR"
+from .settings import DEFAULT_STATE_DIR, STATE_DIR_ENV
 
 
 @dataclass(frozen=True)

@@ -6,9 +6,12 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from .errors import NotFoundError
-from .journal import MountRecord
+
+if TYPE_CHECKING:  # the commands import this module: not the journal
+    from .journal import MountRecord
 
 BACKENDS = ("auto", "nbd", "loop", "fuse")
 

@@ -46,10 +46,11 @@ from .errors import (
     UnsupportedError,
 )
 from .holders import files_usage
-from .journal import DEFAULT_STATE_DIR, Journal, LayerRecord
+from .journal import Journal, LayerRecord
 from .layer import Layer, Progress
 from .mounts import mountinfo
 from .processes import start_time
+from .settings import DEFAULT_STATE_DIR
 
 log = logging.getLogger(__name__)
 

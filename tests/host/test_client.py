@@ -24,7 +24,8 @@ from mountd.client import ALLOW_INTERACTIVE_AUTHORIZATION, Call, Reply, Variant,
 from tests.support.guests import Guest
 
 BIN = Path(sys.executable).parent
-NOT_IMPORTED = ("dbus_fast", "asyncio", "mountd.engine", "mountd.daemon", "mountd.dbusapi", "mountd.imageinfo")
+NOT_IMPORTED = ("dbus_fast", "asyncio", "mountd.engine", "mountd.daemon", "mountd.dbusapi", "mountd.imageinfo",
+                "mountd.journal")
 
 
 def _command(bus_address: str, *argv: str, user: list[str] | None = None) -> subprocess.CompletedProcess[str]:

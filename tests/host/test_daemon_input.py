@@ -15,7 +15,7 @@ import pytest
 from dbus_fast import Variant
 
 from imgmount_testkit import images
-from imgmount_testkit.bus import REPO, Bus, Client, Daemon, as_user, client, private_bus
+from imgmount_testkit.bus import REPO, Bus, Client, Daemon, as_user, client, serving
 from mountd.dbusapi import (
     ERROR_PREFIX,
     MANAGER_IFACE,
@@ -86,13 +86,8 @@ BAD_CALLS: list[tuple[str, Any, str, str]] = [
 @pytest.fixture(scope="module")
 def served(run: Path) -> Iterator[tuple[Daemon, Client]]:
     """One daemon (on a bus of its own) answers every bad call in turn: it must keep serving."""
-    with private_bus() as b:
-        d = Daemon(b, run).start()
-        try:
-            with client(b.address) as cl:
-                yield d, cl
-        finally:
-            d.close()
+    with serving(run) as (_, daemon, cl):
+        yield daemon, cl
 
 
 @pytest.mark.parametrize(("what", "call", "name", "message"), BAD_CALLS, ids=[b[0] for b in BAD_CALLS])

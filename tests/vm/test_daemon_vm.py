@@ -14,12 +14,10 @@ from imgmount_testkit import images
 from imgmount_testkit.bus import (
     Bus,
     Client,
-    Daemon,
     OtherUser,
-    client,
     imgmount_group,
-    private_bus,
     servers_of,
+    serving,
     tmpfs,
     world_dir,
 )
@@ -29,13 +27,8 @@ from tests.support import guests
 
 @pytest.fixture
 def served(scratch: Path) -> Iterator[tuple[Bus, Client]]:
-    with private_bus() as bus, tmpfs() as run:
-        daemon = Daemon(bus, run).start()
-        try:
-            with client(bus.address) as cl:
-                yield bus, cl
-        finally:
-            daemon.close()
+    with tmpfs() as run, serving(run) as (bus, _, cl):
+        yield bus, cl
 
 
 @pytest.fixture
