@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mountd.lvmmeta import INITIAL_CRC, MDA_MAGIC, format_uuid, lvm_crc, parse_config
+from mountd.lvmconfig import parse_config
+from mountd.lvmmeta import INITIAL_CRC, MDA_MAGIC, format_uuid, lvm_crc
 
 SECTOR = 512
 MiB = 1 << 20

@@ -32,7 +32,8 @@ from imgmount_testkit.lvm_synth import (  # noqa: E402
     pv_file,
     write_pv,
 )
-from mountd.lvmmeta import MAX_ITEMS, MAX_LVS, MAX_TEXT_SIZE  # noqa: E402
+from mountd.lvmconfig import MAX_ITEMS, MAX_LVS  # noqa: E402
+from mountd.lvmmeta import MAX_TEXT_SIZE  # noqa: E402
 
 # The child: ``imgmount`` with its arguments read from stdin (a 1 MiB path is longer than an argument may be).
 CHILD = ("import json, sys; from mountd.cli import imgmount_main; "

@@ -18,7 +18,8 @@ import pytest
 from imgmount_testkit.lvm_synth import CRAFTED_PE_START, crafted_items, crafted_vg, nested, padded, pv_file
 from mountd.errors import InvalidImageError
 from mountd.inspect import MAX_PROBED
-from mountd.lvmmeta import MAX_DEPTH, MAX_ITEMS, MAX_LIST, MAX_LVS, MAX_STRING, MAX_TEXT_SIZE
+from mountd.lvmconfig import MAX_DEPTH, MAX_ITEMS, MAX_LIST, MAX_LVS, MAX_STRING
+from mountd.lvmmeta import MAX_TEXT_SIZE
 
 
 def imgmount(*args: str) -> subprocess.CompletedProcess[str]:

@@ -17,7 +17,8 @@ import pytest
 
 from imgmount_testkit.images import LvSpec, blank, loop, lv_extents, make_lvm, run
 from mountd.blockio import FileReader, SliceReader
-from mountd.lvmmeta import LvmMetadataError, PhysicalVolume, VolumeGroup, read_pv
+from mountd.lvmconfig import LvmMetadataError
+from mountd.lvmmeta import PhysicalVolume, VolumeGroup, read_pv
 from tests.support.lvm_multi import Region, create_lv, create_pvs, lvm, pv_loops, report
 
 MiB = 1 << 20

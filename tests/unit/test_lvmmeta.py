@@ -36,8 +36,7 @@ from imgmount_testkit.lvm_synth import (
 )
 from mountd import lvmmeta
 from mountd.blockio import BlockReader, BytesReader
-from mountd.lvmmeta import (
-    INITIAL_CRC,
+from mountd.lvmconfig import (
     MAX_DEPTH,
     MAX_ITEMS,
     MAX_KEYS,
@@ -48,13 +47,16 @@ from mountd.lvmmeta import (
     MAX_SEGMENTS,
     MAX_STRING,
     MAX_STRIPES,
-    MAX_TEXT_SIZE,
     LvmMetadataError,
+    parse_config,
+)
+from mountd.lvmmeta import (
+    INITIAL_CRC,
+    MAX_TEXT_SIZE,
     LvSegment,
     PhysicalVolume,
     format_uuid,
     lvm_crc,
-    parse_config,
     parse_vg,
     read_pv,
 )
