@@ -228,14 +228,18 @@ class Service:
         root = self.engine.journal.mounts
         ids = sorted(p.stem for p in root.glob("*.json")) if root.is_dir() else []
         for mount_id in ids:
+            whole = None
             try:
-                await asyncio.to_thread(self.engine.clean_up, mount_id)
+                whole = await asyncio.to_thread(self.engine.clean_up, mount_id)
             except MountdError as exc:
                 log.warning("mount %s stays as a crash left it: %s", mount_id, exc)
             except Exception:  # a damaged record: the others are still torn down and published
                 log.exception("cannot tear down mount %s: left as it is", mount_id)
             try:
-                await self.sync(mount_id)
+                if whole is not None:  # verified just now, under its image's lock
+                    self.publish(whole, "mounted")
+                else:
+                    await self.sync(mount_id)
             except Exception:
                 log.exception("cannot publish mount %s from the journal: left alone", mount_id)
         orphans = await asyncio.to_thread(self.engine.journal.prune_claims)

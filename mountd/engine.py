@@ -7,11 +7,12 @@ made by one process is listed and unmounted by another, and a slow mount of one 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import pwd
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from . import backends, dm, fuse, loop, mounts, nbd, server  # noqa: F401 - importing registers the layer kinds
@@ -52,8 +53,7 @@ class Engine:
 
     def verify(self, mount_id: str) -> list[str]:
         """The layers of a mount that the kernel no longer shows as we made them."""
-        record = self.journal.read(mount_id)
-        return [layer.describe() for rec in record.layers if not (layer := layer_from_record(rec)).verify()]
+        return _lost(self.journal.read(mount_id))
 
     # --- mount -------------------------------------------------------------------------------------------
 
@@ -114,24 +114,32 @@ class Engine:
 
     # --- unmount -----------------------------------------------------------------------------------------
 
-    def clean_up(self, mount_id: str) -> bool:
+    def clean_up(self, mount_id: str) -> MountInfo | None:
         """At start-up: tear down a mount that a crash left half-made, half-unmounted or broken (what no
-        longer is ours is left alone by each layer); True if it was, False if it is whole and stays. Busy
+        longer is ours is left alone by each layer) and return None; or return it, whole, verified. Busy
         layers stop the teardown (MountdError) and what is left stays recorded."""
-        with self.journal.image_locked(self.journal.read(mount_id).lock_key):  # not one a command is making
-            record = self.journal.read(mount_id)
-            if record.state == "mounted" and not self.verify(mount_id):
-                return False
+        with self._held(mount_id) as record:  # not one that a command is making
+            if record.state == "mounted" and not _lost(record):
+                return MountInfo.from_record(record)
             log.warning("tearing down mount %s of %s, left %s by a crash", record.id, record.image,
                         record.state if record.state != "mounted" else "broken")
             MountStack(self.journal, record).teardown()
-            return True
+            return None
 
     def unmount(self, mount_id: str, *, force: bool = False) -> None:
-        with self.journal.image_locked(self.journal.read(mount_id).lock_key):
-            record = self.journal.read(mount_id)  # as it is now that the image is ours
+        with self._held(mount_id) as record:
             MountStack(self.journal, record).teardown(force=force)
             log.info("unmounted %s (%s)", record.image, record.id)
+
+    @contextlib.contextmanager
+    def _held(self, mount_id: str) -> Iterator[MountRecord]:
+        """The mount's record as it is once its image's lock is ours."""
+        with self.journal.image_locked(self.journal.read(mount_id).lock_key):
+            yield self.journal.read(mount_id)
+
+
+def _lost(record: MountRecord) -> list[str]:
+    return [layer.describe() for rec in record.layers if not (layer := layer_from_record(rec)).verify()]
 
 
 def _deadline_from_env() -> float:
