@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import InUseError, InvalidImageError, NotFoundError
+from .processes import not_yet_execed_child
 
 FREE, READ_ONLY, READ_WRITE = "free", "read-only", "read-write"
 
@@ -314,7 +315,7 @@ def _usage(target: _Target, seen: dict[int, list[FdInfo]], ignored: frozenset[in
     ignored_bytes: frozenset[int] = frozenset()
     for pid, infos in seen.items():
         lock_bytes = frozenset().union(*(i.lock_bytes for i in infos))
-        if pid in ignored:
+        if pid in ignored or not_yet_execed_child(pid):
             ignored_bytes |= lock_bytes
             continue
         program = _program(pid)

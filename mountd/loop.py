@@ -48,7 +48,6 @@ from .holders import (
 from .journal import LayerRecord
 from .layer import Layer, Progress
 from .mounts import mountinfo
-from .processes import same_open_file
 
 log = logging.getLogger(__name__)
 
@@ -455,27 +454,10 @@ def device_users(number: int, node: str, *, own_fd: int | None = None) -> list[s
         users += [f"held by {h}" for h in sorted(os.listdir(SYS_BLOCK / f"loop{number}" / "holders"))]
     users += [f"backing {loop}" for loop in loops_backed_by(node)]
     with contextlib.suppress(OSError, MountdError):
-        users += [f"open by {h}" for h in file_usage(node).holders if not _only_our_copy(h.pid, node, own_fd)]
+        users += [f"open by {h}" for h in file_usage(node).holders]
     if any(_link(f"/proc/self/fd/{fd}") == node for fd in os.listdir("/proc/self/fd") if fd != str(own_fd)):
         users.append(f"open by this process (pid {os.getpid()})")  # file_usage never counts us
     return users
-
-
-def _only_our_copy(pid: int, node: str, own_fd: int | None) -> bool:
-    """``pid`` is no user of the device: each fd it has on ``node`` now (none, once it has gone on to its
-    exec) is our own ``own_fd``, inherited by a program another thread of ours is starting (O_CLOEXEC: its
-    exec closes it)."""
-    if own_fd is None:
-        return False
-    fds = [int(fd) for fd in _listdir(f"/proc/{pid}/fd") if _link(f"/proc/{pid}/fd/{fd}") == node]
-    return all(same_open_file(pid, fd, own_fd) for fd in fds)
-
-
-def _listdir(path: str) -> list[str]:
-    try:
-        return os.listdir(path)
-    except OSError:
-        return []
 
 
 def _link(path: str) -> str:

@@ -3,7 +3,6 @@ the process we started or were called by."""
 
 from __future__ import annotations
 
-import ctypes
 import os
 import signal
 from dataclasses import dataclass
@@ -14,6 +13,7 @@ from pathlib import Path
 class ProcState:
     start_time: int  # /proc/PID/stat field 22: clock ticks after boot
     state: str  # R, S, D, Z, ...
+    ppid: int = 0
 
 
 def proc_state(pid: int) -> ProcState | None:
@@ -22,13 +22,34 @@ def proc_state(pid: int) -> ProcState | None:
     except OSError:
         return None
     fields = text[text.rindex(")") + 2:].split()  # comm may hold spaces and parentheses
-    return ProcState(int(fields[19]), fields[0])
+    return ProcState(int(fields[19]), fields[0], int(fields[1]))
 
 
 def start_time(pid: int) -> int | None:
     """The start time of ``pid``, or None when there is no such process."""
     found = proc_state(pid)
     return found.start_time if found else None
+
+
+def not_yet_execed_child(pid: int) -> bool:
+    """``pid`` is a child of ours that still runs our own program with our own command line: a program
+    another thread is starting, between its fork and its exec. It holds copies of every fd we had open at
+    the fork, ones closed since included, and its exec closes them all (close_fds): it is no user of
+    anything. (A Python program we start has our executable too, but its own command line.)"""
+    found = proc_state(pid)
+    if found is None or found.ppid != os.getpid():
+        return False
+    try:
+        theirs, ours = os.stat(f"/proc/{pid}/exe"), os.stat("/proc/self/exe")
+        same_program = (theirs.st_dev, theirs.st_ino) == (ours.st_dev, ours.st_ino)
+        return same_program and _read_bytes(f"/proc/{pid}/cmdline") == _read_bytes("/proc/self/cmdline")
+    except OSError:
+        return False
+
+
+def _read_bytes(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
 
 
 def is_alive(pid: int, start_time: int) -> bool:
@@ -54,16 +75,3 @@ def kill(pid: int, started: int) -> bool:
         return False
     finally:
         os.close(fd)
-
-
-SYS_KCMP = {"x86_64": 312, "aarch64": 272, "i686": 349, "armv7l": 378}.get(os.uname().machine)
-KCMP_FILE = 0
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def same_open_file(pid: int, fd: int, our_fd: int) -> bool:
-    """``pid``'s ``fd`` is our own ``our_fd`` (the same open file description: kcmp(2)), e.g. a copy that a
-    program we just started holds between its fork and its exec, which closes it. False where unknown."""
-    if SYS_KCMP is None:
-        return False
-    return int(_libc.syscall(SYS_KCMP, os.getpid(), pid, KCMP_FILE, our_fd, fd)) == 0

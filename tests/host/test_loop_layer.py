@@ -3,10 +3,14 @@ image locks checked against real ``qemu-system-x86_64`` processes (tests/support
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
+import signal
 import struct
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -166,6 +170,63 @@ def test_detach_while_a_process_has_it_open(raw: Path) -> None:
             assert sysfs_view(number(layer)) is not None  # still there while the holder has it open
         assert sysfs_view(number(layer)) is None  # the holder closed it: gone
     finally:
+        layer.detach()
+
+
+def forked_holding(node: str, *, exec_when: Callable[[], bool] | None = None, keep: bool = False) -> int:
+    """A child of this process, forked while we had ``node`` open (we close our fd at once): between its
+    fork and its exec, as a program another thread of the daemon is starting. It execs ``sleep`` once
+    ``exec_when()`` holds (polled, 10 s at most), or at once when it is None; the exec closes the copy
+    (O_CLOEXEC) unless ``keep``. Killed by the caller."""
+    fd = os.open(node, os.O_RDONLY | os.O_CLOEXEC)
+    pid = os.fork()
+    if pid == 0:  # only os calls here: other threads' locks are not ours to take
+        deadline = time.monotonic() + 10
+        while exec_when is not None and not exec_when() and time.monotonic() < deadline:
+            os.sched_yield()
+        os.set_inheritable(fd, keep)
+        os.execv("/bin/sleep", ["sleep", "60"])
+    os.close(fd)
+    return pid
+
+
+def autoclear_set(layer: Layer) -> Callable[[], bool]:
+    """LOOP_CLR_FD on a device that is open elsewhere sets autoclear: the clear waits for the last close."""
+    flag = Path(f"/sys/block/loop{number(layer)}/loop/autoclear")
+    return lambda: flag.read_text().strip() == "1"
+
+
+def reap(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+
+
+def test_a_program_being_started_is_no_user_of_what_it_inherited(raw: Path) -> None:
+    # The daemon's race (issue 9, seen again in CI): a thread starts a program while another has the device
+    # open for a moment; until its exec the child holds a copy of that fd, closed in the daemon since.
+    layer = LoopLayer(loop_plan(raw))
+    layer.attach(lambda r: None)
+    child = forked_holding(layer.node, exec_when=autoclear_set(layer))
+    try:
+        layer.detach()  # the child execs (closing the copy) once our clear waits for the last close
+        assert sysfs_view(number(layer)) is None
+    finally:
+        reap(child)
+        layer.detach()
+
+
+def test_the_same_program_after_its_exec_is_a_user(raw: Path) -> None:
+    layer = LoopLayer(loop_plan(raw))
+    layer.attach(lambda r: None)
+    child = forked_holding(layer.node, keep=True)
+    try:
+        mountd.loop.wait_until(lambda: os.readlink(f"/proc/{child}/exe").endswith("/sleep"), 10, "its exec")
+        with pytest.raises(BusyError, match=f"open by sleep, pid {child}"):
+            layer.detach()
+        assert layer.verify()
+    finally:
+        reap(child)
         layer.detach()
 
 
