@@ -37,9 +37,9 @@ from typing import Any
 from dbus_fast import Message, MessageType, Variant
 from dbus_fast.aio import MessageBus
 
-from mountd.dbusapi import BUS_NAME, MANAGER_IFACE, MANAGER_PATH
-from mountd.engine import Engine
-from mountd.journal import Journal
+from mountd.engine.engine import Engine
+from mountd.engine.journal import Journal
+from mountd.service.dbusapi import BUS_NAME, MANAGER_IFACE, MANAGER_PATH
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

@@ -1,4 +1,4 @@
-"""Synthetic LVM2 physical volumes, byte for byte, for pure tests of :mod:`mountd.lvmmeta`.
+"""Synthetic LVM2 physical volumes, byte for byte, for pure tests of :mod:`mountd.image.lvmmeta`.
 
 Real PVs come from the LVM tools in the host tests; these builders make the cases the tools cannot be asked
 for directly (text wrapping at a chosen place, a second metadata area with another seqno, ignored areas,
@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mountd.lvmconfig import parse_config
-from mountd.lvmmeta import INITIAL_CRC, MDA_MAGIC, format_uuid, lvm_crc
+from mountd.image.lvmconfig import parse_config
+from mountd.image.lvmmeta import INITIAL_CRC, MDA_MAGIC, format_uuid, lvm_crc
 
 SECTOR = 512
 MiB = 1 << 20
@@ -176,7 +176,7 @@ def simple_image(text: bytes | None = None, **mda: Any) -> bytearray:
     return pv_image(2 * MiB, PV_UUID, [Mda(4096, MiB - 4096, simple_vg() if text is None else text, **mda)])
 
 
-# --- crafted VGs, as large as asked: the bounds of mountd.lvmmeta, for unit and host tests and the bench --------
+# --- crafted VGs, as large as asked: the bounds of mountd.image.lvmmeta, for unit and host tests and the bench --------
 
 #: Where the data area starts in a :func:`pv_file`: after a metadata area that holds any text lvmmeta reads.
 CRAFTED_PE_START = 10 * MiB
@@ -237,14 +237,14 @@ def nested(levels: int) -> dict[str, Any]:
 
 
 def config_items(section: Mapping[str, Any]) -> int:
-    """The entries and list items of a parsed config text, as mountd.lvmmeta counts them for MAX_ITEMS (a
+    """The entries and list items of a parsed config text, as mountd.image.lvmmeta counts them for MAX_ITEMS (a
     section twice)."""
     return sum(1 + (1 + config_items(v) if isinstance(v, Mapping) else len(v) if isinstance(v, tuple) else 0)
                for v in section.values())
 
 
 def crafted_items(total: int, sections: bool = False) -> bytes:
-    """A valid VG text of exactly ``total`` entries and list items as mountd.lvmmeta counts them: those of
+    """A valid VG text of exactly ``total`` entries and list items as mountd.image.lvmmeta counts them: those of
     :func:`crafted_vg`, then keys ``k0_0 = 0``, each its own (or empty sections ``e0 {}``, which count
     twice), a thousand to a section."""
     left = total - config_items(parse_config(crafted_vg()))

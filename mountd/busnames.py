@@ -1,7 +1,8 @@
 """The D-Bus API's names (design: "D-Bus API, version 1"), and a Mount object's properties as a MountInfo.
 
-Both sides use these: the daemon (:mod:`mountd.dbusapi`, with dbus-fast) and the commands (:mod:`mountd.cli`,
-with the small client :mod:`mountd.client`). So this module imports no D-Bus library.
+Both sides use these: the daemon (:mod:`mountd.service.dbusapi`, with dbus-fast) and the commands
+(:mod:`mountd.cli.main`, with the small client :mod:`mountd.cli.client`). So this module imports no D-Bus
+library.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from .model import MountedVolume, MountInfo
+from mountd.model import MountedVolume, MountInfo
 
 BUS_NAME = "io.github.imgmount.Mountd1"
 MANAGER_PATH = "/io/github/imgmount/Mountd1"

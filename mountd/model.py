@@ -8,10 +8,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from .errors import NotFoundError
+from mountd.errors import NotFoundError
 
 if TYPE_CHECKING:  # the commands import this module: not the journal
-    from .journal import MountRecord
+    from mountd.engine.journal import MountRecord
 
 BACKENDS = ("auto", "nbd", "loop", "fuse")
 

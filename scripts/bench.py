@@ -40,9 +40,9 @@ from imgmount_testkit.bus import (
     reply_of,
     tmpfs,
 )
-from mountd.dbusapi import MANAGER_IFACE, MANAGER_PATH, MOUNT_IFACE
-from mountd.engine import Engine
+from mountd.engine.engine import Engine
 from mountd.model import MountRequest
+from mountd.service.dbusapi import MANAGER_IFACE, MANAGER_PATH, MOUNT_IFACE
 
 MiB = images.MiB
 BIN = Path(sys.executable).parent

@@ -1,8 +1,8 @@
 """Crafted input at imgmount's bounds (issue 9 #3): what ``imgmount --info`` costs on it, time and memory.
 
 Each case is an image file built in a temporary directory (a PV whose metadata area holds a crafted text, see
-``mountd.lvmmeta``), or an image path that is crafted itself. ``imgmount --info`` runs on it in a fresh child
-process, as the command does (in-process, as root); the figures are its wall time and its own peak RSS
+``mountd.image.lvmmeta``), or an image path that is crafted itself. ``imgmount --info`` runs on it in a fresh
+child process, as the command does (in-process, as root); the figures are its wall time and its own peak RSS
 (``os.wait4``). Nothing is asserted: the tests check what a user sees, this measures what it costs.
 
     python scripts/bench_crafted.py [--tree DIR]    # DIR: another checkout to measure (default: this one)
@@ -32,11 +32,11 @@ from imgmount_testkit.lvm_synth import (  # noqa: E402
     pv_file,
     write_pv,
 )
-from mountd.lvmconfig import MAX_ITEMS, MAX_LVS  # noqa: E402
-from mountd.lvmmeta import MAX_TEXT_SIZE  # noqa: E402
+from mountd.image.lvmconfig import MAX_ITEMS, MAX_LVS  # noqa: E402
+from mountd.image.lvmmeta import MAX_TEXT_SIZE  # noqa: E402
 
 # The child: ``imgmount`` with its arguments read from stdin (a 1 MiB path is longer than an argument may be).
-CHILD = ("import json, sys; from mountd.cli import imgmount_main; "
+CHILD = ("import json, sys; from mountd.cli.main import imgmount_main; "
          "sys.exit(imgmount_main(json.load(sys.stdin)))")
 # Starts CHILD (its output to /dev/null) and prints its wall time, exit status and peak RSS in KiB. A
 # process's peak RSS (ru_maxrss) counts the memory of the one it was forked from: the bench, holding the

@@ -44,7 +44,7 @@ from imgmount_testkit.bus import (
     client,
     world_dir,
 )
-from mountd.dbusapi import ERROR_PREFIX, MOUNT_IFACE
+from mountd.service.dbusapi import ERROR_PREFIX, MOUNT_IFACE
 from tests.support.attacker import Attacker
 
 pytestmark = pytest.mark.host

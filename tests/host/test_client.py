@@ -1,4 +1,4 @@
-"""The commands' own small D-Bus client (:mod:`mountd.client`, issue 11 item 5): its wire format against
+"""The commands' own small D-Bus client (:mod:`mountd.cli.client`, issue 11 item 5): its wire format against
 dbus-fast's, and the commands through it to the real imgmountd on a private bus, importing neither dbus-fast
 nor asyncio nor the engine."""
 
@@ -18,14 +18,15 @@ from dbus_fast import Variant as FastVariant
 from dbus_fast._private.unmarshaller import Unmarshaller
 
 from imgmount_testkit.bus import Bus, Client, Daemon, as_user
-from mountd import cli
 from mountd.busnames import MOUNT_IFACE, MOUNTS_PATH
-from mountd.client import ALLOW_INTERACTIVE_AUTHORIZATION, Call, Reply, Variant, marshal_call, unmarshal
+from mountd.cli import main as cli
+from mountd.cli.client import ALLOW_INTERACTIVE_AUTHORIZATION, Call, Reply, Variant, marshal_call, unmarshal
 from tests.support.guests import Guest
 
 BIN = Path(sys.executable).parent
-NOT_IMPORTED = ("dbus_fast", "asyncio", "mountd.engine", "mountd.daemon", "mountd.dbusapi", "mountd.imageinfo",
-                "mountd.journal")
+#: The commands' lean path imports the floor below none of these packages (issue 11 items 1 and 5).
+NOT_IMPORTED = ("dbus_fast", "asyncio", "mountd.service", "mountd.engine", "mountd.layers", "mountd.image",
+                "mountd.host")
 
 
 def _command(bus_address: str, *argv: str, user: list[str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -131,7 +132,7 @@ def test_no_usable_bus_address(bus: Bus, users: dict[str, tuple[int, int]]) -> N
 
 CHILD = """
 import json, sys
-from mountd.cli import imgmount_main, imgumount_main
+from mountd.cli.main import imgmount_main, imgumount_main
 codes = [imgmount_main(["--list", "--json"]), imgumount_main(["/nonexistent.raw"])]
 print(json.dumps([codes, [m for m in {names!r} if m in sys.modules]]))
 """

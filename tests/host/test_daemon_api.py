@@ -15,10 +15,10 @@ from dbus_fast import Variant
 
 import mountd
 from imgmount_testkit.bus import Bus, Client, Daemon, call_message, client, connect, reply_of
-from mountd.backends import available
-from mountd.dbusapi import BUS_NAME, MANAGER_IFACE, MANAGER_PATH, MOUNT_IFACE, MOUNTS_PATH
-from mountd.inspect import inspect_image
-from mountd.render import inspection_to_dict
+from mountd.engine.backends import available
+from mountd.engine.inspection import inspect_image
+from mountd.engine.render import inspection_to_dict
+from mountd.service.dbusapi import BUS_NAME, MANAGER_IFACE, MANAGER_PATH, MOUNT_IFACE, MOUNTS_PATH
 from tests.support import guests
 from tests.support.daemon_calls import OM, copy, qcow2, v
 from tests.support.guests import Guest

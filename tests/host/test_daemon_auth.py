@@ -12,7 +12,7 @@ from pathlib import Path
 
 from imgmount_testkit import images
 from imgmount_testkit.bus import Bus, Client, Daemon, OtherUser, as_user, polkitd, servers_of
-from mountd.dbusapi import MANAGER_IFACE, MANAGER_PATH, MOUNT_IFACE
+from mountd.service.dbusapi import MANAGER_IFACE, MANAGER_PATH, MOUNT_IFACE
 from tests.support import guests
 from tests.support.daemon_calls import error, mountpoint
 from tests.support.guests import Guest

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from imgmount_testkit.bus import Bus, Client, Daemon, as_user, client
-from mountd.dbusapi import BUS_NAME, MOUNTS_PATH
+from mountd.service.dbusapi import BUS_NAME, MOUNTS_PATH
 from tests.support.daemon_calls import wait_gone
 from tests.support.guests import Guest
 

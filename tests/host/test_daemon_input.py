@@ -16,7 +16,7 @@ from dbus_fast import Variant
 
 from imgmount_testkit import images
 from imgmount_testkit.bus import REPO, Bus, Client, Daemon, as_user, client, serving
-from mountd.dbusapi import (
+from mountd.service.dbusapi import (
     ERROR_PREFIX,
     MANAGER_IFACE,
     MANAGER_PATH,

@@ -11,10 +11,10 @@ from pathlib import Path
 
 from imgmount_testkit import images
 from imgmount_testkit.bus import Bus, Client, Daemon, client
-from mountd.dbusapi import MOUNT_IFACE
-from mountd.engine import Engine
-from mountd.journal import Journal
+from mountd.engine.engine import Engine
+from mountd.engine.journal import Journal
 from mountd.model import MountRequest
+from mountd.service.dbusapi import MOUNT_IFACE
 from tests.support import guests, leftovers
 from tests.support.daemon_calls import copy, mountpoint, qcow2, v, wait_gone
 from tests.support.guests import Guest

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 
 from imgmount_testkit import images
-from mountd.engine import Engine
+from mountd.engine.engine import Engine
+from mountd.engine.journal import Journal
 from mountd.errors import BusyError, InUseError, InvalidArgumentError, NotFoundError, UnsupportedError
-from mountd.journal import Journal
-from mountd.layer import InjectedFault
+from mountd.layers.layer import InjectedFault
 from mountd.model import MountInfo, MountRequest
 from tests.support import guests, leftovers
 from tests.support.guests import Guest

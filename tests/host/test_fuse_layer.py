@@ -13,22 +13,22 @@ from pathlib import Path
 
 import pytest
 
-import mountd.fuse
-import mountd.loop
+import mountd.layers.fuse
+import mountd.layers.loop
 from imgmount_testkit import images
+from mountd.engine.journal import Journal, MountRecord
+from mountd.engine.stack import MountStack
 from mountd.errors import BusyError, InUseError, UnsupportedError
-from mountd.journal import Journal, LayerRecord, MountRecord
-from mountd.layer import FAULT_ENV, InjectedFault, layer_from_record
-from mountd.loop import loops_backed_by
-from mountd.mounts import mountinfo
-from mountd.stack import MountStack
+from mountd.layers.layer import FAULT_ENV, InjectedFault, LayerRecord, layer_from_record
+from mountd.layers.loop import loops_backed_by
+from mountd.layers.mount import mountinfo
 from tests.support.layers import attach_in_child, attached, planned
 from tests.support.vms import running_vm
 
 MiB = images.MiB
 DISK, PART_START, PART_SIZE = 128 * MiB, 1 * MiB, 120 * MiB
 HELLO = b"hello from inside a qcow2 partition\n"
-assert mountd.fuse and mountd.loop  # register the "fuse" and "loop" kinds for layer_from_record
+assert mountd.layers.fuse and mountd.layers.loop  # register the "fuse" and "loop" kinds for layer_from_record
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ import pytest
 
 from imgmount_testkit import images
 from mountd.errors import InUseError, InvalidImageError, NotFoundError
-from mountd.holders import (
+from mountd.host.holders import (
     FREE,
     READ_ONLY,
     READ_WRITE,

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from imgmount_testkit import images
-from mountd.inspect import Inspection, inspect_image
+from mountd.engine.inspection import Inspection, inspect_image
 
 MiB = images.MiB
 TABLE = """label: gpt

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from imgmount_testkit import images
+from mountd.engine.inspection import inspect_image
 from mountd.errors import (
     InvalidArgumentError,
     InvalidImageError,
@@ -18,7 +19,6 @@ from mountd.errors import (
     NotFoundError,
     UnsupportedError,
 )
-from mountd.inspect import inspect_image
 
 MiB = images.MiB
 

@@ -15,19 +15,18 @@ from pathlib import Path
 
 import pytest
 
-import mountd.loop
+import mountd.layers.loop
 from imgmount_testkit import images
 from mountd.errors import BusyError, InvalidArgumentError
-from mountd.holders import ImageInUseError
-from mountd.journal import LayerRecord
-from mountd.layer import Layer, layer_from_record
-from mountd.loop import LoopLayer, loops_backed_by, sysfs_view
+from mountd.host.holders import ImageInUseError
+from mountd.layers.layer import Layer, LayerRecord, layer_from_record
+from mountd.layers.loop import LoopLayer, loops_backed_by, sysfs_view
 from tests.support.layers import attach_in_child, attached, planned
 from tests.support.vms import process_holding, running_vm
 
 MiB = images.MiB
 BLKSSZGET = 0x1268
-assert mountd.loop  # registers the "loop" kind for layer_from_record
+assert mountd.layers.loop  # registers the "loop" kind for layer_from_record
 
 
 def pattern(n: int, seed: int) -> bytes:
@@ -55,7 +54,7 @@ def read_all(node: str) -> bytes:
 
 
 def number(layer: Layer) -> int:
-    n = mountd.loop.loop_number(layer.node)
+    n = mountd.layers.loop.loop_number(layer.node)
     assert n is not None
     return n
 
@@ -221,7 +220,7 @@ def test_the_same_program_after_its_exec_is_a_user(raw: Path) -> None:
     layer.attach(lambda r: None)
     child = forked_holding(layer.node, keep=True)
     try:
-        mountd.loop.wait_until(lambda: os.readlink(f"/proc/{child}/exe").endswith("/sleep"), 10, "its exec")
+        mountd.layers.loop.wait_until(lambda: os.readlink(f"/proc/{child}/exe").endswith("/sleep"), 10, "its exec")
         with pytest.raises(BusyError, match=f"open by sleep, pid {child}"):
             layer.detach()
         assert layer.verify()
@@ -286,7 +285,7 @@ def test_a_missing_device_node_is_made_from_sysfs() -> None:
         fcntl.ioctl(ctl, LOOP_CTL_ADD, n)
         try:
             os.unlink(f"/dev/loop{n}")
-            assert mountd.loop._ensure_node(n) == f"/dev/loop{n}"
+            assert mountd.layers.loop._ensure_node(n) == f"/dev/loop{n}"
             st = os.stat(f"/dev/loop{n}")
             assert st.st_rdev == os.makedev(*map(int, Path(f"/sys/block/loop{n}/dev").read_text().split(":")))
         finally:

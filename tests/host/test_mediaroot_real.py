@@ -1,4 +1,4 @@
-"""``mountd.mediaroot`` on real directories: a private mount root lets its user in and keeps everyone else out,
+"""``mountd.host.mediaroot`` on real directories: a private mount root lets its user in and keeps everyone else out,
 checked by running ``ls`` and ``cat`` as those users; old 0755 roots are fixed at start-up; symlinks, files,
 other users' directories and unsafe parents are refused and left untouched; a second call writes nothing."""
 
@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from mountd.errors import InvalidArgumentError, UnsupportedError
-from mountd.mediaroot import ACCESS_ACL, acl_blob, ensure_private_root, fix_existing_roots
-from mountd.mounts import _check_safe_parent
+from mountd.host.mediaroot import ACCESS_ACL, acl_blob, ensure_private_root, fix_existing_roots
+from mountd.layers.mount import _check_safe_parent
 
 SECRET = "only for daemon\n"
 

@@ -17,13 +17,13 @@ import pytest
 
 from imgmount_testkit import images
 from imgmount_testkit.images import MiB
-from mountd import mounts
+from mountd.engine.journal import Journal, MountRecord
+from mountd.engine.stack import MountStack
 from mountd.errors import BusyError, InvalidArgumentError, InvalidImageError, UnsupportedError
-from mountd.filesystems import mount_options, mountable_types
-from mountd.journal import Journal, LayerRecord, MountRecord
-from mountd.layer import FAULT_ENV, InjectedFault, layer_from_record
-from mountd.mounts import MountLayer, mountinfo, unique_mountpoint, users_of
-from mountd.stack import MountStack
+from mountd.host.filesystems import mount_options, mountable_types
+from mountd.layers import mount as mounts
+from mountd.layers.layer import FAULT_ENV, InjectedFault, LayerRecord, layer_from_record
+from mountd.layers.mount import MountLayer, mountinfo, unique_mountpoint, users_of
 
 OWNER = 4242  # no passwd entry: the directory gets gid 0
 SIZES = {"ext4": 32 * MiB, "xfs": 64 * MiB, "btrfs": 128 * MiB, "vfat": 32 * MiB}

@@ -25,8 +25,8 @@ from dbus_fast import Variant
 
 from imgmount_testkit import images
 from imgmount_testkit.bus import Bus, Client, Daemon, OtherUser, as_user, client, world_dir
-from mountd.dbusapi import ERROR_PREFIX, MOUNT_IFACE
 from mountd.errors import InvalidArgumentError
+from mountd.service.dbusapi import ERROR_PREFIX, MOUNT_IFACE
 from tests.support import guests, leftovers
 
 BIN = Path(sys.executable).parent

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 from imgmount_testkit.bus import world_dir
-from mountd import opener as opener_module
 from mountd.errors import InvalidArgumentError, NotAuthorizedError, NotFoundError, OperationTimeoutError
-from mountd.opener import PATH_MAX, Credentials, Opener
+from mountd.host import opener as opener_module
+from mountd.host.opener import PATH_MAX, Credentials, Opener
 
 F_SETLEASE = 1024
 

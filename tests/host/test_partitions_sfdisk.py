@@ -2,7 +2,7 @@
 
 4096-byte-sector layouts go through loop devices of that sector size (sfdisk treats a regular file as 512-byte
 sectors), hence the host lane. Corrupted variants patch real sfdisk images the way a broken disk or a
-crafted image would, and check the documented recovery or error (see :mod:`mountd.partitions`).
+crafted image would, and check the documented recovery or error (see :mod:`mountd.image.partitions`).
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from typing import Any
 import pytest
 
 from imgmount_testkit import images
-from mountd.blockio import FileReader
-from mountd.partitions import PartitionTable, PartitionTableError, read_partition_table
+from mountd.image.blockio import FileReader
+from mountd.image.partitions import PartitionTable, PartitionTableError, read_partition_table
 from tests.support.tables import header_field, set_header_field
 
 MiB = images.MiB

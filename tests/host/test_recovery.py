@@ -24,15 +24,17 @@ import pytest
 
 from imgmount_testkit import images
 from imgmount_testkit.bus import world_dir
-from mountd import cli, recovery, volumes
-from mountd.blockio import FileReader
-from mountd.engine import Engine
-from mountd.fsprobe import probe
-from mountd.holders import READ_ONLY, file_usage
-from mountd.journal import STATE_DIR_ENV, Journal
-from mountd.layer import FAULT_ENV, InjectedFault
+from mountd.cli import main as cli
+from mountd.engine import volumes
+from mountd.engine.engine import Engine
+from mountd.engine.journal import STATE_DIR_ENV, Journal
+from mountd.host.holders import READ_ONLY, file_usage
+from mountd.host.opener import Credentials
+from mountd.image import recovery
+from mountd.image.blockio import FileReader
+from mountd.image.fsprobe import probe
+from mountd.layers.layer import FAULT_ENV, InjectedFault
 from mountd.model import MountRequest
-from mountd.opener import Credentials
 from tests.support import leftovers
 from tests.support.vms import running_vm
 
@@ -327,7 +329,7 @@ def test_where_no_overlay_can_be_made_the_mount_says_recent_writes_are_not_shown
         caplog: pytest.LogCaptureFixture) -> None:
     monkeypatch.setattr(volumes, "fuse_available", lambda: False)
     digest, engine = sha256(crashed.image), Engine()
-    with caplog.at_level(logging.WARNING, logger="mountd.volumes"):
+    with caplog.at_level(logging.WARNING, logger="mountd.engine.volumes"):
         info = engine.mount(MountRequest(image=str(crashed.image), mount_root=str(tmp_path / "media")))
     warning = " ".join(r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
     assert "recent writes are not shown" in warning and "qemu-storage-daemon" in warning

@@ -35,7 +35,7 @@ from imgmount_testkit.bus import (
     servers_of,
     world_dir,
 )
-from mountd.dbusapi import ERROR_PREFIX, MANAGER_IFACE, MANAGER_PATH, MOUNT_IFACE
+from mountd.service.dbusapi import ERROR_PREFIX, MANAGER_IFACE, MANAGER_PATH, MOUNT_IFACE
 from tests.support import guests, leftovers
 from tests.support.attacker import Inotify
 from tests.support.guests import Guest

@@ -128,7 +128,7 @@ def test_install_puts_each_file_in_place(installed: Installed) -> None:
 def test_installed_package_runs(installed: Installed) -> None:
     venv_python = installed.root / VENV.lstrip("/") / "bin/python"
     # From /, as systemd starts it: "python -c" would otherwise find the checkout in the working directory.
-    result = run([str(venv_python), "-c", "import mountd.daemon, mountd.cli; print(mountd.cli.__file__)"],
+    result = run([str(venv_python), "-c", "import mountd.service.daemon, mountd.cli.main; print(mountd.cli.main.__file__)"],
                  cwd="/")
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith(str(installed.root / VENV.lstrip("/"))), "runs the copy, not the checkout"

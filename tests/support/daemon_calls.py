@@ -13,7 +13,7 @@ from dbus_fast import Variant
 
 from imgmount_testkit import images
 from imgmount_testkit.bus import Client
-from mountd.dbusapi import ERROR_PREFIX, MOUNT_IFACE
+from mountd.service.dbusapi import ERROR_PREFIX, MOUNT_IFACE
 
 OM = "org.freedesktop.DBus.ObjectManager"
 PROPS = "org.freedesktop.DBus.Properties"

@@ -14,7 +14,7 @@ import sys
 from dbus_fast import Message
 from dbus_fast.aio import MessageBus
 
-from mountd.busfix import survive_full_socket
+from mountd.service.busfix import survive_full_socket
 
 BUS_NAME = "io.github.imgmount.Mountd1"
 MANAGER = "/io/github/imgmount/Mountd1"

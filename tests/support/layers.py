@@ -11,17 +11,16 @@ from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 
-from mountd.journal import LayerRecord
-from mountd.layer import Layer, layer_from_record
+from mountd.layers.layer import Layer, LayerRecord, layer_from_record
 
 ROOT = Path(__file__).resolve().parents[2]
 
 # The child attaches, prints the record and exits without detaching.
 CHILD = """
 import dataclasses, json, sys
-import mountd.fuse, mountd.loop
-from mountd.journal import LayerRecord
-from mountd.layer import layer_from_record
+import mountd.layers.fuse, mountd.layers.loop
+from mountd.layers.layer import LayerRecord
+from mountd.layers.layer import layer_from_record
 layer = layer_from_record(LayerRecord(**json.load(sys.stdin)))
 record = layer.attach(lambda r: None)
 print(json.dumps(dataclasses.asdict(record)))

@@ -1,4 +1,4 @@
-"""Driving the kernel-side layers (``mountd.nbd``, ``mountd.dm``) in VM-lane tests: build a planned record,
+"""Driving the kernel-side layers (``mountd.layers.nbd``, ``mountd.layers.dm``) in VM-lane tests: build a planned record,
 attach it the way ``MountStack`` does (collecting each progress record), and always detach on the way out."""
 
 from __future__ import annotations
@@ -9,12 +9,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from mountd.blockio import FileReader
-from mountd.imageinfo import block_options, probe_image
-from mountd.journal import LayerRecord
-from mountd.layer import Layer, layer_from_record
-from mountd.nbd import NbdLayer
-from mountd.partitions import PartitionTable, read_partition_table
+from mountd.image.blockio import FileReader
+from mountd.image.imageinfo import block_options, probe_image
+from mountd.image.partitions import PartitionTable, read_partition_table
+from mountd.layers.layer import Layer, LayerRecord, layer_from_record
+from mountd.layers.nbd import NbdLayer
 
 
 def attach(kind: str, volume: str = "", **identity: Any) -> tuple[Layer, list[LayerRecord]]:

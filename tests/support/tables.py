@@ -1,7 +1,7 @@
 """Build MBR and GPT partition tables as bytes in pure Python, for parser tests without root or tools.
 
 The builders follow the on-disk formats directly (UEFI 2.x chapter 5, the DOS MBR/EBR layout) and are
-independent of :mod:`mountd.partitions`: the tests compare one against the other, and the host tests
+independent of :mod:`mountd.image.partitions`: the tests compare one against the other, and the host tests
 compare both against sfdisk.
 """
 

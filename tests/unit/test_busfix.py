@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from dbus_fast import Message
 from dbus_fast.aio.message_bus import _MessageWriter
 
-from mountd.busfix import PatientSocket
+from mountd.service.busfix import PatientSocket
 
 BIG = 4 << 20  # more than a unix socket buffers
 
@@ -47,7 +47,7 @@ async def write_two(patient: bool) -> tuple[list[Exception], int]:
     bus = StandInBus(ours, asyncio.get_running_loop())
     writer = _MessageWriter(bus)  # type: ignore[arg-type]
     if patient:
-        writer.sock = PatientSocket(ours)  # what mountd.busfix.survive_full_socket does
+        writer.sock = PatientSocket(ours)  # what mountd.service.busfix.survive_full_socket does
     expected = sum(len(m._marshall(False)) for m in (message(0), message(1)))
     writer.schedule_write(message(0))
     writer.schedule_write(message(1))  # the buffer is full by now: EAGAIN on the spot

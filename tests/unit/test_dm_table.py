@@ -1,12 +1,12 @@
-"""``mountd.dm.lv_table``: device-mapper tables from our own LVM metadata parse (pure: no kernel needed)."""
+"""``mountd.layers.dm.lv_table``: device-mapper tables from our own LVM metadata parse (pure: no kernel needed)."""
 
 from __future__ import annotations
 
 import pytest
 
-from mountd.dm import lv_table
 from mountd.errors import NotFoundError, UnsupportedError
-from mountd.lvmmeta import LogicalVolume, LvSegment, PvRef, VolumeGroup
+from mountd.image.lvmmeta import LogicalVolume, LvSegment, PvRef, VolumeGroup
+from mountd.layers.dm import lv_table
 
 MiB = 1 << 20
 EXTENT = 4 * MiB  # 8192 sectors

@@ -9,10 +9,10 @@ from collections.abc import AsyncIterator
 
 from dbus_fast import Message
 
-from mountd.auth import Caller
-from mountd.cli import ERRORS, _error
-from mountd.dbusapi import ERROR_PREFIX, ApiInterface, api_method
+from mountd.cli.main import ERRORS, _error
 from mountd.errors import MountdError
+from mountd.service.auth import Caller
+from mountd.service.dbusapi import ERROR_PREFIX, ApiInterface, api_method
 
 
 class _Raiser(ApiInterface):

@@ -1,4 +1,4 @@
-"""mountd.filesystems: which types are mounted, and the option checker (exhaustive tables plus hypothesis)."""
+"""mountd.host.filesystems: which types are mounted, and the option checker (exhaustive tables plus hypothesis)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mountd import filesystems as fs
 from mountd.errors import InvalidArgumentError, UnsupportedError
+from mountd.host import filesystems as fs
 
 PROC_FILESYSTEMS = ("nodev\tsysfs\nnodev\ttmpfs\n\text3\n\text2\n\text4\n\tsquashfs\nnodev\tfuse\n\tfuseblk\n"
                     "\txfs\n\terofs\nnodev\tmqueue\n\tbtrfs\n")

@@ -1,4 +1,4 @@
-"""Pure parts of mountd.holders: struct flock packing, fdinfo parsing, the state decision, the wording."""
+"""Pure parts of mountd.host.holders: struct flock packing, fdinfo parsing, the state decision, the wording."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import struct
 
 import pytest
 
-from mountd.holders import (
+from mountd.host.holders import (
     FREE,
     LOCK_BYTES,
     READ_ONLY,

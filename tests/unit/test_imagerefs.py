@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mountd.errors import InvalidImageError, MountdError, UnsupportedError
-from mountd.imagerefs import QCOW2_EXT_DATA_FILE, References, reference_path, scan_references
+from mountd.image.imagerefs import QCOW2_EXT_DATA_FILE, References, reference_path, scan_references
 
 
 def qcow2_header(backing: bytes = b"", data_file: bytes = b"", version: int = 3) -> bytes:

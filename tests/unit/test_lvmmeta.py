@@ -34,9 +34,9 @@ from imgmount_testkit.lvm_synth import (
     simple_vg,
     vg_section,
 )
-from mountd import lvmmeta
-from mountd.blockio import BlockReader, BytesReader
-from mountd.lvmconfig import (
+from mountd.image import lvmmeta
+from mountd.image.blockio import BlockReader, BytesReader
+from mountd.image.lvmconfig import (
     MAX_DEPTH,
     MAX_ITEMS,
     MAX_KEYS,
@@ -50,7 +50,7 @@ from mountd.lvmconfig import (
     LvmMetadataError,
     parse_config,
 )
-from mountd.lvmmeta import (
+from mountd.image.lvmmeta import (
     INITIAL_CRC,
     MAX_TEXT_SIZE,
     LvSegment,
@@ -377,7 +377,7 @@ def two_copies() -> bytearray:
 def test_damaged_copy_falls_back_to_the_other(offset: int, message: str, caplog: pytest.LogCaptureFixture) -> None:
     image = two_copies()
     image[offset] ^= 0x40
-    with caplog.at_level(logging.WARNING, logger="mountd.lvmmeta"):
+    with caplog.at_level(logging.WARNING, logger="mountd.image.lvmmeta"):
         vg = pv_of(image).vg
     assert vg is not None and vg.seqno == 5
     assert message in caplog.text

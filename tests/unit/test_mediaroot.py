@@ -1,4 +1,4 @@
-"""``mountd.mediaroot``: the access ACL of a private mount root, byte for byte (the kernel's
+"""``mountd.host.mediaroot``: the access ACL of a private mount root, byte for byte (the kernel's
 ``posix_acl_xattr`` format: u32 version 2, then u16 tag, u16 perm, u32 id per entry, little-endian), and
 which directory names under the media base name a user."""
 
@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import pytest
 
-from mountd import mediaroot
 from mountd.errors import InvalidArgumentError
-from mountd.mediaroot import acl_blob
+from mountd.host import mediaroot
+from mountd.host.mediaroot import acl_blob
 
 NO_ID = "ffffffff"
 

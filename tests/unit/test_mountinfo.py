@@ -1,8 +1,8 @@
-"""/proc/self/mountinfo as mountd.mounts reads it: escapes, optional fields, lines it does not understand."""
+"""/proc/self/mountinfo as mountd.layers.mount reads it: escapes, optional fields, lines it does not understand."""
 
 from __future__ import annotations
 
-from mountd.mounts import mountinfo, parse_mountinfo
+from mountd.layers.mount import mountinfo, parse_mountinfo
 
 
 def test_mountinfo_parser() -> None:

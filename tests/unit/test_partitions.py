@@ -10,9 +10,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mountd.blockio import BytesReader
 from mountd.errors import InvalidArgumentError
-from mountd.partitions import Partition, PartitionTable, PartitionTableError, read_partition_table
+from mountd.image.blockio import BytesReader
+from mountd.image.partitions import Partition, PartitionTable, PartitionTableError, read_partition_table
 from tests.support.tables import (
     ESP,
     LINUX_FS,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from mountd.errors import CommandError
-from mountd.fuse import QEMU_LOCK_FAILURE, ExportSpec, _start_error
+from mountd.layers.fuse import QEMU_LOCK_FAILURE, ExportSpec, _start_error
 
 PREFIX = "qemu-storage-daemon: --blockdev node-name=disk,read-only=on,driver=qcow2,file.filename=/x.qcow2: "
 

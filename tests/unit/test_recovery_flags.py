@@ -1,4 +1,4 @@
-"""Whether a filesystem needs log recovery, read from crafted superblocks (mountd.recovery): the ext flags,
+"""Whether a filesystem needs log recovery, read from crafted superblocks (mountd.image.recovery): the ext flags,
 btrfs's log root, and bytes that are no superblock at all. The host tests compare it with real filesystems."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ import struct
 
 import pytest
 
-from mountd import recovery
-from mountd.blockio import BytesReader, SliceReader
+from mountd.image import recovery
+from mountd.image.blockio import BytesReader, SliceReader
 
 MiB = 1 << 20
 

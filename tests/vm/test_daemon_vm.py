@@ -21,7 +21,7 @@ from imgmount_testkit.bus import (
     tmpfs,
     world_dir,
 )
-from mountd.dbusapi import MOUNT_IFACE
+from mountd.service.dbusapi import MOUNT_IFACE
 from tests.support import guests
 
 

@@ -18,12 +18,11 @@ from pathlib import Path
 import pytest
 
 from imgmount_testkit import images
-from mountd.blockio import FileReader
-from mountd.dm import DmLinearLayer, dm_devices, lv_table, release_host_activations, udev_running
 from mountd.errors import BusyError, FailedError
-from mountd.journal import LayerRecord
-from mountd.layer import Layer
-from mountd.lvmmeta import PhysicalVolume, VolumeGroup, read_pv
+from mountd.image.blockio import FileReader
+from mountd.image.lvmmeta import PhysicalVolume, VolumeGroup, read_pv
+from mountd.layers.dm import DmLinearLayer, dm_devices, lv_table, release_host_activations, udev_running
+from mountd.layers.layer import Layer, LayerRecord
 from tests.support.nbd_layers import attach, nbd_attached, partitions_attached
 
 MiB = images.MiB

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from imgmount_testkit import images
-from mountd.engine import Engine
-from mountd.journal import Journal
+from mountd.engine.engine import Engine
+from mountd.engine.journal import Journal
 from mountd.model import MountInfo, MountRequest
 from tests.support import guests, leftovers
 from tests.support.guests import Guest

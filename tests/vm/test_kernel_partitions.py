@@ -1,6 +1,6 @@
 """Our partition parser against the Linux kernel's own: each layout is served on /dev/nbdN by qemu-nbd,
 ``partprobe`` makes the kernel read it, and every kernel partition node must match what
-``mountd.partitions`` reads from the same device, to the sector.
+``mountd.image.partitions`` reads from the same device, to the sector.
 
 The kernel shows an MBR extended partition (the container of the logicals) as a 1 KiB node (2 sectors of
 512 bytes), so that nothing mistakes it for a volume: for containers only the start is compared.
@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from imgmount_testkit import images
-from mountd.blockio import FileReader
-from mountd.partitions import PartitionTable, read_partition_table
+from mountd.image.blockio import FileReader
+from mountd.image.partitions import PartitionTable, read_partition_table
 from tests.support import nbd
 
 SECTOR = 512  # sysfs start/size unit

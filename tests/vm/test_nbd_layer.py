@@ -17,11 +17,11 @@ from pathlib import Path
 import pytest
 
 from imgmount_testkit import images
-from mountd.blockdev import BlockEvents
 from mountd.errors import BusyError, InvalidArgumentError, InvalidImageError, NoFreeDeviceError
-from mountd.journal import LayerRecord
-from mountd.layer import layer_from_record
-from mountd.nbd import (
+from mountd.host.blockdev import BlockEvents
+from mountd.host.processes import proc_state
+from mountd.layers.layer import LayerRecord, layer_from_record
+from mountd.layers.nbd import (
     KernelPartitionLayer,
     NbdLayer,
     NbdModule,
@@ -29,7 +29,6 @@ from mountd.nbd import (
     is_free,
     server_pid,
 )
-from mountd.processes import proc_state
 from tests.support.nbd_layers import (
     attach,
     nbd_attached,
@@ -213,8 +212,8 @@ def test_detach_while_a_partition_is_mounted_is_busy_and_harmless(gpt_image: Pat
 
 RACER = """
 import json, sys
-from mountd.journal import LayerRecord
-from mountd.nbd import NbdLayer
+from mountd.layers.layer import LayerRecord
+from mountd.layers.nbd import NbdLayer
 identity = json.loads(sys.argv[1])
 layer = NbdLayer(LayerRecord("nbd", "", "attaching", identity))
 print("ready", flush=True)

@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 
 from imgmount_testkit import images
-from mountd.engine import Engine
-from mountd.journal import Journal
+from mountd.engine.engine import Engine
+from mountd.engine.journal import Journal
 from mountd.model import MountRequest
 from tests.support import guests, nbd
 

@@ -1,0 +1,145 @@
+"""The whole-disk layer of a mount: which backend, and attaching it (design: "Block device backends").
+
+- ``loop``: raw images straight onto a loop device, no QEMU process at all (the fastest path). The whole-image
+  loop device also carries QEMU-compatible locks, so a VM cannot start on the image while we hold it.
+- ``nbd``: the production path for every other format: ``qemu-nbd -c`` onto ``/dev/nbdN``.
+- ``fuse``: hosts without the nbd module: ``qemu-storage-daemon`` exports the image as a raw file.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from mountd.engine.inspection import DiskLayout, analyse_disk
+from mountd.engine.stack import MountStack
+from mountd.errors import UnsupportedError
+from mountd.host import command
+from mountd.host.opener import Credentials
+from mountd.image.blockio import FileReader
+from mountd.image.imageinfo import ImageInfo, block_options, chain_fds
+from mountd.layers.layer import LayerRecord
+from mountd.layers.nbd import ensure_nbd_module, run_dir
+from mountd.layers.server import client_options
+
+
+@dataclass(frozen=True)
+class Disk:
+    """The attached virtual disk."""
+
+    backend: str
+    node: str  # /dev/loopN, /dev/nbdN, or the FUSE export file
+    offset_base: str  # what per-volume loop devices map at byte offsets (the image file for loop)
+    kernel_partitions: bool  # the kernel exposes nodeNpK partition nodes (nbd with max_part > 0)
+    device_mapper: bool  # LVs can be mapped with device-mapper
+    offset_fds: tuple[int, ...] = ()  # the open image file, where offset_base is the image itself
+
+
+def nbd_available() -> bool:
+    return Path("/sys/module/nbd").exists() or _modprobe_dry_run("nbd")
+
+
+def device_mapper_available() -> bool:
+    return Path("/sys/class/misc/device-mapper").exists()
+
+
+def fuse_available() -> bool:
+    return Path("/dev/fuse").exists() and command.have("qemu-storage-daemon")
+
+
+def available() -> list[str]:
+    """The backends this host can use, best first."""
+    found = ["loop"]
+    if nbd_available():
+        found.insert(0, "nbd")
+    if fuse_available():
+        found.append("fuse")
+    return found
+
+
+def _modprobe_dry_run(module: str) -> bool:
+    if not command.have("modprobe"):
+        return False
+    return command.run(["modprobe", "--dry-run", "--quiet", module], check=False).status == 0
+
+
+def is_plain_raw(info: ImageInfo) -> bool:
+    return info.format == "raw" and len(info.chain) == 1 and info.top.data_file is None
+
+
+def choose(requested: str, info: ImageInfo) -> str:
+    if requested == "loop" and not is_plain_raw(info):
+        raise UnsupportedError(f"the loop backend maps raw images only, and this one is {info.format}: "
+                               "use --backend nbd or fuse (or auto)")
+    if requested == "nbd" and not nbd_available():
+        raise UnsupportedError("this kernel has no nbd module: use --backend fuse (or auto)")
+    if requested == "fuse" and not fuse_available():
+        raise UnsupportedError("the fuse backend needs /dev/fuse and qemu-storage-daemon "
+                               "(Debian package qemu-system-common)")
+    if requested != "auto":
+        return requested
+    if is_plain_raw(info):
+        return "loop"
+    if nbd_available():
+        return "nbd"
+    if fuse_available():
+        return "fuse"
+    raise UnsupportedError(f"{info.format} images need the nbd kernel module or FUSE with "
+                           "qemu-storage-daemon, and this host has neither")
+
+
+def attach_disk(stack: MountStack, backend: str, info: ImageInfo, *, read_only: bool, snapshot: str | None,
+                state_dir: Path, confined: Credentials | None = None) -> Disk:
+    """The whole disk, from the files the probe opened (``info``'s descriptors). For a ``confined`` caller
+    every QEMU that parses the image runs as that caller (:mod:`mountd.layers.server`); root's side only
+    reads NBD.
+    """
+    dm = device_mapper_available()
+    if backend == "loop":
+        top = (info.top.fd,) if info.top.fd >= 0 else ()
+        layer = stack.push(LayerRecord("loop", "", "attaching", {
+            "backing": info.top.path, "offset": 0, "size": 0, "read_only": read_only, "qemu_locks": True,
+            "direct_io": True}), fds=top)
+        return Disk(backend, layer.node, info.top.path, False, dm, top)
+    source = block_options(info)
+    if confined is not None:
+        source = _caller_server(stack, info, read_only=read_only, snapshot=snapshot, creds=confined)
+    if backend == "fuse":
+        layer = stack.push(LayerRecord("fuse", "", "attaching", {
+            "blockdev": source, "export": export_path(state_dir, stack.record.id),
+            "read_only": read_only, "snapshot": snapshot, "virtual_size": info.virtual_size}))
+        return Disk(backend, layer.node, layer.node, False, dm)
+    module = ensure_nbd_module()
+    layer = stack.push(LayerRecord("nbd", "", "attaching", {
+        "image_opts": source, "read_only": read_only, "snapshot": snapshot}))
+    return Disk(backend, layer.node, layer.node, module.max_part > 0, dm)
+
+
+def export_path(state_dir: Path, name: str) -> str:
+    """Where a FUSE export named ``name`` goes: in the state directory's root-only ``exports``."""
+    exports = state_dir / "exports"
+    exports.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return str(exports / f"{name}.raw")
+
+
+def _caller_server(stack: MountStack, info: ImageInfo, *, read_only: bool, snapshot: str | None,
+                   creds: Credentials) -> str:
+    """Serve the image with a QEMU running as the caller; the block options that read it."""
+    if snapshot:
+        raise UnsupportedError("only root can mount an internal snapshot for now: QEMU running as you "
+                               "(qemu-storage-daemon) has no way to open one")
+    sock = run_dir("servers") / f"{stack.record.id}.sock"
+    layer = stack.push(LayerRecord("server", "", "attaching", {
+        "blockdev": block_options(info, by_fd=True), "socket": str(sock), "read_only": read_only,
+        "uid": creds.uid, "gids": list(creds.gids), "image": info.top.path}), fds=tuple(chain_fds(info)))
+    return client_options(layer.node)
+
+
+def analyse(disk: Disk) -> DiskLayout:
+    """Parse what the attached disk holds, reading the attached node itself (no second QEMU process)."""
+    fd = os.open(disk.node, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return analyse_disk(FileReader(fd))
+    finally:
+        os.close(fd)

@@ -1,0 +1,214 @@
+"""The mount engine: image file to mounted filesystems and back (design: "A mount is a stack of layers").
+
+This is the API the D-Bus daemon wraps and that ``imgmount`` runs in-process. Mounts and unmounts of one image
+file (by identity: device and inode) are serialised by a cross-process lock of that image's own, so a mount
+made by one process is listed and unmounted by another, and a slow mount of one image holds up no other.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import pwd
+import uuid
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+from mountd.engine import backends
+from mountd.engine.inspection import DiskLayout, Volume
+from mountd.engine.journal import Journal, MountRecord
+from mountd.engine.stack import MountStack
+from mountd.engine.volumes import VolumeAttacher
+from mountd.errors import InUseError, InvalidArgumentError, NotFoundError, UnsupportedError, echo
+from mountd.host.filesystems import mount_type, mountable_types
+from mountd.host.holders import check_not_in_use
+from mountd.host.mediaroot import ensure_private_root
+from mountd.host.opener import Credentials, Opener
+from mountd.image.imageinfo import ImageInfo, probe_image
+from mountd.layers import dm, fuse, loop, mount, nbd, server  # noqa: F401
+from mountd.layers.layer import layer_from_record
+from mountd.model import BACKENDS, MountInfo, MountRequest, find_mount
+
+log = logging.getLogger(__name__)
+#: Volumes (and mount options) one request may name: no real image has more mountable volumes than that.
+MAX_LISTED = 256
+#: Seconds one mount may take before it is cancelled, rolled back and answered Timeout: far above what a real
+#: image needs (seconds), so only a stuck program (a stopped QEMU, a hung file server) reaches it.
+DEFAULT_DEADLINE = 300.0
+DEADLINE_ENV = "IMGMOUNT_MOUNT_TIMEOUT"
+
+
+class Engine:
+    def __init__(self, journal: Journal | None = None, deadline: float | None = None) -> None:
+        self.journal = journal or Journal()
+        self.deadline = deadline or _deadline_from_env()
+
+    # --- queries -----------------------------------------------------------------------------------------
+
+    def mounts(self) -> list[MountInfo]:
+        return [MountInfo.from_record(r) for r in self.journal.all()]
+
+    def find(self, what: str) -> MountInfo:
+        return find_mount(self.mounts(), what)
+
+    def verify(self, mount_id: str) -> list[str]:
+        """The layers of a mount that the kernel no longer shows as we made them."""
+        return _lost(self.journal.read(mount_id))
+
+    # --- mount -------------------------------------------------------------------------------------------
+
+    def mount(self, req: MountRequest, *, confined: Credentials | None = None) -> MountInfo:
+        """Mount ``req``; for a ``confined`` (non-root) caller every file is opened, and every QEMU that
+        parses the image runs, with that caller's credentials (design: "The guarantee")."""
+        _check_request(req)
+        with Opener(confined) as opener:  # the image's files, opened once: the descriptors are what we use
+            info = probe_image(req.image, fmt=req.format, opener=opener, write=not req.read_only)
+            with self.journal.image_locked(info.top.identity):
+                return self._mount(req, info, opener)
+
+    def _mount(self, req: MountRequest, info: ImageInfo, opener: Opener) -> MountInfo:
+        image = info.top.path
+        existing = self._existing(info, req)
+        if existing is not None:
+            return existing
+        _check_snapshot(info, req)
+        check_not_in_use(info.files(), read_write=not req.read_only, opened=opener.by_name())
+        backend = backends.choose(req.backend, info)
+        record = MountRecord(id=uuid.uuid4().hex[:12], image=image, format=info.format,
+                             read_only=req.read_only, owner=req.owner, backend=backend,
+                             options=_options(req), image_id=info.top.identity)
+        stack = MountStack(self.journal, record)
+        with stack.building(self.deadline):
+            disk = backends.attach_disk(stack, backend, info, read_only=req.read_only,
+                                        snapshot=req.snapshot, state_dir=self.journal.root,
+                                        confined=opener.creds)
+            layout = backends.analyse(disk)
+            attacher = VolumeAttacher(stack, disk, layout, req, self._mount_root(req))
+            for volume in _selected(layout, req.volumes, disk.device_mapper):
+                attacher.mount(volume)
+        log.info("mounted %s (%s, %s) as %s", image, info.format, backend, record.id)
+        return MountInfo.from_record(stack.record)
+
+    @staticmethod
+    def _mount_root(req: MountRequest) -> str:
+        """The caller's choice (root only), else ``/run/media/<user>``: only that user and root enter."""
+        if req.mount_root is not None:
+            return req.mount_root
+        root = default_mount_root(req.owner)
+        ensure_private_root(root, req.owner)
+        return root
+
+    def _existing(self, info: ImageInfo, req: MountRequest) -> MountInfo | None:
+        """The same image file mounted twice returns the existing mount (if it fits the request). The same
+        file is the same device and inode: another file moved to the path since is another image."""
+        image = info.top.path
+        for r in self.journal.all():
+            if r.image_id != info.top.identity and (r.image_id or r.image != image):
+                continue
+            if r.read_only != req.read_only:
+                mode = "read-only" if r.read_only else "read-write"
+                raise InUseError(f"{image} is already mounted {mode} by imgmount (mount {r.id}): "
+                                 "unmount it first")
+            return MountInfo.from_record(r)
+        return None
+
+    # --- unmount -----------------------------------------------------------------------------------------
+
+    def clean_up(self, mount_id: str) -> MountInfo | None:
+        """At start-up: tear down a mount that a crash left half-made, half-unmounted or broken (what no
+        longer is ours is left alone by each layer) and return None; or return it, whole, verified. Busy
+        layers stop the teardown (MountdError) and what is left stays recorded."""
+        with self._held(mount_id) as record:  # not one that a command is making
+            if record.state == "mounted" and not _lost(record):
+                return MountInfo.from_record(record)
+            log.warning("tearing down mount %s of %s, left %s by a crash", record.id, record.image,
+                        record.state if record.state != "mounted" else "broken")
+            MountStack(self.journal, record).teardown()
+            return None
+
+    def unmount(self, mount_id: str, *, force: bool = False) -> None:
+        with self._held(mount_id) as record:
+            MountStack(self.journal, record).teardown(force=force)
+            log.info("unmounted %s (%s)", record.image, record.id)
+
+    @contextlib.contextmanager
+    def _held(self, mount_id: str) -> Iterator[MountRecord]:
+        """The mount's record as it is once its image's lock is ours."""
+        with self.journal.image_locked(self.journal.read(mount_id).lock_key):
+            yield self.journal.read(mount_id)
+
+
+def _lost(record: MountRecord) -> list[str]:
+    return [layer.describe() for rec in record.layers if not (layer := layer_from_record(rec)).verify()]
+
+
+def _deadline_from_env() -> float:
+    try:
+        return float(os.environ.get(DEADLINE_ENV) or DEFAULT_DEADLINE)
+    except ValueError:
+        return DEFAULT_DEADLINE
+
+
+def default_mount_root(uid: int) -> str:
+    """``/run/media/<user>``, where desktop file managers look."""
+    try:
+        user = pwd.getpwuid(uid).pw_name
+    except KeyError:
+        user = str(uid)
+    return f"/run/media/{user}"
+
+
+def _check_request(req: MountRequest) -> None:
+    if len(req.volumes) > MAX_LISTED or len(req.mount_options) > MAX_LISTED:
+        raise InvalidArgumentError(f"at most {MAX_LISTED} volumes and {MAX_LISTED} mount options per mount")
+    if req.backend not in BACKENDS:
+        raise InvalidArgumentError(f"unknown backend {echo(req.backend)!r}: use one of {', '.join(BACKENDS)}")
+    if req.mount_root is not None and not os.path.isabs(req.mount_root):
+        raise InvalidArgumentError(f"the mount root must be an absolute path: {req.mount_root}")
+    if req.snapshot is not None and not req.read_only:
+        raise InvalidArgumentError("an internal snapshot can only be mounted read-only")
+
+
+def _check_snapshot(info: ImageInfo, req: MountRequest) -> None:
+    if req.snapshot is None:
+        return
+    names = {s.name for s in info.top.snapshots} | {s.id for s in info.top.snapshots}
+    if req.snapshot not in names:
+        known = ", ".join(sorted(s.name for s in info.top.snapshots)) or "none"
+        raise NotFoundError(f"{info.top.path} has no internal snapshot {echo(req.snapshot)!r} "
+                            f"(it has: {known})")
+
+
+def _options(req: MountRequest) -> dict[str, Any]:
+    return {"volumes": list(req.volumes), "mount-root": req.mount_root, "snapshot": req.snapshot,
+            "requested-backend": req.backend, "mount-options": list(req.mount_options)}
+
+
+def _selected(layout: DiskLayout, names: tuple[str, ...], device_mapper: bool) -> list[Volume]:
+    """The volumes asked for, or every volume that holds a mountable filesystem and can be reached."""
+    if names:
+        names = tuple(dict.fromkeys(names))  # each volume once, however often it is named
+        missing = [n for n in names if layout.volume(n) is None]
+        if missing:
+            known = _some(v.name for v in layout.volumes) or "none"
+            raise NotFoundError(f"no volume named {echo(', '.join(missing))} in this image (it has: {known})")
+        return [v for n in names if (v := layout.volume(n)) is not None]
+    types = mountable_types()
+    chosen = [v for v in layout.volumes if v.filesystem and mount_type(v.filesystem, types) in types
+              and (v.offset is not None or device_mapper)]
+    if not chosen:
+        found = _some(f"{v.name}: {v.signature.type if v.signature else 'nothing'}" for v in layout.volumes)
+        raise UnsupportedError(f"no mountable filesystem in this image (found {found})")
+    if len(chosen) > MAX_LISTED:
+        raise UnsupportedError(f"this image holds {len(chosen)} mountable volumes, more than the "
+                               f"{MAX_LISTED} one mount takes: name the ones to mount (imgmount --volume)")
+    return chosen
+
+
+def _some(names: Iterable[str], shown: int = 20) -> str:
+    """At most ``shown`` names, and how many more: an error stays one readable line."""
+    listed = list(names)
+    more = f" and {len(listed) - shown} more" if len(listed) > shown else ""
+    return ", ".join(listed[:shown]) + more
+

@@ -1,0 +1,180 @@
+"""Inspection results as a readable tree (like ``lsblk`` under ``qemu-img info``) and as JSON.
+
+The JSON schema is documented in README.md ("imgmount --info --json"); keys are stable, additions only.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mountd.engine.inspection import Inspection, Volume
+from mountd.host.holders import FileUsage
+from mountd.image.imageinfo import ImageFile
+from mountd.image.recovery import describe
+
+GPT_TYPES = {
+    "0FC63DAF-8483-4772-8E79-3D69D8477DE4": "Linux filesystem",
+    "E6D6D379-F507-44C2-A23C-238F2A3DF928": "Linux LVM",
+    "0657FD6D-A4AB-43C4-84E5-0933C84B4F4F": "Linux swap",
+    "A19D880F-05FC-4D3B-A006-743F0F84911E": "Linux RAID",
+    "4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709": "Linux root (x86-64)",
+    "933AC7E1-2EB4-4F13-B844-0E14E2AEF915": "Linux home",
+    "BC13C2FF-59E6-4262-A352-B275FD6F7172": "Linux extended boot",
+    "C12A7328-F81F-11D2-BA4B-00A0C93EC93B": "EFI System",
+    "21686148-6449-6E6F-744E-656564454649": "BIOS boot",
+    "EBD0A0A2-B9E5-4433-87C0-68B6B72699C7": "Microsoft basic data",
+    "E3C9E316-0B5C-4DB8-817D-F92DF00215AE": "Microsoft reserved",
+    "DE94BBA4-06D1-4D40-A16A-BFD50179D6AC": "Windows recovery",
+}
+MBR_TYPES = {
+    "83": "Linux", "8e": "Linux LVM", "82": "Linux swap", "fd": "Linux RAID", "5": "Extended",
+    "f": "W95 Extended (LBA)", "85": "Linux extended", "7": "HPFS/NTFS/exFAT", "b": "W95 FAT32",
+    "c": "W95 FAT32 (LBA)", "e": "W95 FAT16 (LBA)", "ef": "EFI (FAT-12/16/32)", "ee": "GPT",
+}
+UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
+
+
+def human_size(n: int) -> str:
+    value, unit = float(n), 0
+    while value >= 1024 and unit < len(UNITS) - 1:
+        value, unit = value / 1024, unit + 1
+    return f"{value:.0f} {UNITS[unit]}" if value == int(value) else f"{value:.1f} {UNITS[unit]}"
+
+
+def type_name(table_label: str, type_id: str) -> str:
+    names = GPT_TYPES if table_label == "gpt" else MBR_TYPES
+    return names.get(type_id.upper() if table_label == "gpt" else type_id.lower(), type_id)
+
+
+# --- JSON -----------------------------------------------------------------------------------------------
+
+
+def inspection_to_dict(ins: Inspection) -> dict[str, Any]:
+    usage = {u.path: u for u in ins.usage}
+    table = ins.table
+    return {
+        "image": ins.image.top.path,
+        "format": ins.image.format,
+        "virtual-size": ins.image.virtual_size,
+        "chain": [_file_dict(f, usage) for f in ins.image.chain],
+        "in-use": _worst(ins.usage),
+        "partition-table": None if table is None else {
+            "label": table.label,
+            "sector-size": table.sector_size,
+            "disk-id": table.disk_id,
+            "warnings": list(table.warnings),
+            "partitions": [
+                {"number": p.number, "start": p.start, "size": p.size, "type": p.type,
+                 "type-name": type_name(table.label, p.type), "uuid": p.uuid, "name": p.name,
+                 "bootable": p.bootable, "container": p.container}
+                for p in table.partitions
+            ],
+        },
+        "volume-groups": [
+            {"name": vg.name, "uuid": vg.uuid, "seqno": vg.seqno, "extent-size": vg.extent_size,
+             "physical-volumes": [pv.uuid for pv in vg.pvs],
+             "logical-volumes": [lv.name for lv in vg.lvs if lv.visible]}
+            for vg in ins.volume_groups
+        ],
+        "volumes": [_volume_dict(v) for v in ins.volumes],
+    }
+
+
+def _file_dict(f: ImageFile, usage: dict[str, FileUsage]) -> dict[str, Any]:
+    return {
+        "path": f.path, "format": f.format, "virtual-size": f.virtual_size, "actual-size": f.actual_size,
+        "backing": f.backing, "data-file": f.data_file, "extents": list(f.extents),
+        "snapshots": [{"id": s.id, "name": s.name} for s in f.snapshots],
+        "usage": _usage_dict(usage.get(f.path)),
+    }
+
+
+def _usage_dict(u: FileUsage | None) -> dict[str, Any]:
+    if u is None:
+        return {"state": "free", "holders": []}
+    return {"state": u.state, "description": u.describe(),
+            "holders": [{"pid": h.pid, "program": h.program, "writable": h.writable} for h in u.holders]}
+
+
+def _worst(usages: tuple[FileUsage, ...]) -> str:
+    states = {u.state for u in usages}
+    return next((s for s in ("read-write", "read-only") if s in states), "free")
+
+
+def _volume_dict(v: Volume) -> dict[str, Any]:
+    sig = v.signature
+    return {
+        "name": v.name, "kind": v.kind, "offset": v.offset, "size": v.size, "vg": v.vg or None,
+        "filesystem": None if sig is None else {"type": sig.type, "usage": sig.usage, "label": sig.label,
+                                                "uuid": sig.uuid},
+        "note": v.note or None,
+        "needs-recovery": bool(sig and sig.needs_recovery),
+    }
+
+
+# --- tree -----------------------------------------------------------------------------------------------
+
+
+def render_tree(ins: Inspection) -> str:
+    usage = {u.path: u for u in ins.usage}
+    lines = [_file_line(f, usage, i) for i, f in enumerate(ins.image.chain)]
+    if ins.table is not None:
+        t = ins.table
+        lines.append(f"{t.label.upper() if t.label == 'gpt' else 'MBR (dos)'} partition table, "
+                     f"{t.sector_size}-byte sectors, disk id {t.disk_id}")
+        lines += [f"  warning: {w}" for w in t.warnings]
+    rows: list[tuple[str, ...]] = [("NAME", "OFFSET", "SIZE", "TYPE", "FSTYPE", "LABEL", "UUID / NOTE")]
+    rows += _volume_rows(ins)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    lines += ["  ".join([*(c.ljust(w) if i in (0, 3, 4, 5) else c.rjust(w)
+                          for i, (c, w) in enumerate(zip(r, widths, strict=False))), r[-1]]).rstrip()
+              for r in rows]
+    return "\n".join(lines)
+
+
+def _file_line(f: ImageFile, usage: dict[str, FileUsage], depth: int) -> str:
+    u = usage.get(f.path)
+    head = f.path if depth == 0 else "  " * depth + f"backing file {f.path}"
+    extra = f", external data file {f.data_file}" if f.data_file else ""
+    snaps = f", {len(f.snapshots)} internal snapshot(s)" if f.snapshots else ""
+    return (f"{head}: {f.format}, {human_size(f.virtual_size)} virtual, {human_size(f.actual_size)} on disk"
+            f"{extra}{snaps}; {u.describe() if u else 'free'}")
+
+
+def _volume_rows(ins: Inspection) -> list[tuple[str, ...]]:
+    top = [v for v in ins.volumes if v.kind != "lv"]
+    lvs = [v for v in ins.volumes if v.kind == "lv"]
+    rows: list[tuple[str, ...]] = []
+    for i, v in enumerate(top):
+        last = i == len(top) - 1
+        prefix = "" if v.kind == "disk" else ("└─" if last else "├─")
+        rows.append(_row(prefix + v.name, v, _part_type(ins, v)))
+        children = [lv for lv in lvs if v.note.startswith("LVM physical volume") and lv.vg == v.vg
+                    and _belongs(lv, v, top)]
+        for j, lv in enumerate(children):
+            indent = "" if v.kind == "disk" else ("  " if last else "│ ")
+            rows.append(_row(indent + ("└─" if j == len(children) - 1 else "├─") + lv.name, lv, "LVM LV"))
+    return rows
+
+
+def _belongs(lv: Volume, region: Volume, regions: list[Volume]) -> bool:
+    """An LV is shown under the PV holding its extent, or under its VG's first PV when not linear."""
+    if lv.offset is not None and region.offset is not None:
+        return region.offset <= lv.offset < region.offset + region.size
+    first = next((r for r in regions if r.vg == lv.vg), None)
+    return first is region
+
+
+def _part_type(ins: Inspection, v: Volume) -> str:
+    if v.partition is None or ins.table is None:
+        return "disk"
+    return type_name(ins.table.label, v.partition.type)
+
+
+def _row(name: str, v: Volume, kind: str) -> tuple[str, ...]:
+    sig = v.signature
+    offset = "-" if v.offset is None else human_size(v.offset)
+    pending = describe(sig.type, sig.recovery) if sig else ""
+    detail = " ".join(x for x in (sig.uuid if sig else "", f"({v.note})" if v.note else "",
+                                  f"({pending})" if pending else "") if x)
+    return (name, offset, human_size(v.size), kind, sig.type if sig else "", sig.label if sig else "", detail)

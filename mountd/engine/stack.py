@@ -1,0 +1,147 @@
+"""Attach layers bottom-up, journalling each before it touches the kernel; undo top-down on failure.
+
+Detaching (rollback or unmount) walks the layers from the top and stops at the first that will not come off:
+everything below it is still in use. The error lists exactly what is left.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import replace
+
+from mountd.engine.journal import Journal, MountRecord
+from mountd.errors import BusyError, MountdError, OperationTimeoutError
+from mountd.host.processes import kill
+from mountd.layers.dm import release_host_activations
+from mountd.layers.layer import FaultPoints, Layer, LayerRecord, layer_from_record
+
+log = logging.getLogger(__name__)
+
+
+class MountStack:
+    def __init__(self, journal: Journal, record: MountRecord) -> None:
+        self.journal = journal
+        self.record = record
+        self.faults = FaultPoints()
+        self.cancelled = ""  # why the attach was cancelled, once it is
+
+    def cancel(self, why: str) -> None:
+        """Stop an attach from another thread: kill the programs it started (so a step that waits on their
+        I/O fails at once) and make the next step fail; the rollback follows as for any failure."""
+        self.cancelled = why
+        for rec in self.record.layers:
+            pid, started = rec.identity.get("pid"), rec.identity.get("start_time")
+            if isinstance(pid, int) and isinstance(started, int) and kill(pid, started):
+                log.warning("killed %s pid %d: %s", rec.kind, pid, why)
+
+    def _step(self, where: str) -> None:
+        if self.cancelled:
+            raise OperationTimeoutError(self.cancelled)
+        self.faults.step(where)
+
+    def _save(self, record: MountRecord) -> None:
+        self.record = record
+        self.journal.write(record)
+
+    def push(self, planned: LayerRecord, fds: tuple[int, ...] = ()) -> Layer:
+        """Journal ``planned``, attach it (with ``fds``, the caller's open files it needs), journal the
+        result; a failed attach is undone before raising."""
+        where = f"{planned.kind} {planned.volume or 'disk'}".strip()
+        self._step(f"before {where}")
+        self._save(self.record.with_layer(planned))
+        layer = layer_from_record(planned)
+        layer.fds = fds
+
+        def progress(rec: LayerRecord) -> None:
+            layer.record = rec
+            self._save(self.record.with_layer(rec))
+            self.journal.claim(rec.identity.get("node"))  # after the record: never a mark it does not name
+
+        try:
+            progress(layer.attach(progress))
+            self._step(f"after {where}")
+        except BaseException:
+            self._undo(layer)
+            raise
+        log.debug("attached %s", layer.describe())
+        return layer
+
+    def _undo(self, layer: Layer) -> None:
+        """Detach a layer whose attach failed part-way; keep its record if even that fails."""
+        try:
+            layer.detach(force=True)
+        except MountdError as exc:
+            log.warning("could not undo a failed %s: %s", layer.describe(), exc)
+            return
+        self.journal.release(layer.node)
+        self._save(self.record.without_layer(layer.record))
+
+    @contextmanager
+    def building(self, deadline: float | None = None) -> Iterator[MountStack]:
+        """Attach inside this block; on any failure, tear everything down and re-raise the first error.
+        Past ``deadline`` seconds the attach is cancelled (:meth:`cancel`) and fails with Timeout."""
+        watchdog = _Watchdog(self, deadline)
+        try:
+            yield self
+            watchdog.disarm()
+            if self.cancelled:  # it fired just as the attach completed: roll back all the same
+                raise OperationTimeoutError(self.cancelled)
+        except BaseException as exc:
+            watchdog.disarm()
+            try:
+                self.teardown(force=True)
+            except MountdError as undo:
+                raise BusyError(f"{exc}; and undoing the partial mount failed: {undo}") from exc
+            if self.cancelled and not isinstance(exc, OperationTimeoutError):
+                log.info("cancelled mount %s failed with: %s", self.record.id, exc)
+                raise OperationTimeoutError(self.cancelled) from exc
+            raise
+        self._save(replace(self.record, state="mounted"))
+
+    def teardown(self, *, force: bool = False) -> None:
+        """Detach every layer top-down; stop at the first that will not come off and say what is left."""
+        self._save(replace(self.record, state="unmounting"))
+        release_host_activations(layer_from_record(r).node for r in self.record.layers)
+        for rec in reversed(self.record.layers):
+            layer = layer_from_record(rec)
+            try:
+                layer.detach(force=force)
+            except MountdError as exc:
+                self._save(replace(self.record, state="mounted" if not force else "broken"))
+                left = ", ".join(layer_from_record(r).describe() for r in reversed(self.record.layers))
+                exc.message = f"{exc.message} (still in place: {left})"
+                exc.args = (exc.message,)
+                raise
+            self.journal.release(layer.node)
+            self._save(self.record.without_layer(rec))
+        self.journal.remove(self.record.id)
+
+
+class _Watchdog:
+    """Cancels a stack's attach once ``seconds`` have passed, unless disarmed first."""
+
+    def __init__(self, stack: MountStack, seconds: float | None) -> None:
+        self.stack = stack
+        self.lock = threading.Lock()
+        self.active = seconds is not None
+        self.timer = threading.Timer(seconds or 0, self._fire)
+        self.seconds = seconds
+        if self.active:
+            self.timer.daemon = True
+            self.timer.start()
+
+    def _fire(self) -> None:
+        with self.lock:
+            if self.active:
+                self.active = False
+                self.stack.cancel(f"the mount did not complete within {self.seconds:g} s: a program it waits "
+                                  "for is stuck (a stopped QEMU, a slow or hung file server); nothing of it "
+                                  "is left")
+
+    def disarm(self) -> None:
+        with self.lock:  # after this, _fire cancels nothing: a completed attach is never half-cancelled
+            self.active = False
+        self.timer.cancel()

@@ -1,0 +1,177 @@
+"""One volume of an attached disk: its block device (partition, loop at an offset, or device-mapper LV) and
+its mounted filesystem (design: "Partitions", "LVM", "Filesystems").
+
+A read-only mount of a filesystem with writes pending in its journal or log (:mod:`mountd.image.recovery`: a
+VM that crashed, a QEMU that was killed) replays them, as the guest's next boot would, without writing to the
+image: the volume's block device is read by a ``qemu-storage-daemon`` below a qcow2 overlay that takes every
+write (:mod:`mountd.layers.fuse`), and the filesystem is mounted ``ro`` without ``noload``/``norecovery``
+from a read-write loop device on that export. The same two layers serve every backend and every kind of
+volume. Where that cannot be done (no qemu-storage-daemon or FUSE, or a journal on another device), the mount
+goes without the replay, and a warning, and the note recorded with the mount, say that the last writes are not
+shown. A caller's own ``-o noload`` (``norecovery``, ``rescue=nologreplay``) means no replay.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from mountd.engine.backends import Disk, export_path, fuse_available
+from mountd.engine.inspection import DiskLayout, Volume
+from mountd.engine.stack import MountStack
+from mountd.errors import MountdError, UnsupportedError
+from mountd.host.filesystems import NO_REPLAY, check_mountable, mount_options, mount_type, replay_refused
+from mountd.image.recovery import ELSEWHERE, log_name
+from mountd.layers.dm import lv_table
+from mountd.layers.layer import LayerRecord
+from mountd.layers.mount import unique_mountpoint
+
+if TYPE_CHECKING:  # the engine imports this module
+    from mountd.model import MountRequest
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class VolumeAttacher:
+    """Attaches the volumes of one mount: the stack, the attached disk and what it holds."""
+
+    stack: MountStack
+    disk: Disk
+    layout: DiskLayout
+    request: MountRequest
+    root: str
+
+    def mount(self, volume: Volume) -> None:
+        """Attach ``volume``'s block device and mount its filesystem under the mount root."""
+        if not volume.filesystem:
+            what = volume.signature.type if volume.signature else "no filesystem"
+            raise UnsupportedError(f"volume {volume.name} holds {what}, not a filesystem imgmount can mount")
+        check_mountable(volume.filesystem)
+        fstype = mount_type(volume.filesystem)
+        node = self.node(volume)
+        replay, note = self._recovery(volume, fstype)
+        if replay:
+            node = self._overlay(volume, node)
+        req = self.request
+        os.makedirs(self.root, mode=0o755, exist_ok=True)
+        stem = _stem(self.stack.record.image)
+        name = stem if volume.kind == "disk" else f"{stem}-{volume.name}"
+        try:
+            self.stack.push(LayerRecord("mount", volume.name, "attaching", {
+                "device": node, "mountpoint": unique_mountpoint(self.root, name), "name": name,
+                "fstype": fstype, "owner": req.owner, **({"note": note} if note else {}),
+                "options": mount_options(fstype, read_only=req.read_only, requested=req.mount_options,
+                                         owner_uid=req.owner, replay=replay),
+            }))
+        except MountdError as exc:
+            if replay:
+                _suggest_no_replay(exc, fstype)
+            raise
+
+    def _recovery(self, volume: Volume, fstype: str) -> tuple[bool, str]:
+        """Whether this mount replays the volume's pending journal into an overlay; where it cannot, the
+        note that says what the mount does not show."""
+        sig, req = volume.signature, self.request
+        if not req.read_only or sig is None or not sig.needs_recovery:
+            return False, ""
+        if replay_refused(req.mount_options):
+            log.info("volume %s: its %s is not replayed, as asked", volume.name, log_name(fstype))
+            return False, ""
+        if sig.recovery == ELSEWHERE:
+            why = "that journal is on another device"
+        elif not fuse_available():
+            why = ("replaying it without writing to the image needs qemu-storage-daemon (Debian package "
+                   "qemu-system-common) and /dev/fuse")
+        else:
+            log.info("volume %s: replaying its %s into a throwaway overlay", volume.name, log_name(fstype))
+            return True, ""
+        note = (f"recent writes are not shown: its {log_name(fstype)} holds writes not yet applied (it was "
+                f"not unmounted cleanly), and {why}")
+        log.warning("volume %s of %s: %s", volume.name, self.stack.record.image, note)
+        return False, note
+
+    def _overlay(self, volume: Volume, node: str) -> str:
+        """``node`` read-only below a throwaway qcow2 overlay that takes every write, as a read-write loop
+        device: the image's bytes stay as they are."""
+        stack = self.stack
+        export = export_path(stack.journal.root, f"{stack.record.id}-{len(stack.record.layers)}")
+        overlay = stack.push(LayerRecord("fuse", volume.name, "attaching", {
+            "blockdev": f"driver=host_device,filename={node.replace(',', ',,')}", "export": export,
+            "read_only": False, "overlay": True, "virtual_size": _device_size(node)})).node
+        return stack.push(LayerRecord("loop", volume.name, "attaching", {
+            "backing": overlay, "offset": 0, "size": 0, "read_only": False, "qemu_locks": False,
+            "direct_io": False})).node
+
+    def node(self, volume: Volume) -> str:
+        """The block device that exposes ``volume``, attaching what it takes."""
+        existing = self._node_of(volume.name)
+        if existing:
+            return existing
+        disk = self.disk
+        if volume.kind == "lv":
+            return self._lv_node(volume)
+        if volume.kind == "disk" and disk.backend != "fuse":  # the FUSE export is a file: it needs a loop
+            return disk.node
+        if volume.kind == "partition" and disk.kernel_partitions and volume.partition is not None:
+            return self.stack.push(LayerRecord("partition", volume.name, "attaching", {
+                "parent": disk.node, "number": volume.partition.number, "start": volume.offset,
+                "size": volume.size})).node
+        return self._loop(volume)
+
+    def _lv_node(self, volume: Volume) -> str:
+        if not self.disk.device_mapper:
+            if volume.offset is None:
+                raise UnsupportedError(f"logical volume {volume.name} is {volume.note.split(':')[0]}: it "
+                                       "needs device-mapper, which this kernel lacks")
+            return self._loop(volume)
+        vg = next(g for g in self.layout.volume_groups if g.name == volume.vg)
+        pv_nodes = {
+            region.signature.uuid: self.node(region)
+            for region in self.layout.volumes
+            if region.vg == vg.name and region.kind != "lv" and region.signature is not None
+        }
+        lv_name = volume.name.split("/", 1)[1]
+        lv = vg.lv(lv_name)
+        mount_id = self.stack.record.id
+        return self.stack.push(LayerRecord("dm", volume.name, "attaching", {
+            "name": _dm_name(f"imgmount-{mount_id}-{vg.name}-{lv_name}"),
+            "uuid": f"IMGMOUNT-{mount_id}-{lv.uuid}", "read_only": self.request.read_only,
+            "table": lv_table(vg, lv_name, pv_nodes)})).node
+
+    def _loop(self, volume: Volume) -> str:
+        assert volume.offset is not None
+        return self.stack.push(LayerRecord("loop", volume.name, "attaching", {
+            "backing": self.disk.offset_base, "offset": volume.offset, "size": volume.size,
+            "read_only": self.request.read_only, "qemu_locks": False,
+            "direct_io": self.disk.backend != "fuse"}), fds=self.disk.offset_fds).node
+
+    def _node_of(self, volume: str) -> str:
+        return next((str(x.identity.get("node", "")) for x in self.stack.record.layers
+                     if x.volume == volume and x.kind != "mount" and x.state == "attached"), "")
+
+
+def _device_size(node: str) -> int:
+    fd = os.open(node, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return os.lseek(fd, 0, os.SEEK_END)
+    finally:
+        os.close(fd)
+
+
+def _suggest_no_replay(exc: MountdError, fstype: str) -> None:
+    exc.message += (f" (while replaying its {log_name(fstype)} into a throwaway overlay: with -o "
+                    f"{NO_REPLAY[fstype]} it mounts without the replay, and without the writes it holds)")
+    exc.args = (exc.message,)
+
+
+def _stem(image: str) -> str:
+    base = os.path.basename(image)
+    return base.split(".", 1)[0] or base
+
+
+def _dm_name(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_+.-]", "_", name)[:120]

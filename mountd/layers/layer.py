@@ -1,0 +1,108 @@
+"""A mount is a stack of layers (design: "A mount is a stack of layers").
+
+Each layer is rebuilt from its journal record alone (``layer_from_record``), so any process (another
+``imgmount``, the daemon after a restart) can verify or detach what another one made.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from mountd.errors import FailedError
+
+
+@dataclass(frozen=True)
+class LayerRecord:
+    """What one layer made or is about to make; ``state`` is "attaching" until the kernel object exists."""
+
+    kind: str  # "lock" | "nbd" | "fuse" | "loop" | "dm" | "partition" | "mount"
+    volume: str  # the volume it serves ("" for the whole disk)
+    state: str  # "attaching" | "attached"
+    identity: dict[str, Any] = field(default_factory=dict)
+
+
+Progress = Callable[[LayerRecord], None]
+REGISTRY: dict[str, type[Layer]] = {}
+FAULT_ENV = "IMGMOUNT_FAULT_AT"
+CRASH_ENV = "IMGMOUNT_CRASH_AT"  # tests only: SIGKILL this process at the N-th step, as a crash would
+
+
+class Layer(ABC):
+    """One step of a mount stack.
+
+    ``attach`` creates the kernel object (or process) and returns the record with its full identity; when the
+    identity becomes known part-way (e.g. which loop device was taken), it calls ``progress`` first so the
+    journal names the object before anything else can fail. ``detach`` is idempotent and copes with a
+    half-done attach (a record still in state "attaching"). ``verify`` checks identity, not names.
+    """
+
+    kind: ClassVar[str]
+    #: Descriptors handed to this attach in memory (a caller's open files), never through the journal.
+    fds: tuple[int, ...] = ()
+
+    def __init__(self, record: LayerRecord) -> None:
+        self.record = record
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "kind" in cls.__dict__:
+            REGISTRY[cls.kind] = cls
+
+    @property
+    def identity(self) -> dict[str, Any]:
+        return self.record.identity
+
+    @property
+    def node(self) -> str:
+        """What this layer exposes to the one above: a device node, a file or a mountpoint."""
+        return str(self.identity.get("node", ""))
+
+    @abstractmethod
+    def attach(self, progress: Progress) -> LayerRecord: ...
+
+    @abstractmethod
+    def detach(self, *, force: bool = False) -> None: ...
+
+    @abstractmethod
+    def verify(self) -> bool: ...
+
+    def describe(self) -> str:
+        return f"{self.kind} {self.node or self.identity}"
+
+
+def layer_from_record(record: LayerRecord) -> Layer:
+    try:
+        return REGISTRY[record.kind](record)
+    except KeyError:
+        raise FailedError(f"the journal names an unknown layer kind {record.kind!r}") from None
+
+
+class InjectedFault(FailedError):
+    """A failure injected by the tests (``IMGMOUNT_FAULT_AT=N``) at the N-th step of an attach."""
+
+
+class FaultPoints:
+    """Counts the steps of one attach; fails the N-th when ``IMGMOUNT_FAULT_AT=N``, and kills the process
+    there when ``IMGMOUNT_CRASH_AT=N`` (tests only)."""
+
+    def __init__(self) -> None:
+        self._target = _step_number(FAULT_ENV)
+        self._crash = _step_number(CRASH_ENV)
+        self.count = 0
+
+    def step(self, where: str) -> None:
+        self.count += 1
+        if self.count == self._crash:
+            os.kill(os.getpid(), signal.SIGKILL)
+        if self.count == self._target:
+            raise InjectedFault(f"injected fault at step {self.count} ({where})")
+
+
+def _step_number(name: str) -> int:
+    value = os.environ.get(name, "")
+    return int(value) if value.isdigit() else 0

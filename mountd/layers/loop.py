@@ -1,0 +1,466 @@
+"""Loop devices made with our own ioctls, holding QEMU's image locks for as long as they exist.
+
+Like udisks' ``LoopSetup``, we open the backing file ourselves and hand the kernel that fd
+(``LOOP_CONFIGURE``). When asked, the fd first takes the OFD byte-range locks a QEMU user of the image would
+take (design: "Refusing images in use"); the loop device keeps a reference to that open file description, so
+the locks live exactly as long as the device, whatever happens to our process, and a VM cannot start on the
+image meanwhile.
+
+``LO_FLAGS_AUTOCLEAR`` is deliberately not set: the kernel clears an autoclear device on its last close, which
+is our own close right after ``LOOP_CONFIGURE`` (checked on 6.x: the device is gone before anyone mounts it).
+A device that will not come off is reported, never half-detached: ``LOOP_CLR_FD`` on a device someone still
+has open "succeeds" and only marks it autoclear, so detach looks for users first and checks the result.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import logging
+import os
+import stat
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from mountd.errors import (
+    BusyError,
+    FailedError,
+    InvalidArgumentError,
+    MountdError,
+    NoFreeDeviceError,
+    OperationTimeoutError,
+)
+from mountd.host.blockdev import BlockEvents, claim_exclusive, lock_out_udev
+from mountd.host.holders import (
+    F_OFD_GETLK,
+    FREE,
+    READ_ONLY,
+    Flock,
+    ImageInUseError,
+    file_usage,
+    pack_flock,
+    unpack_flock,
+)
+from mountd.layers.layer import Layer, LayerRecord, Progress
+from mountd.layers.mount import mountinfo
+
+log = logging.getLogger(__name__)
+
+LOOP_CLR_FD, LOOP_SET_STATUS64, LOOP_GET_STATUS64, LOOP_CONFIGURE = 0x4C01, 0x4C04, 0x4C05, 0x4C0A
+LOOP_CTL_GET_FREE = 0x4C82
+LO_FLAGS_READ_ONLY, LO_FLAGS_AUTOCLEAR, LO_FLAGS_DIRECT_IO = 1, 4, 16
+#: struct loop_info64: lo_device, lo_inode, lo_rdevice, lo_offset, lo_sizelimit (u64); lo_number,
+#: lo_encrypt_type, lo_encrypt_key_size, lo_flags (u32); file name, crypt name, key; lo_init[2].
+INFO64 = struct.Struct("=5Q4I64s64s32s2Q")
+#: struct loop_config: u32 fd, u32 block_size, struct loop_info64 info, u64 __reserved[8].
+CONFIG = struct.Struct(f"=II{INFO64.size}s64x")
+F_OFD_SETLK: int = getattr(fcntl, "F_OFD_SETLK", 37)
+
+SYS_BLOCK = Path("/sys/block")
+BLOCK_SIZES = (512, 1024, 2048, 4096)
+MAX_CLAIMS = 16  # devices tried when others keep taking the free one first
+SETTLE_TIMEOUT = 5.0
+
+#: QEMU lock bytes (100+n holds permission n, 200+n does not share it; n: 0 read, 1 write, 3 resize): what we
+#: hold, and the bytes whose lock by anyone else conflicts with that (QEMU's raw_check_lock_bytes).
+HELD = {True: (100, 201, 203), False: (100, 101, 103, 201, 203)}  # by read_only
+CONFLICTS = {True: (200, 101, 103), False: (200, 201, 203, 101, 103)}
+
+
+@dataclass(frozen=True)
+class LoopStatus:
+    device: int  # st_dev of the backing file
+    inode: int
+    offset: int
+    sizelimit: int
+    flags: int
+
+
+def get_status(fd: int) -> LoopStatus:
+    info = INFO64.unpack(fcntl.ioctl(fd, LOOP_GET_STATUS64, bytes(INFO64.size)))
+    return LoopStatus(info[0], info[1], info[3], info[4], info[8])
+
+
+def loop_number(node: str) -> int | None:
+    name = node.removeprefix("/dev/loop")
+    return int(name) if node.startswith("/dev/loop") and name.isdigit() else None
+
+
+def sysfs_view(number: int) -> dict[str, Any] | None:
+    """What sysfs says about ``loopN``; None when it backs nothing."""
+    base = SYS_BLOCK / f"loop{number}"
+    try:
+        return {
+            "backing_file": _backing_name(base / "loop" / "backing_file"),
+            "offset": int((base / "loop" / "offset").read_text()),
+            "sizelimit": int((base / "loop" / "sizelimit").read_text()),
+            "size_bytes": int((base / "size").read_text()) * 512,
+            "ro": (base / "ro").read_text().strip() == "1",
+            "dev": (base / "dev").read_text().strip(),
+        }
+    except (OSError, ValueError):
+        return None
+
+
+def _same_binding(now: dict[str, Any] | None, before: dict[str, Any]) -> bool:
+    keys = ("backing_file", "offset", "sizelimit", "dev")
+    return now is not None and all(now[k] == before[k] for k in keys)
+
+
+def _backing_name(path: Path) -> str:
+    """The kernel's name of a loop device's backing file, as Python names files (it need not be UTF-8)."""
+    return os.fsdecode(path.read_bytes().rstrip(b"\n"))
+
+
+def loops_backed_by(path: str) -> list[str]:
+    """The loop devices whose backing file is ``path`` (as the kernel names it)."""
+    found = []
+    for entry in SYS_BLOCK.glob("loop*/loop/backing_file"):
+        with contextlib.suppress(OSError):
+            if _backing_name(entry) == path:
+                found.append(f"/dev/{entry.parent.parent.name}")
+    return sorted(found, key=lambda n: loop_number(n) or 0)
+
+
+def wait_until(check: Callable[[], bool], timeout: float, what: str) -> None:
+    """Wait for sysfs state that a block uevent announces (re-checked on each event, and now and then), or
+    raise naming ``what``."""
+    if not BlockEvents().wait(check, timeout):
+        raise OperationTimeoutError(f"timed out after {timeout:g} s waiting for {what}")
+
+
+# ---- QEMU's locks ----------------------------------------------------------------------------------------
+
+
+def take_qemu_locks(fd: int, *, read_only: bool) -> bool:
+    """Lock ``fd`` as a QEMU user of the image would; False if another user's locks conflict. Like QEMU,
+    lock first and check after, so of two users starting at once at least one sees the other."""
+    try:
+        for byte in HELD[read_only]:
+            fcntl.fcntl(fd, F_OFD_SETLK, pack_flock(Flock(fcntl.F_RDLCK, os.SEEK_SET, byte, 1, 0)))
+    except OSError as exc:
+        if exc.errno in (errno.EAGAIN, errno.EACCES):  # a write lock: not QEMU's, but a user all the same
+            return False
+        raise FailedError(f"cannot take QEMU's image locks: {exc.strerror}") from None
+    for byte in CONFLICTS[read_only]:
+        query = pack_flock(Flock(fcntl.F_WRLCK, os.SEEK_SET, byte, 1, 0))
+        if unpack_flock(fcntl.fcntl(fd, F_OFD_GETLK, query)).l_type != fcntl.F_UNLCK:
+            return False
+    return True
+
+
+def in_use_error(path: str, *, read_only: bool, fd: int | None = None) -> ImageInUseError:
+    """Name whoever holds ``path`` (open at ``fd``, if given; call with our own locks released, so only
+    theirs count)."""
+    usage = file_usage(path, fd=fd)
+    loops = loops_backed_by(path)
+    who = usage.describe() if usage.state != FREE else "locked by a program that has let go since: try again"
+    if loops and not usage.blamed():
+        who += f" (held through loop device {', '.join(loops)})"
+    hint = "stop it or mount read-only" if not read_only and usage.state == READ_ONLY else "stop it first"
+    return ImageInUseError(f"image {path} is {who}: {hint}", usage)
+
+
+# ---- the layer -------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LoopSpec:
+    backing: str
+    offset: int
+    size: int  # 0: to the end
+    read_only: bool
+    qemu_locks: bool
+    block_size: int  # 0: the kernel's default (512)
+    direct_io: bool = False  # not over FUSE: the export serves O_DIRECT reads wrongly
+
+    @classmethod
+    def parse(cls, identity: dict[str, Any], *, resolve: bool = True) -> LoopSpec:
+        """``resolve``: the backing file is root's to name (no descriptor given), so resolve its path."""
+        try:
+            backing = str(identity["backing"])
+            spec = cls(os.path.realpath(backing) if resolve else backing, int(identity.get("offset") or 0),
+                       int(identity.get("size") or 0), bool(identity.get("read_only", True)),
+                       bool(identity.get("qemu_locks", False)), int(identity.get("block_size") or 0),
+                       bool(identity.get("direct_io", False)))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise InvalidArgumentError(f"bad loop layer plan {identity}: {exc}") from None
+        if not os.path.isabs(str(identity["backing"])):
+            raise InvalidArgumentError(f"the loop backing file must be an absolute path: {spec.backing}")
+        if spec.offset < 0 or spec.size < 0 or spec.block_size not in (0, *BLOCK_SIZES):
+            raise InvalidArgumentError(f"bad loop offset, size or block size in {identity}")
+        return spec
+
+
+class LoopLayer(Layer):
+    """A loop device on a file or block device, at an offset and size.
+
+    Left behind on failure: nothing. The backing fd (and so its locks) is closed unless the kernel took it;
+    a device found bound to anything but our file (by st_dev/st_ino and offset) is never touched.
+    """
+
+    kind = "loop"
+
+    def attach(self, progress: Progress) -> LayerRecord:
+        spec = LoopSpec.parse(self.identity, resolve=not self.fds)
+        fd = _given_backing(self.fds[0], spec) if self.fds else _open_backing(spec)
+        try:
+            st = os.fstat(fd)
+            _check_extent(spec, fd, st)
+            if spec.qemu_locks and not take_qemu_locks(fd, read_only=spec.read_only):
+                os.close(fd)
+                fd = -1
+                raise in_use_error(spec.backing, read_only=spec.read_only,
+                                   fd=self.fds[0] if self.fds else None)
+            known = {**self.identity, "backing": spec.backing, "offset": spec.offset, "size": spec.size,
+                     "backing_dev": st.st_dev, "backing_ino": st.st_ino}
+            node = self._claim(fd, spec, known, progress)
+        finally:
+            if fd >= 0:
+                os.close(fd)
+        number = loop_number(node) or 0
+        # LOOP_CONFIGURE sets the capacity before it returns; this bounded check catches a kernel that
+        # publishes it later (sysfs sends no event we can wait on without udevd).
+        wait_until(lambda: (sysfs_view(number) or {}).get("size_bytes", 0) > 0, SETTLE_TIMEOUT,
+                   f"{node} to have a size")
+        self.record = replace(self.record, state="attached",
+                              identity={**self.record.identity, "sysfs": sysfs_view(number)})
+        log.info("attached %s to %s at offset %d", node, spec.backing, spec.offset)
+        return self.record
+
+    def _claim(self, fd: int, spec: LoopSpec, known: dict[str, Any], progress: Progress) -> str:
+        """Take a free device and configure it; another process taking it first (EBUSY) is normal."""
+        for _ in range(MAX_CLAIMS):
+            number = _get_free()
+            node = _ensure_node(number)
+            self.record = replace(self.record, identity={**known, "node": node, "devnum": _devnum(number)})
+            progress(self.record)
+            try:
+                _configure(node, fd, spec)
+                return node
+            except OSError as exc:
+                if exc.errno != errno.EBUSY:
+                    raise FailedError(f"cannot configure {node} on {spec.backing}: {exc.strerror}") from None
+        raise NoFreeDeviceError(f"no free loop device after {MAX_CLAIMS} tries: others keep taking them")
+
+    def verify(self) -> bool:
+        number = loop_number(self.node)
+        if number is None or not self._sysfs_matches(number, by_name=False):
+            return False
+        status = _status(self.node)
+        return isinstance(status, LoopStatus) and self._ours(status)
+
+    def _sysfs_matches(self, number: int, *, by_name: bool = True) -> bool:
+        """What sysfs shows is what we made; ``by_name`` also compares the backing file's name, which only
+        stands in for its identity where the kernel cannot tell the inode (a renamed file keeps its inode)."""
+        view, ident = sysfs_view(number), self.identity
+        if view is None:
+            return False
+        if by_name and view["backing_file"].removesuffix(" (deleted)") != ident.get("backing"):
+            return False
+        return (view["offset"], view["sizelimit"], view["dev"]) == (
+            ident.get("offset"), ident.get("size"), ident.get("devnum"))
+
+    def _ours(self, status: LoopStatus) -> bool:
+        ident = self.identity
+        if "backing_dev" not in ident:
+            return False
+        return _same_dev(status.device, ident["backing_dev"]) and status.inode == ident["backing_ino"] \
+            and (status.offset, status.sizelimit) == (ident.get("offset"), ident.get("size"))
+
+    def detach(self, *, force: bool = False) -> None:
+        number = loop_number(self.node)
+        if number is None or sysfs_view(number) is None:
+            return  # never configured, or already gone
+        status = _status(self.node)
+        if status == errno.ENXIO:
+            return
+        # The kernel answers LOOP_GET_STATUS64 by stat-ing the backing file, which fails on a dead FUSE
+        # export (ENOTCONN): then sysfs alone (path, offset, size, device number) must tell it is ours.
+        ours = self._ours(status) if isinstance(status, LoopStatus) else self._sysfs_matches(number)
+        if not ours:
+            log.warning("%s now backs something else: leaving it alone", self.node)
+            return
+        fd = claim_exclusive(self.node)  # EBUSY: mounted or claimed by the kernel, even where we cannot see
+        if fd is not None and not lock_out_udev(fd, SETTLE_TIMEOUT):
+            os.close(fd)
+            raise BusyError(f"{self.node} is locked by another program (udev probing it?): try again")
+        users = device_users(number, self.node, own_fd=fd)
+        if fd is None or users:
+            if fd is not None:
+                os.close(fd)
+            users = users or ["claimed by the kernel (a mount in another namespace, or a lazy unmount)"]
+            if not force:
+                raise BusyError(f"{self.node} is busy: {'; '.join(users)}: stop using it first")
+            # Forced (after a lazy unmount): the kernel detaches it at its last close. Nothing is at risk, the
+            # backing file stays open until then, so the mount record can go.
+            _clear(self.node)
+            log.warning("%s is busy (%s): it will detach itself once released", self.node, "; ".join(users))
+            return
+        self._clear(fd, number, force=force)
+        log.info("detached %s", self.node)
+
+    def _clear(self, fd: int, number: int, *, force: bool) -> None:
+        """LOOP_CLR_FD through our exclusive ``fd`` (closed here), then wait until the device no longer backs
+        what it did: freed, it may at once be taken by another mount (LOOP_CTL_GET_FREE hands it out), which
+        is not a late user of ours. Only sysfs is read: an open of ours could make that other mount's own
+        detach find the device "open by" us."""
+        before = sysfs_view(number)  # ours (checked by inode): the binding that must go
+        try:
+            fcntl.ioctl(fd, LOOP_CLR_FD)
+        except OSError as exc:
+            if exc.errno != errno.ENXIO:  # ENXIO: unbound meanwhile
+                raise FailedError(f"cannot detach {self.node}: {exc.strerror}") from None
+        finally:
+            os.close(fd)  # the clear happens at this last close
+        def still() -> bool:
+            return before is not None and _same_binding(sysfs_view(number), before)
+
+        with contextlib.suppress(OperationTimeoutError):
+            wait_until(lambda: not still(), SETTLE_TIMEOUT, f"{self.node} to be released")
+        if still():  # someone opened it between our check and our close
+            if not force:
+                _cancel_autoclear(self.node)
+            users = device_users(number, self.node) or ["an opener that is not visible here"]
+            raise BusyError(f"{self.node} is busy: {'; '.join(users)}: stop using it first")
+
+
+# ---- kernel calls ----------------------------------------------------------------------------------------
+
+
+def _open_backing(spec: LoopSpec) -> int:
+    flags = (os.O_RDONLY if spec.read_only else os.O_RDWR) | os.O_CLOEXEC | os.O_NOCTTY | os.O_NOFOLLOW
+    try:
+        st = os.stat(spec.backing)
+        if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+            raise InvalidArgumentError(f"{spec.backing} is not a regular file or a block device")
+        return os.open(spec.backing, flags)
+    except OSError as exc:
+        raise FailedError(f"cannot open {spec.backing}: {exc.strerror}") from None
+
+
+def _given_backing(fd: int, spec: LoopSpec) -> int:
+    """Our own duplicate of a descriptor the caller opened: the kernel gets exactly that file, and a
+    read-write device only from a descriptor opened read-write."""
+    if not spec.read_only and fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE != os.O_RDWR:
+        raise InvalidArgumentError(f"{spec.backing} was opened read-only: it cannot back a read-write device")
+    return fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 0)
+
+
+def _check_extent(spec: LoopSpec, fd: int, st: os.stat_result) -> None:
+    if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+        raise InvalidArgumentError(f"{spec.backing} is not a regular file or a block device")
+    total = os.lseek(fd, 0, os.SEEK_END)  # st_size is 0 for a block device
+    room = total - spec.offset if not spec.size else min(spec.size, total - spec.offset)
+    if room < (spec.block_size or 512):
+        raise InvalidArgumentError(
+            f"{spec.backing} ({total} bytes) has no room for a device at offset {spec.offset}")
+
+
+def _get_free() -> int:
+    ctl = os.open("/dev/loop-control", os.O_RDWR | os.O_CLOEXEC)
+    try:
+        return int(fcntl.ioctl(ctl, LOOP_CTL_GET_FREE))
+    except OSError as exc:
+        raise NoFreeDeviceError(f"the kernel has no free loop device: {exc.strerror}") from None
+    finally:
+        os.close(ctl)
+
+
+def _devnum(number: int) -> str:
+    return (SYS_BLOCK / f"loop{number}" / "dev").read_text().strip()
+
+
+def _ensure_node(number: int) -> str:
+    """``/dev/loopN``, made from sysfs where no devtmpfs or udev made it (static /dev in containers)."""
+    node = f"/dev/loop{number}"
+    major, minor = (int(x) for x in _devnum(number).split(":"))
+    try:
+        st = os.stat(node)
+    except FileNotFoundError:
+        os.mknod(node, stat.S_IFBLK | 0o660, os.makedev(major, minor))
+        return node
+    if not stat.S_ISBLK(st.st_mode) or st.st_rdev != os.makedev(major, minor):
+        raise FailedError(f"{node} is not the block device {major}:{minor}: fix /dev")
+    return node
+
+
+def _configure(node: str, fd: int, spec: LoopSpec) -> None:
+    name = os.fsencode(spec.backing)[:63]
+    # Direct I/O: the data is cached once, by the filesystem on the loop device, not again as the backing
+    # file's pages. The kernel quietly falls back to buffered I/O where the offset or block size forbid it.
+    flags = (LO_FLAGS_READ_ONLY if spec.read_only else 0) | (LO_FLAGS_DIRECT_IO if spec.direct_io else 0)
+    info = INFO64.pack(0, 0, 0, spec.offset, spec.size, 0, 0, 0, flags, name, b"", b"", 0, 0)
+    dev = os.open(node, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        with contextlib.suppress(OSError):  # as systemd does: udev does not probe a device locked so
+            fcntl.flock(dev, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.ioctl(dev, LOOP_CONFIGURE, CONFIG.pack(fd, spec.block_size, info))
+    finally:
+        os.close(dev)
+
+
+def _status(node: str) -> LoopStatus | int:
+    """The device's status, or the errno that refused it (ENXIO: it backs nothing)."""
+    try:
+        fd = os.open(node, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        return exc.errno or errno.EIO
+    try:
+        return get_status(fd)
+    except OSError as exc:
+        return exc.errno or errno.EIO
+    finally:
+        os.close(fd)
+
+
+def _same_dev(kernel: int, ours: int) -> bool:
+    """lo_device is the kernel's huge_encode_dev; st_dev is glibc's: compare major and minor."""
+    k_major, k_minor = (kernel & 0xFFF00) >> 8, (kernel & 0xFF) | ((kernel >> 12) & 0xFFF00)
+    return (k_major, k_minor) == (os.major(ours), os.minor(ours))
+
+
+def _clear(node: str) -> None:
+    fd = os.open(node, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        with contextlib.suppress(OSError):
+            fcntl.ioctl(fd, LOOP_CLR_FD)
+    finally:
+        os.close(fd)
+
+
+def _cancel_autoclear(node: str) -> None:
+    """Undo a deferred LOOP_CLR_FD, so a refused detach leaves the device exactly as it was."""
+    with contextlib.suppress(OSError):
+        fd = os.open(node, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            info = list(INFO64.unpack(fcntl.ioctl(fd, LOOP_GET_STATUS64, bytes(INFO64.size))))
+            info[8] &= ~LO_FLAGS_AUTOCLEAR
+            fcntl.ioctl(fd, LOOP_SET_STATUS64, INFO64.pack(*info))
+        finally:
+            os.close(fd)
+
+
+def device_users(number: int, node: str, *, own_fd: int | None = None) -> list[str]:
+    """Who holds ``loopN``: mounts, kernel holders (dm, md), loop devices on it, processes with it open."""
+    devnum = _devnum(number)
+    users = [f"mounted on {m.mountpoint}" for m in mountinfo() if m.dev == devnum]
+    with contextlib.suppress(OSError):
+        users += [f"held by {h}" for h in sorted(os.listdir(SYS_BLOCK / f"loop{number}" / "holders"))]
+    users += [f"backing {loop}" for loop in loops_backed_by(node)]
+    with contextlib.suppress(OSError, MountdError):
+        users += [f"open by {h}" for h in file_usage(node).holders]
+    if any(_link(f"/proc/self/fd/{fd}") == node for fd in os.listdir("/proc/self/fd") if fd != str(own_fd)):
+        users.append(f"open by this process (pid {os.getpid()})")  # file_usage never counts us
+    return users
+
+
+def _link(path: str) -> str:
+    try:
+        return os.readlink(path)
+    except OSError:
+        return ""

@@ -1,0 +1,455 @@
+"""The top layer of a stack: a filesystem mounted on a directory of its own (design: "Filesystems").
+
+Also the mountinfo parser, the scan for processes that keep a mountpoint busy, and mountpoint naming.
+Options come from :func:`mountd.host.filesystems.mount_options`; this module only runs them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import logging
+import os
+import stat
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
+from typing import Any
+
+from mountd.errors import (
+    BusyError,
+    CommandError,
+    FailedError,
+    InvalidArgumentError,
+    InvalidImageError,
+    MountdError,
+    NotFoundError,
+)
+from mountd.host import command, filesystems
+from mountd.layers.layer import Layer, LayerRecord, Progress
+
+log = logging.getLogger(__name__)
+
+MAX_SUFFIX = 1000
+MAX_NAME_RACES = 16  # names tried when other mounts keep taking the one we chose first
+MAX_NAME_BYTES = 200
+MAX_FDS_SCANNED = 1 << 16  # per process
+MAX_MAPS_BYTES = 8 << 20  # per process
+MOUNT_TIMEOUT = 120.0
+FSCK = {"ext2": "e2fsck -n", "ext3": "e2fsck -n", "ext4": "e2fsck -n", "xfs": "xfs_repair -n",
+        "btrfs": "btrfs check --readonly", "vfat": "fsck.vfat -n", "exfat": "fsck.exfat -n"}
+
+
+# ---- mountinfo -------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MountInfoEntry:
+    """One line of ``/proc/self/mountinfo`` (proc(5)), paths unescaped."""
+
+    mount_id: int
+    parent_id: int
+    dev: str  # "major:minor" of the filesystem (an anonymous 0:N for btrfs)
+    root: str
+    mountpoint: str
+    options: tuple[str, ...]  # per-mount options: ro/rw, nosuid, nodev, ...
+    fstype: str
+    source: str
+    super_options: tuple[str, ...]  # the filesystem's own: norecovery, rescue=nologreplay, ...
+
+
+def _unescape(field: bytes) -> str:
+    r"""The kernel writes space, tab, newline and backslash in paths as ``\040 \011 \012 \134``."""
+    out = bytearray()
+    i = 0
+    while i < len(field):
+        chunk = field[i + 1:i + 4]
+        if field[i] == 0x5C and len(chunk) == 3 and all(0x30 <= c <= 0x37 for c in chunk):
+            out.append(int(chunk, 8) & 0xFF)
+            i += 4
+        else:
+            out.append(field[i])
+            i += 1
+    return os.fsdecode(bytes(out))
+
+
+def parse_mountinfo(data: bytes) -> list[MountInfoEntry]:
+    """Parse mountinfo text; lines that do not have the documented shape are skipped."""
+    entries = []
+    for line in data.splitlines():
+        fields = line.split(b" ")
+        try:
+            sep = fields.index(b"-", 6)
+            fstype, source, super_options = fields[sep + 1:sep + 4]
+            entries.append(MountInfoEntry(
+                int(fields[0]), int(fields[1]), fields[2].decode("ascii"), _unescape(fields[3]),
+                _unescape(fields[4]), tuple(fields[5].decode("ascii").split(",")), _unescape(fstype),
+                _unescape(source), tuple(_unescape(super_options).split(","))))
+        except (ValueError, UnicodeDecodeError):
+            continue
+    return entries
+
+
+def mountinfo() -> list[MountInfoEntry]:
+    with open("/proc/self/mountinfo", "rb") as f:
+        return parse_mountinfo(f.read())
+
+
+def _at(path: str, entries: Iterable[MountInfoEntry]) -> list[MountInfoEntry]:
+    return [e for e in entries if e.mountpoint == path]
+
+
+# ---- who keeps a mountpoint busy ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MountUser:
+    pid: int
+    program: str
+    how: str  # "working directory", "root directory", "open file", "mapped file"
+
+    def __str__(self) -> str:
+        return f"{self.program}, pid {self.pid} ({self.how})"
+
+
+def _under(path: str, top: str) -> bool:
+    path = path.removesuffix(" (deleted)")
+    return path == top or path.startswith(top.rstrip("/") + "/")
+
+
+def _link_under(link: str, top: str) -> bool:
+    try:
+        return _under(os.readlink(link), top)
+    except OSError:  # the process or fd is gone, or not ours to look at
+        return False
+
+
+def _maps_under(pid: str, top: str) -> bool:
+    try:
+        with open(f"/proc/{pid}/maps", "rb") as f:
+            data = f.read(MAX_MAPS_BYTES)
+    except OSError:
+        return False
+    for line in data.splitlines():
+        parts = line.split(maxsplit=5)
+        if len(parts) == 6 and _under(os.fsdecode(parts[5]), top):
+            return True
+    return False
+
+
+def _how(pid: str, top: str) -> str | None:
+    if _link_under(f"/proc/{pid}/cwd", top):
+        return "working directory"
+    if _link_under(f"/proc/{pid}/root", top):
+        return "root directory"
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")[:MAX_FDS_SCANNED]
+    except OSError:
+        fds = []
+    if any(_link_under(f"/proc/{pid}/fd/{fd}", top) for fd in fds):
+        return "open file"
+    return "mapped file" if _maps_under(pid, top) else None
+
+
+def _program(pid: str) -> str | None:
+    try:
+        name = os.path.basename(os.readlink(f"/proc/{pid}/exe").removesuffix(" (deleted)"))
+    except OSError:
+        name = ""
+    if not name:
+        with contextlib.suppress(OSError), open(f"/proc/{pid}/comm", encoding="utf-8", errors="replace") as f:
+            name = f.read().strip()
+    return name or None
+
+
+def users_of(path: str) -> list[MountUser]:
+    """Processes whose working or root directory, open files or mapped files lie under ``path`` (as this
+    mount namespace sees it). One pass over /proc; processes that vanish meanwhile are skipped."""
+    top = os.path.normpath(path)
+    users = []
+    for pid in sorted(filter(str.isdigit, os.listdir("/proc")), key=int):
+        how = _how(pid, top)
+        program = _program(pid) if how else None
+        if how and program:
+            users.append(MountUser(int(pid), program, how))
+    return users
+
+
+def _kernel_users(top: str) -> list[str]:
+    """Users no process scan shows: loop devices and swap files backed by a file under ``top``."""
+    found = []
+    with contextlib.suppress(OSError):
+        for name in sorted(os.listdir("/sys/block")):
+            backing = f"/sys/block/{name}/loop/backing_file"
+            with contextlib.suppress(OSError), open(backing, encoding="utf-8", errors="replace") as f:
+                if _under(f.read().strip(), top):
+                    found.append(f"loop device /dev/{name}")
+    with contextlib.suppress(OSError), open("/proc/swaps", encoding="utf-8", errors="replace") as f:
+        found += [f"swap file {line.split()[0]}" for line in f.read().splitlines()[1:]
+                  if line.split() and _under(line.split()[0], top)]
+    return found
+
+
+# ---- mountpoint names ------------------------------------------------------------------------------------
+
+
+def sanitise_name(name: str) -> str:
+    """A single printable path component: no "/", no leading dots, at most 200 bytes (UTF-8)."""
+    clean = "".join(c if c.isprintable() and c != "/" else "_" for c in name).lstrip(".").strip()
+    data = clean.encode("utf-8", errors="replace")[:MAX_NAME_BYTES]
+    clean = data.decode("utf-8", errors="ignore").strip()  # a cut multi-byte character is dropped
+    return clean or "volume"
+
+
+def unique_mountpoint(root: str, name: str) -> str:
+    """``root/name``, or ``root/name-2``, ``-3`` ... when taken (up to ``-1000``); ``name`` sanitised."""
+    if not os.path.isabs(root):
+        raise InvalidArgumentError(f"the mount root {root!r} is not an absolute path")
+    base = sanitise_name(name)
+    root = os.path.normpath(root)
+    for n in range(1, MAX_SUFFIX + 1):
+        candidate = os.path.join(root, base if n == 1 else f"{base}-{n}")
+        if not os.path.lexists(candidate):
+            return candidate
+    raise FailedError(f"every name from {base} to {base}-{MAX_SUFFIX} under {root} is taken: clean up {root}")
+
+
+# ---- the layer -------------------------------------------------------------------------------------------
+
+
+def _syncfs(path: str) -> None:
+    """Write the filesystem's dirty data to its device: umount does too, but a lazy unmount leaves the
+    filesystem alive, and the layers below must not be detached with writes still in memory."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    try:
+        if ctypes.CDLL(None, use_errno=True).syncfs(fd) != 0:
+            err = ctypes.get_errno()
+            log.warning("syncfs %s failed: %s", path, os.strerror(err))
+    finally:
+        os.close(fd)
+
+
+def _check_safe_parent(parent: str) -> None:
+    """Only root may be able to change the path to the mountpoint: otherwise someone could swap a directory
+    for a symlink between our mkdir and the mount, and have root mount over a path of their choice."""
+    path = "/"
+    for part in [p for p in parent.split("/") if p]:
+        path = os.path.join(path, part)
+        st = os.lstat(path)
+        if not stat.S_ISDIR(st.st_mode):
+            raise InvalidArgumentError(f"{path} (on the way to the mount root {parent}) is not a directory")
+        sticky = bool(st.st_mode & stat.S_ISVTX)
+        group_writable = bool(st.st_mode & stat.S_IWGRP) and st.st_gid != 0
+        if st.st_uid != 0 or ((st.st_mode & stat.S_IWOTH or group_writable) and not sticky):
+            raise InvalidArgumentError(f"{path} (on the way to the mount root {parent}) can be changed by "
+                                       "users other than root: choose a mount root that only root can write")
+
+
+def _make_mountpoint(mountpoint: str, name: str | None) -> tuple[str, bool]:
+    """Create the mountpoint: (its path, True if we created it). Given the ``name`` it was chosen for, a
+    mount that made that directory first (between the choice and now) makes us take the next free name;
+    without one, an empty directory that is not a mountpoint is used as it is (False)."""
+    parent = os.path.dirname(mountpoint)
+    if not os.path.isdir(parent):
+        os.makedirs(parent, mode=0o755, exist_ok=True)  # the mount root: left in place, like udisks does
+    _check_safe_parent(parent)
+    for _ in range(MAX_NAME_RACES):
+        try:
+            os.mkdir(mountpoint, 0o700)
+            return mountpoint, True
+        except FileExistsError:
+            if name is None:
+                break
+            mountpoint = unique_mountpoint(parent, name)
+    st = os.lstat(mountpoint)
+    if name is not None or not stat.S_ISDIR(st.st_mode) or os.listdir(mountpoint) \
+            or _at(mountpoint, mountinfo()):
+        raise InvalidArgumentError(f"{mountpoint} already exists and is not an empty directory") from None
+    return mountpoint, False
+
+
+def _chown_mountpoint(mountpoint: str, owner: int) -> None:
+    """Only the directory we made is given to the owner, through an fd so a swapped path cannot redirect it;
+    the filesystem's own files are never chowned."""
+    fd = os.open(mountpoint, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        os.fchown(fd, owner, filesystems.primary_gid(owner))
+        os.fchmod(fd, 0o700)
+    finally:
+        os.close(fd)
+
+
+def _mount_error(exc: CommandError, record: LayerRecord, read_only: bool) -> MountdError:
+    text, ident = exc.stderr.lower(), record.identity
+    device, fstype = ident["device"], ident["fstype"]
+    what = f"the {fstype} filesystem on {device}" + (f" (volume {record.volume})" if record.volume else "")
+    if "unknown filesystem type" in text:
+        try:
+            filesystems.check_mountable(fstype)
+        except MountdError as unsupported:
+            return unsupported
+    if "write-protected" in text or ("read-only" in text and not read_only):
+        return InvalidArgumentError(f"{what} can only be mounted read-only (the device or the filesystem's "
+                                    "features do not allow writing): mount it read-only")
+    if any(s in text for s in ("wrong fs type", "bad superblock", "can't read superblock",
+                               "structure needs cleaning", "cannot mount", "fsconfig system call failed")):
+        check = FSCK.get(fstype, f"fsck.{fstype} -n")
+        return InvalidImageError(f"{what} cannot be mounted: the kernel rejects it as damaged or not really "
+                                 f"{fstype} (check a copy of the image with {check})")
+    if "does not exist" in text:
+        return NotFoundError(f"cannot mount {what}: {device} or {ident['mountpoint']} does not exist")
+    if "already mounted" in text or "busy" in text:
+        return BusyError(f"cannot mount {what} on {ident['mountpoint']}: the device or mountpoint is busy")
+    return FailedError(f"mounting {what} on {ident['mountpoint']} failed: {exc.message}")
+
+
+class MountLayer(Layer):
+    """Mount ``device`` on ``mountpoint``.
+
+    Planned identity: device, mountpoint (absolute), fstype (a ``mount -t`` type), options (the full list
+    from :func:`mountd.host.filesystems.mount_options`), owner (uid), and optionally the name the mountpoint
+    was made from (then a directory that another mount made there meanwhile makes us take the next free name).
+    Attached identity adds node (= mountpoint), dev ("major:minor" of the mounted filesystem), mount_id, and
+    created (we made the directory).
+
+    Left behind if attach fails: nothing (the directory is removed again); after a crash between mkdir and
+    mount, the record says ``created`` and :meth:`detach` removes it.
+    """
+
+    kind = "mount"
+
+    @property
+    def mountpoint(self) -> str:
+        return str(self.identity["mountpoint"])
+
+    @property
+    def read_only(self) -> bool:
+        return "rw" not in self.identity.get("options", ())
+
+    def _planned(self) -> dict[str, Any]:
+        """The planned identity, checked again: it may come from a journal file."""
+        ident = dict(self.identity)
+        mountpoint, device, options = ident.get("mountpoint"), ident.get("device"), ident.get("options")
+        if not isinstance(mountpoint, str) or mountpoint == "/" or not os.path.isabs(mountpoint) \
+                or os.path.normpath(mountpoint) != mountpoint or not str(device).startswith("/"):
+            raise InvalidArgumentError(f"cannot mount {device!r} on {mountpoint!r}: need absolute paths")
+        if not isinstance(options, list) or not set(filesystems.ALWAYS) <= set(options) or any(
+                not isinstance(o, str) or set(o) & set(filesystems.BAD_CHARS) for o in options):
+            raise InvalidArgumentError(f"mount options {options!r} are not single options with nosuid,nodev")
+        if os.path.realpath(str(device)) != device:  # mountinfo shows resolved names, and we look ours up
+            raise InvalidArgumentError(f"the device {device} is a symlink: give the device node itself")
+        return ident
+
+    def attach(self, progress: Progress) -> LayerRecord:
+        ident = self._planned()
+        filesystems.check_mountable(ident["fstype"])
+        ident["mountpoint"], created = _make_mountpoint(self.mountpoint, ident.get("name"))
+        ident["created"] = created
+        self.record = replace(self.record, identity=ident)
+        try:
+            progress(self.record)  # the journal says the directory is ours before anything else can fail
+            if created:
+                _chown_mountpoint(self.mountpoint, int(ident["owner"]))
+            entry = self._mount(ident)
+        except BaseException:
+            with contextlib.suppress(MountdError):  # the first error is the one to report
+                self._remove_mountpoint()
+            raise
+        log.info("mounted %s (%s) on %s", ident["device"], ident["fstype"], self.mountpoint)
+        ident.update(node=self.mountpoint, dev=entry.dev, mount_id=entry.mount_id)
+        self.record = replace(self.record, state="attached", identity=ident)
+        return self.record
+
+    def _mount(self, ident: dict[str, Any]) -> MountInfoEntry:
+        # -i: no /sbin/mount.TYPE helper (mount.ntfs would be ntfs-3g); -r/-w: mount(8) never falls back
+        # from an explicit read-write to a read-only mount on a write-protected device.
+        argv = ["mount", "-i", "-r" if self.read_only else "-w", "-t", ident["fstype"],
+                "-o", ",".join(ident["options"]), ident["device"], self.mountpoint]
+        try:
+            command.run(argv, timeout=MOUNT_TIMEOUT)
+        except CommandError as exc:
+            raise _mount_error(exc, self.record, self.read_only) from None
+        entry = self._find(mountinfo(), adopt=True)
+        if entry is None:
+            raise FailedError(f"mount reported success but mountinfo shows no {ident['fstype']} mount of "
+                              f"{ident['device']} on {self.mountpoint}")
+        mode = "ro" if self.read_only else "rw"
+        if mode not in entry.options or not {"nosuid", "nodev"} <= set(entry.options):
+            self._umount(lazy=False)
+            raise FailedError(f"{ident['device']} was mounted on {self.mountpoint} but mountinfo does not "
+                              f"show it {mode},nosuid,nodev: unmounted it again")
+        return entry
+
+    def _find(self, entries: list[MountInfoEntry], *, adopt: bool = False) -> MountInfoEntry | None:
+        """Our mount, by identity. Without a recorded mount_id (a crash before it was journalled), a mount
+        of our device with our type at our path is ours: ``adopt``."""
+        ident = self.identity
+        for entry in _at(self.mountpoint, entries):
+            if entry.source != ident["device"]:
+                continue
+            if "mount_id" in ident:
+                if entry.mount_id == ident["mount_id"] and entry.dev == ident.get("dev"):
+                    return entry
+            elif adopt and entry.fstype == ident["fstype"]:
+                return entry
+        return None
+
+    def verify(self) -> bool:
+        return "mount_id" in self.identity and self._find(mountinfo()) is not None
+
+    def detach(self, *, force: bool = False) -> None:
+        """Unmount (syncing a read-write filesystem first) and remove the directory if we made it.
+        Busy: BusyError naming the processes, nothing changed; with ``force``, a lazy unmount after that."""
+        entries = mountinfo()
+        entry = self._find(entries, adopt=True)
+        if entry is not None:
+            self._check_on_top(entry, entries)
+            if "rw" in entry.options:
+                _syncfs(self.mountpoint)
+            self._unmount(entry, force=force)
+        self._remove_mountpoint()
+
+    def _check_on_top(self, entry: MountInfoEntry, entries: list[MountInfoEntry]) -> None:
+        """umount takes a path, and would unmount whatever was mounted over ours at the same path."""
+        above = [e for e in _at(self.mountpoint, entries) if e.parent_id == entry.mount_id]
+        if above:
+            raise BusyError(f"{above[0].source} is mounted over {self.mountpoint}: unmount it first")
+
+    def _unmount(self, entry: MountInfoEntry, *, force: bool) -> None:
+        result = self._umount(lazy=False)
+        if result.status != 0 and "busy" in result.stderr:
+            busy = self._busy_message(entry)
+            if not force:
+                raise BusyError(busy)
+            log.warning("lazily unmounting %s: %s", self.mountpoint, busy)
+            result = self._umount(lazy=True)
+        still = [e for e in mountinfo() if e == entry]  # mount ids are reused at once: compare everything
+        if still:
+            raise BusyError(f"{self.mountpoint} is still mounted after umount: {result.stderr.strip()}")
+        log.info("unmounted %s from %s", self.identity["device"], self.mountpoint)
+
+    def _umount(self, *, lazy: bool) -> command.Result:
+        argv = ["umount", "-i", *(["-l"] if lazy else []), self.mountpoint]
+        return command.run(argv, check=False, timeout=MOUNT_TIMEOUT)
+
+    def _busy_message(self, entry: MountInfoEntry) -> str:
+        users = [str(u) for u in users_of(self.mountpoint)]
+        users += _kernel_users(self.mountpoint)
+        users += [f"a mount on {e.mountpoint}" for e in mountinfo() if e.parent_id == entry.mount_id]
+        if not users:
+            users = ["something no scan here can see (another mount namespace, or the kernel)"]
+        shown = ", ".join(users[:5]) + (f" and {len(users) - 5} more" if len(users) > 5 else "")
+        return (f"{self.mountpoint} is busy: in use by {shown}: close those files or leave that directory, "
+                "then unmount again (or force a lazy unmount)")
+
+    def _remove_mountpoint(self) -> None:
+        if not self.identity.get("created"):
+            return
+        try:
+            os.rmdir(self.mountpoint)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:  # not empty (someone wrote there), or mounted over again
+            if exc.errno not in (errno.ENOTEMPTY, errno.EBUSY, errno.ENOTDIR):
+                raise FailedError(f"cannot remove the mountpoint {self.mountpoint}: {exc.strerror}") from None
+            log.warning("left the mountpoint %s in place: %s", self.mountpoint, exc.strerror)

@@ -1,0 +1,451 @@
+"""``imgmountd``: the D-Bus service (design: "D-Bus API, version 1", "Daemon life cycle").
+
+- Start: tear down every stack a crash left half-made, half-unmounted or broken (what is busy stays, published
+  with State "broken"), publish every whole one again, drop device marks no record names, then take the bus
+  name (``Type=dbus`` readiness).
+- Calls: a message handler sees every message first. It closes any unix fds (no method takes one), and hands
+  calls for our interfaces to :meth:`ApiInterface.handle` in a task of their own; the engine's blocking work
+  runs in worker threads, so other callers are served meanwhile; calls for one image are serialized.
+- SIGTERM: refuse new calls, let running ones finish, unmount everything (images inside other mounts first,
+  each stack top-down, flushing; a stack in use is left whole, recorded, for the next start to adopt), exit.
+  SIGKILL loses nothing: the QEMU servers outlive us, the journal says what exists, and the next start
+  publishes it again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import ctypes
+import logging
+import os
+import re
+import signal
+import sys
+from collections.abc import AsyncIterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+from typing import Any
+
+from dbus_fast import BusType, Message, MessageFlag, MessageType, NameFlag, RequestNameReply
+from dbus_fast.aio import MessageBus
+
+from mountd.engine.backends import available
+from mountd.engine.engine import Engine
+from mountd.engine.inspection import inspect_image
+from mountd.engine.render import inspection_to_dict
+from mountd.errors import BusyError, InvalidArgumentError, MountdError, NotAuthorizedError, NotFoundError
+from mountd.host.mediaroot import fix_existing_roots
+from mountd.host.opener import Credentials, check_path
+from mountd.image.imageinfo import image_path
+from mountd.model import MountInfo, MountRequest
+from mountd.service import auth
+from mountd.service.auth import ACTION_MOUNT, ACTION_MOUNT_RW, ACTION_UNMOUNT_OTHERS, Authority, Caller
+from mountd.service.busfix import survive_full_socket
+from mountd.service.dbusapi import (
+    BUS_NAME,
+    ERROR_PREFIX,
+    MANAGER_PATH,
+    MOUNTS_PATH,
+    ApiInterface,
+    ManagerInterface,
+    MountInterface,
+    check_text,
+    incident_reply,
+    mount_path,
+)
+
+log = logging.getLogger("mountd.service.daemon")
+OBJECT_MANAGER = "org.freedesktop.DBus.ObjectManager"
+MOUNT_ID = re.compile(r"^[A-Za-z0-9_]{1,64}$")
+#: Calls one uid may have served at once: a desktop makes a handful; the rest are answered Busy at once, so
+#: one user's flood cannot queue work (opener children, QEMU processes, threads) that delays everybody else.
+MAX_CALLS_IN_FLIGHT = 16
+WORKERS = 4 * MAX_CALLS_IN_FLIGHT
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+NOGROUP = 65534  # a caller in no group at all gets this one, never a group that happens to share its uid
+
+
+class DaemonBus(MessageBus):
+    """dbus-fast sends ObjectManager signals from the object's own path; the specification (and GDBus
+    clients such as file managers) expect them from the manager's path."""
+
+    def send(self, msg: Message) -> Any:
+        if msg.message_type is MessageType.SIGNAL and msg.interface == OBJECT_MANAGER \
+                and (msg.path or "").startswith(MOUNTS_PATH + "/"):
+            msg = Message.new_signal(MANAGER_PATH, OBJECT_MANAGER, msg.member or "", msg.signature, msg.body)
+        return super().send(msg)
+
+
+class ImageLocks:
+    """One asyncio lock per image path, dropped when nobody holds or waits for it."""
+
+    def __init__(self) -> None:
+        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
+
+    @contextlib.asynccontextmanager
+    async def hold(self, key: str) -> AsyncIterator[None]:
+        lock, users = self._locks.get(key, (asyncio.Lock(), 0))
+        self._locks[key] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._locks[key]
+            if users == 1:
+                del self._locks[key]
+            else:
+                self._locks[key] = (lock, users - 1)
+
+    def busy(self, key: str) -> bool:
+        return key in self._locks
+
+
+class Service:
+    """The daemon's state: the engine, the published Mount objects, and the rules for each call."""
+
+    def __init__(self, bus: MessageBus, engine: Engine, authority: Authority, backends: list[str]) -> None:
+        self.bus = bus
+        self.engine = engine
+        self.authority = authority
+        self.manager = ManagerInterface(self, backends)
+        self.objects: dict[str, MountInterface] = {}
+        self.locks = ImageLocks()
+        self.closing = False
+
+    # --- calls ---------------------------------------------------------------------------------------------
+
+    async def inspect(self, caller: Caller, image: str, options: dict[str, Any]) -> dict[str, Any]:
+        await self.authority.require(caller, ACTION_MOUNT, interactive=caller.interactive,
+                                     details={"image": image})
+        full = await _image(caller, image)
+        async with self.locks.hold(full):
+            found = await asyncio.to_thread(inspect_image, full, fmt=options.get("format"),
+                                            confined=confined(caller))
+            return inspection_to_dict(found)
+
+    async def mount(self, caller: Caller, image: str, options: dict[str, Any]) -> MountInfo:
+        read_only = bool(options.get("read-only", True))
+        await self.authority.require(caller, ACTION_MOUNT if read_only else ACTION_MOUNT_RW,
+                                     interactive=caller.interactive,
+                                     details={"image": image, "read-only": str(read_only).lower()})
+        if "mount-root" in options and not caller.is_root:
+            raise NotAuthorizedError("only root may choose the mount root: leave out mount-root and the "
+                                     "volumes are mounted under /run/media/<user>")
+        full = await _image(caller, image)
+        req = MountRequest(image=full, read_only=read_only, volumes=tuple(options.get("volumes", ())),
+                           mount_root=options.get("mount-root"), format=options.get("format"),
+                           snapshot=options.get("snapshot"), backend=options.get("backend", "auto"),
+                           mount_options=tuple(options.get("mount-options", ())), owner=caller.uid)
+        async with self.locks.hold(full):
+            info = await asyncio.to_thread(self.engine.mount, req, confined=confined(caller))
+            self.publish(info, info.state)
+        return info
+
+    async def unmount(self, caller: Caller, mount_id: str, *, force: bool) -> None:
+        obj = self.objects.get(mount_id)
+        if obj is None:
+            raise NotFoundError("no such mount (ListMounts lists them)")
+        if not caller.is_root and obj.info.owner != caller.uid:
+            await self.authority.require(caller, ACTION_UNMOUNT_OTHERS, interactive=caller.interactive,
+                                         details={"image": obj.info.image})
+        async with self.locks.hold(obj.info.image):
+            try:
+                await asyncio.to_thread(self.engine.unmount, mount_id, force=force)
+            finally:
+                await self.sync(mount_id)
+
+    def id_of(self, path: str) -> str:
+        mount_id = path.removeprefix(MOUNTS_PATH + "/")
+        if mount_id not in self.objects:
+            raise NotFoundError("no such mount (ListMounts lists them)")  # not echoed: not yet authorized
+        return mount_id
+
+    def published(self) -> list[str]:
+        return sorted(self.objects)
+
+    # --- objects -------------------------------------------------------------------------------------------
+
+    def publish(self, info: MountInfo, state: str) -> None:
+        obj = self.objects.get(info.id)
+        if obj is not None:
+            obj.update(info, state)
+            return
+        if not MOUNT_ID.match(info.id):
+            log.warning("not publishing mount %r: its id cannot be a D-Bus object path", info.id)
+            return
+        obj = self.objects[info.id] = MountInterface(self, info, state)
+        self.bus.export(mount_path(info.id), obj)
+        self.manager.mount_added(mount_path(info.id))
+
+    def unpublish(self, mount_id: str) -> None:
+        if self.objects.pop(mount_id, None) is not None:
+            self.bus.unexport(mount_path(mount_id))
+            self.manager.mount_removed(mount_path(mount_id))
+
+    async def sync(self, mount_id: str) -> None:
+        """Publish what the journal now says about one mount (gone, or changed)."""
+        try:
+            info, why = await asyncio.to_thread(self._verified, mount_id)
+        except NotFoundError:
+            self.unpublish(mount_id)
+            return
+        obj = self.objects.get(mount_id)
+        if why and (obj is None or obj.state != "broken"):
+            log.warning("mount %s of %s is broken: %s", mount_id, info.image, why)
+        self.publish(info, "broken" if why else "mounted")
+
+    def _verified(self, mount_id: str) -> tuple[MountInfo, str]:
+        """The mount as recorded, and why it is broken ("" if the kernel still shows all we made)."""
+        info = MountInfo.from_record(self.engine.journal.read(mount_id))
+        if info.state != "mounted":  # an operation was interrupted: what is left can only be cleaned up
+            return info, f"the journal records it as {info.state}, not mounted"
+        try:
+            lost = self.engine.verify(mount_id)
+        except MountdError as exc:
+            lost = [str(exc)]
+        return info, f"{', '.join(lost)} no longer as we made it" if lost else ""
+
+    async def refresh_state(self, mount_id: str) -> str:
+        """The State property: verified on each read, unless an operation on the image is under way."""
+        obj = self.objects.get(mount_id)
+        if obj is None:
+            return "unmounted"
+        if self.locks.busy(obj.info.image):
+            return obj.state
+        async with self.locks.hold(obj.info.image):  # taken at once: an unmount waits for our look
+            try:
+                await self.sync(mount_id)
+            except Exception:  # a getter's exception would reach the caller as dbus-fast's own error
+                log.exception("verifying mount %s failed", mount_id)
+                obj.update(obj.info, "broken")
+        return obj.state
+
+    async def recover(self) -> None:
+        """Tear down what a crash left half-made, half-unmounted or broken; publish every mount the journal
+        still records (one unreadable record does not hide the others); drop device marks no record names."""
+        root = self.engine.journal.mounts
+        ids = sorted(p.stem for p in root.glob("*.json")) if root.is_dir() else []
+        for mount_id in ids:
+            whole = None
+            try:
+                whole = await asyncio.to_thread(self.engine.clean_up, mount_id)
+            except MountdError as exc:
+                log.warning("mount %s stays as a crash left it: %s", mount_id, exc)
+            except Exception:  # a damaged record: the others are still torn down and published
+                log.exception("cannot tear down mount %s: left as it is", mount_id)
+            try:
+                if whole is not None:  # verified just now, under its image's lock
+                    self.publish(whole, "mounted")
+                else:
+                    await self.sync(mount_id)
+            except Exception:
+                log.exception("cannot publish mount %s from the journal: left alone", mount_id)
+        orphans = await asyncio.to_thread(self.engine.journal.prune_claims)
+        if orphans:
+            log.info("removed device marks that no mount records: %s", ", ".join(orphans))
+        log.info("published %d mount(s) from the journal", len(self.objects))
+
+    async def shutdown(self) -> bool:
+        """Unmount everything: images that live inside another mount first; True if nothing is left."""
+        clean = True
+        for info in shutdown_order([o.info for o in self.objects.values()]):
+            async with self.locks.hold(info.image):
+                clean = await self._unmount_at_shutdown(info) and clean
+                await self.sync(info.id)
+        return clean
+
+    async def _unmount_at_shutdown(self, info: MountInfo) -> bool:
+        """Unmount, flushing; a stack in use is left whole (no lazy unmount: that would leave its QEMU
+        serving a filesystem nobody can reach or unmount), still recorded, for the next start to adopt."""
+        try:
+            await asyncio.to_thread(self.engine.unmount, info.id)
+            return True
+        except MountdError as exc:
+            log.warning("left mount %s of %s in place: %s; the next imgmountd adopts it, and imgumount "
+                        "unmounts it once it is free", info.id, info.image, exc)
+            return False
+
+
+def shutdown_order(mounts: Sequence[MountInfo]) -> list[MountInfo]:
+    """Mounts ordered so that one whose image lies inside another mount's filesystem comes first."""
+
+    def inside(image: str, holder: MountInfo) -> bool:
+        return any(image.startswith(v.mountpoint.rstrip("/") + "/") for v in holder.volumes if v.mountpoint)
+
+    order: list[MountInfo] = []
+    left = list(mounts)
+    while left:
+        ready = [m for m in left if not any(inside(o.image, m) for o in left if o is not m)] or left[:1]
+        order += ready
+        left = [m for m in left if m not in ready]
+    return order
+
+
+async def _image(caller: Caller, image: str) -> str:
+    """The image path as given, checked as text; root's is resolved here, a caller's never as root (its
+    own opener resolves it, with its own rights: design, "The guarantee")."""
+    check_text(image, "the image path")
+    check_path(image)
+    return await asyncio.to_thread(image_path, image) if caller.is_root else image
+
+
+def confined(caller: Caller) -> Credentials | None:
+    """Whom a caller's files are opened, and its QEMU run, as: None for root."""
+    if caller.is_root:
+        return None
+    return Credentials(caller.uid, caller.gids or (NOGROUP,))
+
+
+# --- dispatch ---------------------------------------------------------------------------------------------
+
+
+class Dispatcher:
+    """The message handler in front of dbus-fast: fd hygiene, then our calls, each in its own task."""
+
+    def __init__(self, bus: MessageBus, service: Service) -> None:
+        self.bus = bus
+        self.service = service
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.in_flight: dict[int, int] = {}  # uid -> calls being served
+
+    def on_message(self, msg: Message) -> bool | None:
+        if msg.unix_fds:  # no method takes one: close them all, or any caller can exhaust our descriptors
+            for fd in msg.unix_fds:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        if msg.message_type is not MessageType.METHOD_CALL:
+            return None
+        target = self._target(msg)
+        if target is None and not msg.unix_fds:
+            return None  # introspection, properties, ObjectManager, Peer: dbus-fast's own handlers
+        if target is None or self.service.closing:
+            error = InvalidArgumentError(f"{msg.member} takes no file descriptors") if target is None else \
+                BusyError("imgmountd is shutting down")
+            self._reply(msg, Message.new_error(msg, ERROR_PREFIX + error.dbus_name, error.message))
+            return True
+        task = asyncio.get_running_loop().create_task(self._serve(target, msg))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return True
+
+    def _target(self, msg: Message) -> ApiInterface | None:
+        path = msg.path or ""
+        iface: ApiInterface | None = self.service.manager if path == MANAGER_PATH else None
+        if path.startswith(MOUNTS_PATH + "/"):
+            iface = self.service.objects.get(path.removeprefix(MOUNTS_PATH + "/"))
+        if iface is None:
+            return None
+        if msg.interface is None:
+            return iface if msg.member in iface.api else None
+        return iface if msg.interface == iface.name else None
+
+    async def _serve(self, target: ApiInterface, msg: Message) -> None:
+        self._reply(msg, await target.handle(msg, self.admit))
+
+    def _reply(self, msg: Message, reply: Message) -> None:
+        if msg.flags & MessageFlag.NO_REPLY_EXPECTED:
+            return
+        try:
+            self.bus.send(reply)  # marshalled here: a value D-Bus cannot carry raises now
+        except Exception:
+            self.bus.send(incident_reply(msg, f"the reply to {msg.member} from {msg.sender} cannot be sent"))
+
+    @contextlib.asynccontextmanager
+    async def admit(self, msg: Message) -> AsyncIterator[Caller]:
+        """The caller, holding one of its uid's places among the calls in flight (root has no limit)."""
+        caller = await auth.identify(self.bus, msg.sender or "")
+        caller = replace(caller, interactive=bool(msg.flags & MessageFlag.ALLOW_INTERACTIVE_AUTHORIZATION))
+        held = self.in_flight.get(caller.uid, 0)
+        if held >= MAX_CALLS_IN_FLIGHT and not caller.is_root:
+            raise BusyError(f"uid {caller.uid} already has {held} calls in flight: wait for their replies")
+        self.in_flight[caller.uid] = held + 1
+        try:
+            yield caller
+        finally:
+            if self.in_flight[caller.uid] == 1:
+                del self.in_flight[caller.uid]
+            else:
+                self.in_flight[caller.uid] -= 1
+
+    async def drain(self) -> None:
+        while self.tasks:
+            await asyncio.gather(*self.tasks, return_exceptions=True)
+
+
+# --- main -------------------------------------------------------------------------------------------------
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="imgmountd", description="The imgmount D-Bus service (run by D-Bus "
+                                "activation or systemd, as root).")
+    p.add_argument("--bus", default="system", metavar="system|session|ADDRESS",
+                   help="the bus to serve on (default: the system bus; DBUS_SYSTEM_BUS_ADDRESS is honoured)")
+    p.add_argument("--debug", action="store_true", help="log every command run")
+    return p
+
+
+async def connect(where: str) -> MessageBus:
+    if where in ("system", "session"):
+        bus = DaemonBus(bus_type=BusType.SYSTEM if where == "system" else BusType.SESSION,
+                        negotiate_unix_fd=True)
+    else:
+        bus = DaemonBus(bus_address=where, negotiate_unix_fd=True)
+    await bus.connect()
+    survive_full_socket(bus)  # dbus-fast would drop the connection on the first EAGAIN
+    return bus
+
+
+async def serve(args: argparse.Namespace) -> int:
+    # Threads for the engine's blocking work: more than the calls one uid may have in flight, so a user whose
+    # mounts are stuck (until their deadline) cannot take every thread from the others.
+    asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(max_workers=WORKERS))
+    bus = await connect(args.bus)
+    service = Service(bus, Engine(), Authority(bus), await asyncio.to_thread(available))
+    dispatcher = Dispatcher(bus, service)
+    bus.add_message_handler(dispatcher.on_message)
+    bus.export(MANAGER_PATH, service.manager)
+    await asyncio.to_thread(fix_existing_roots)  # mount roots that older versions left world-readable
+    await service.recover()
+    if await bus.request_name(BUS_NAME, NameFlag.DO_NOT_QUEUE) != RequestNameReply.PRIMARY_OWNER:
+        log.error("%s is already owned on this bus: another imgmountd is running", BUS_NAME)
+        return 1
+    log.info("serving %s", BUS_NAME)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    lost = asyncio.ensure_future(bus.wait_for_disconnect())  # type: ignore[no-untyped-call]
+    stopping = asyncio.ensure_future(stop.wait())
+    await asyncio.wait([lost, stopping], return_when=asyncio.FIRST_COMPLETED)
+    if lost.done():
+        log.error("lost the bus connection: exiting; the mounts stay and a restart publishes them again")
+        return 1
+    log.info("stopping: unmounting everything")
+    service.closing = True
+    await dispatcher.drain()
+    clean = await service.shutdown()
+    bus.disconnect()
+    with contextlib.suppress(Exception):
+        await lost
+    return 0 if clean else 1
+
+
+def _return_freed_memory() -> None:
+    """Blocks over 256 KiB (LVM metadata texts, up to 8 MiB each) come from mmap and go back to the kernel
+    when freed; from glibc's per-thread arenas they would keep the daemon's RSS at its peak for ever."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).mallopt(M_MMAP_THRESHOLD, 256 << 10)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    _return_freed_memory()
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO, stream=sys.stderr,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return asyncio.run(serve(args))
+    except (OSError, ValueError) as exc:  # no bus at that address, or a malformed address
+        log.error("cannot connect to the %s bus: %s", args.bus, exc)
+        return 1
