@@ -6,12 +6,8 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from mountd.errors import NotFoundError
-
-if TYPE_CHECKING:  # the commands import this module: not the journal
-    from mountd.engine.journal import MountRecord
 
 BACKENDS = ("auto", "nbd", "loop", "fuse")
 
@@ -72,21 +68,6 @@ class MountInfo:
     image_id: str = ""  # "st_dev:st_ino" of the image file ("" from older versions)
     #: volume name -> what its mount does not show (e.g. a journal it could not replay read-only)
     notes: tuple[tuple[str, str], ...] = ()
-
-    @classmethod
-    def from_record(cls, record: MountRecord) -> MountInfo:
-        # The whole disk's device: not a caller's QEMU server, which is only its source.
-        disk = next((x for x in record.layers if x.volume == "" and x.kind not in ("mount", "server")), None)
-        mount_layers = [x for x in record.layers if x.kind == "mount"]
-        volumes = tuple(
-            MountedVolume(m.volume, str(m.identity.get("device", "")), str(m.identity.get("fstype", "")),
-                          str(m.identity.get("mountpoint", "")))
-            for m in mount_layers
-        )
-        device = str(disk.identity.get("node", "")) if disk else ""
-        notes = tuple((m.volume, str(m.identity["note"])) for m in mount_layers if m.identity.get("note"))
-        return cls(record.id, record.image, record.format, record.read_only, record.owner, record.backend,
-                   device, volumes, record.state, record.image_id, notes)
 
     def holds(self, path: str) -> bool:
         """``path`` is one of this mount's mountpoints or inside one."""

@@ -47,7 +47,7 @@ class Engine:
     # --- queries -----------------------------------------------------------------------------------------
 
     def mounts(self) -> list[MountInfo]:
-        return [MountInfo.from_record(r) for r in self.journal.all()]
+        return [r.info() for r in self.journal.all()]
 
     def find(self, what: str) -> MountInfo:
         return find_mount(self.mounts(), what)
@@ -88,7 +88,7 @@ class Engine:
             for volume in _selected(layout, req.volumes, disk.device_mapper):
                 attacher.mount(volume)
         log.info("mounted %s (%s, %s) as %s", image, info.format, backend, record.id)
-        return MountInfo.from_record(stack.record)
+        return stack.record.info()
 
     @staticmethod
     def _mount_root(req: MountRequest) -> str:
@@ -110,7 +110,7 @@ class Engine:
                 mode = "read-only" if r.read_only else "read-write"
                 raise InUseError(f"{image} is already mounted {mode} by imgmount (mount {r.id}): "
                                  "unmount it first")
-            return MountInfo.from_record(r)
+            return r.info()
         return None
 
     # --- unmount -----------------------------------------------------------------------------------------
@@ -121,7 +121,7 @@ class Engine:
         layers stop the teardown (MountdError) and what is left stays recorded."""
         with self._held(mount_id) as record:  # not one that a command is making
             if record.state == "mounted" and not _lost(record):
-                return MountInfo.from_record(record)
+                return record.info()
             log.warning("tearing down mount %s of %s, left %s by a crash", record.id, record.image,
                         record.state if record.state != "mounted" else "broken")
             MountStack(self.journal, record).teardown()

@@ -18,9 +18,10 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from mountd import settings
 from mountd.errors import FailedError, NotFoundError
 from mountd.layers.layer import LayerRecord
-from mountd.settings import DEFAULT_STATE_DIR, STATE_DIR_ENV
+from mountd.model import MountedVolume, MountInfo
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,21 @@ class MountRecord:
     def lock_key(self) -> str:
         """What :meth:`Journal.image_locked` serialises operations on this mount by."""
         return self.image_id or f"mount-{self.id}"
+
+    def info(self) -> MountInfo:
+        """What the API shows of this mount."""
+        # The whole disk's device: not a caller's QEMU server, which is only its source.
+        disk = next((x for x in self.layers if x.volume == "" and x.kind not in ("mount", "server")), None)
+        mount_layers = [x for x in self.layers if x.kind == "mount"]
+        volumes = tuple(
+            MountedVolume(m.volume, str(m.identity.get("device", "")), str(m.identity.get("fstype", "")),
+                          str(m.identity.get("mountpoint", "")))
+            for m in mount_layers
+        )
+        device = str(disk.identity.get("node", "")) if disk else ""
+        notes = tuple((m.volume, str(m.identity["note"])) for m in mount_layers if m.identity.get("note"))
+        return MountInfo(self.id, self.image, self.format, self.read_only, self.owner, self.backend,
+                         device, volumes, self.state, self.image_id, notes)
 
     def with_layer(self, layer: LayerRecord) -> MountRecord:
         """This record with ``layer`` added, or replacing the last layer of the same kind and volume."""
@@ -67,7 +83,7 @@ class MountRecord:
 
 class Journal:
     def __init__(self, state_dir: str | None = None) -> None:
-        self.root = Path(state_dir or os.environ.get(STATE_DIR_ENV) or DEFAULT_STATE_DIR)
+        self.root = Path(state_dir) if state_dir else settings.state_dir()
         self.mounts = self.root / "mounts"
 
     def claim(self, node: object) -> None:

@@ -14,8 +14,8 @@ from dataclasses import replace
 
 from mountd.engine.journal import Journal, MountRecord
 from mountd.errors import BusyError, MountdError, OperationTimeoutError
+from mountd.host.dmsetup import release_host_activations
 from mountd.host.processes import kill
-from mountd.layers.dm import release_host_activations
 from mountd.layers.layer import FaultPoints, Layer, LayerRecord, layer_from_record
 
 log = logging.getLogger(__name__)

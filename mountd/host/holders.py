@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from mountd.errors import InUseError, InvalidImageError, NotFoundError
-from mountd.host.processes import not_yet_execed_child
+from mountd.host.processes import not_yet_execed_child, program_name
 
 FREE, READ_ONLY, READ_WRITE = "free", "read-only", "read-write"
 
@@ -261,15 +261,6 @@ def _scan(keys: Collection[Key]) -> dict[Key, dict[int, list[FdInfo]]]:
     return found
 
 
-def _program(pid: int) -> str | None:
-    """Basename of the executable (``comm`` is cut at 15 characters), or None once the process is gone."""
-    try:
-        name = os.path.basename(os.readlink(f"/proc/{pid}/exe").removesuffix(" (deleted)"))
-    except OSError:
-        name = ""
-    return name or (_read(f"/proc/{pid}/comm") or "").strip() or None
-
-
 # ---- the public calls ------------------------------------------------------------------------------------
 
 
@@ -318,7 +309,7 @@ def _usage(target: _Target, seen: dict[int, list[FdInfo]], ignored: frozenset[in
         if pid in ignored or not_yet_execed_child(pid):
             ignored_bytes |= lock_bytes
             continue
-        program = _program(pid)
+        program = program_name(pid)
         if program is not None:
             holders.append(Holder(pid, program, any(i.writable for i in infos), lock_bytes))
     holders.sort(key=lambda h: (not h.writer, h.pid))

@@ -3,10 +3,19 @@ the process we started or were called by."""
 
 from __future__ import annotations
 
+import logging
 import os
+import select
 import signal
 from dataclasses import dataclass
 from pathlib import Path
+
+from mountd.errors import OperationTimeoutError
+
+log = logging.getLogger(__name__)
+
+STOP_TIMEOUT = 60.0  # flushing a large write-back cache to slow storage takes a while
+KILL_TIMEOUT = 10.0
 
 
 @dataclass(frozen=True)
@@ -23,6 +32,20 @@ def proc_state(pid: int) -> ProcState | None:
         return None
     fields = text[text.rindex(")") + 2:].split()  # comm may hold spaces and parentheses
     return ProcState(int(fields[19]), fields[0], int(fields[1]))
+
+
+def program_name(pid: int) -> str | None:
+    """Basename of the executable (``comm`` is cut at 15 characters), or None once the process is gone."""
+    try:
+        name = os.path.basename(os.readlink(f"/proc/{pid}/exe").removesuffix(" (deleted)"))
+    except OSError:
+        name = ""
+    if not name:
+        try:
+            name = Path(f"/proc/{pid}/comm").read_text(encoding="utf-8", errors="replace").strip()
+        except OSError:
+            return None
+    return name or None
 
 
 def start_time(pid: int) -> int | None:
@@ -75,3 +98,35 @@ def kill(pid: int, started: int) -> bool:
         return False
     finally:
         os.close(fd)
+
+
+# ---- the stop policy of our servers (qemu-storage-daemon, qemu-nbd) -----------------------------------
+
+
+def stop_process(pid: int, start_time: int, name: str, *, force: bool) -> None:
+    """SIGTERM the process and wait for it to exit; SIGKILL after the deadline only if ``force``."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    try:
+        if not is_alive(pid, start_time):  # checked after pidfd_open: the pidfd pins this very process
+            return
+        signal.pidfd_send_signal(pidfd, signal.SIGTERM)
+        if _wait_exit(pidfd, STOP_TIMEOUT):
+            return
+        if not force:
+            raise OperationTimeoutError(f"{name} (pid {pid}) did not exit within {STOP_TIMEOUT:g} s of "
+                                        "SIGTERM: retry, or force (unflushed writes are lost)")
+        log.warning("%s (pid %d) ignored SIGTERM: killing it", name, pid)
+        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+        if not _wait_exit(pidfd, KILL_TIMEOUT):
+            raise OperationTimeoutError(f"{name} (pid {pid}) survived SIGKILL for {KILL_TIMEOUT:g} s")
+    finally:
+        os.close(pidfd)
+
+
+def _wait_exit(pidfd: int, timeout: float) -> bool:
+    """A pidfd turns readable when its process exits, child of ours or not."""
+    ready, _, _ = select.select([pidfd], [], [], timeout)
+    return bool(ready)

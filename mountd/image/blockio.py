@@ -2,7 +2,7 @@
 
 Parsers (partition tables, LVM metadata, filesystem probes) read through :class:`BlockReader` so that the same
 pure code runs on a raw file, on a window of it, and on any QEMU format served by
-:mod:`mountd.layers.nbdclient`.
+:mod:`mountd.image.nbdclient`.
 
 Semantics of ``read(offset, length)``, like ``pread``: at most ``length`` bytes, fewer only at the end
 of the device, and ``b""`` at or past the end. Callers check the length they got.

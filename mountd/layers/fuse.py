@@ -25,12 +25,8 @@ left behind however the daemon or we end.
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import os
-import re
-import select
-import signal
 import stat
 import tempfile
 from collections.abc import Iterator
@@ -45,16 +41,16 @@ from mountd.errors import (
     InUseError,
     InvalidArgumentError,
     MountdError,
-    OperationTimeoutError,
     UnsupportedError,
 )
 from mountd.host import command
 from mountd.host.holders import FREE, file_usage
+from mountd.host.mountinfo import mountinfo
 from mountd.host.opener import fd_path
-from mountd.host.processes import is_alive, proc_state
+from mountd.host.processes import is_alive, proc_state, stop_process
+from mountd.host.qemulocks import QEMU_LOCK_FAILURE, in_use_error
+from mountd.host.users import loops_backed_by, openers_by_name
 from mountd.layers.layer import Layer, LayerRecord, Progress
-from mountd.layers.loop import in_use_error, loops_backed_by
-from mountd.layers.mount import mountinfo
 
 log = logging.getLogger(__name__)
 
@@ -62,37 +58,6 @@ DAEMON = "qemu-storage-daemon"
 NODE_NAME, EXPORT_ID, LOWER_NAME = "disk", "export", "lower"
 OVERLAY_DIR = "/var/tmp"
 START_TIMEOUT = 60.0
-STOP_TIMEOUT = 60.0  # flushing a large write-back cache to slow storage takes a while
-KILL_TIMEOUT = 10.0
-
-
-def stop_process(pid: int, start_time: int, name: str, *, force: bool) -> None:
-    """SIGTERM the process and wait for it to exit; SIGKILL after the deadline only if ``force``."""
-    try:
-        pidfd = os.pidfd_open(pid)
-    except ProcessLookupError:
-        return
-    try:
-        if not is_alive(pid, start_time):  # checked after pidfd_open: the pidfd pins this very process
-            return
-        signal.pidfd_send_signal(pidfd, signal.SIGTERM)
-        if _wait_exit(pidfd, STOP_TIMEOUT):
-            return
-        if not force:
-            raise OperationTimeoutError(f"{name} (pid {pid}) did not exit within {STOP_TIMEOUT:g} s of "
-                                        "SIGTERM: retry, or force (unflushed writes are lost)")
-        log.warning("%s (pid %d) ignored SIGTERM: killing it", name, pid)
-        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
-        if not _wait_exit(pidfd, KILL_TIMEOUT):
-            raise OperationTimeoutError(f"{name} (pid {pid}) survived SIGKILL for {KILL_TIMEOUT:g} s")
-    finally:
-        os.close(pidfd)
-
-
-def _wait_exit(pidfd: int, timeout: float) -> bool:
-    """A pidfd turns readable when its process exits, child of ours or not."""
-    ready, _, _ = select.select([pidfd], [], [], timeout)
-    return bool(ready)
 
 
 # ---- the layer -------------------------------------------------------------------------------------------
@@ -182,7 +147,8 @@ class FuseExportLayer(Layer):
         export = str(self.identity.get("export", ""))
         if not export:
             return
-        users = [f"loop device {x}" for x in loops_backed_by(export)] + _openers(export)
+        users = [f"loop device {x}" for x in loops_backed_by(export)]
+        users += [f"{program}, pid {pid}" for pid, program in openers_by_name(export)]
         if users:
             raise BusyError(f"the FUSE export {export} is still used by {', '.join(users)}: "
                             "detach them first")
@@ -237,11 +203,6 @@ def _read_pid(pidfile: str) -> int:
         return int(Path(pidfile).read_text().strip())
     except (OSError, ValueError) as exc:
         raise FailedError(f"{DAEMON} started but left no readable pidfile {pidfile}: {exc}") from None
-
-
-#: QEMU's words for an image lock held by someone else ('Failed to get "write" lock', 'Failed to get shared
-#: "write" lock'); not just "lock", which every ``--blockdev`` option in QEMU's error prefix contains.
-QEMU_LOCK_FAILURE = re.compile(r'Failed to get (shared )?"[a-z -]+" lock')
 
 
 def _start_error(exc: CommandError, spec: ExportSpec) -> MountdError:
@@ -307,27 +268,6 @@ def _remove_export(export: str) -> None:
         os.unlink(export)
     else:
         log.warning("leaving %s alone: it is not the empty file the FUSE export was made on", export)
-
-
-def _openers(path: str) -> list[str]:
-    """Processes with ``path`` open, by the fd link text alone (no stat through a FUSE mount)."""
-    found = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        with contextlib.suppress(OSError):
-            fds = os.listdir(f"/proc/{pid}/fd")
-            if any(_readlink(f"/proc/{pid}/fd/{fd}") == path for fd in fds):
-                comm = Path(f"/proc/{pid}/comm").read_text().strip()
-                found.append(f"{comm}, pid {pid}")
-    return found
-
-
-def _readlink(path: str) -> str:
-    try:
-        return os.readlink(path)
-    except OSError as exc:
-        if exc.errno in (errno.ENOENT, errno.EACCES):
-            return ""
-        raise
 
 
 def _find_daemon(export: str) -> tuple[int, int] | None:

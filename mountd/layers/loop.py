@@ -30,23 +30,13 @@ from mountd.errors import (
     BusyError,
     FailedError,
     InvalidArgumentError,
-    MountdError,
     NoFreeDeviceError,
     OperationTimeoutError,
 )
 from mountd.host.blockdev import BlockEvents, claim_exclusive, lock_out_udev
-from mountd.host.holders import (
-    F_OFD_GETLK,
-    FREE,
-    READ_ONLY,
-    Flock,
-    ImageInUseError,
-    file_usage,
-    pack_flock,
-    unpack_flock,
-)
+from mountd.host.qemulocks import in_use_error, take_qemu_locks
+from mountd.host.users import BlockUsers, backing_name, block_users
 from mountd.layers.layer import Layer, LayerRecord, Progress
-from mountd.layers.mount import mountinfo
 
 log = logging.getLogger(__name__)
 
@@ -58,18 +48,11 @@ LO_FLAGS_READ_ONLY, LO_FLAGS_AUTOCLEAR, LO_FLAGS_DIRECT_IO = 1, 4, 16
 INFO64 = struct.Struct("=5Q4I64s64s32s2Q")
 #: struct loop_config: u32 fd, u32 block_size, struct loop_info64 info, u64 __reserved[8].
 CONFIG = struct.Struct(f"=II{INFO64.size}s64x")
-F_OFD_SETLK: int = getattr(fcntl, "F_OFD_SETLK", 37)
 
 SYS_BLOCK = Path("/sys/block")
 BLOCK_SIZES = (512, 1024, 2048, 4096)
 MAX_CLAIMS = 16  # devices tried when others keep taking the free one first
 SETTLE_TIMEOUT = 5.0
-
-#: QEMU lock bytes (100+n holds permission n, 200+n does not share it; n: 0 read, 1 write, 3 resize): what we
-#: hold, and the bytes whose lock by anyone else conflicts with that (QEMU's raw_check_lock_bytes).
-HELD = {True: (100, 201, 203), False: (100, 101, 103, 201, 203)}  # by read_only
-CONFLICTS = {True: (200, 101, 103), False: (200, 201, 203, 101, 103)}
-
 
 @dataclass(frozen=True)
 class LoopStatus:
@@ -95,7 +78,7 @@ def sysfs_view(number: int) -> dict[str, Any] | None:
     base = SYS_BLOCK / f"loop{number}"
     try:
         return {
-            "backing_file": _backing_name(base / "loop" / "backing_file"),
+            "backing_file": backing_name(base / "loop" / "backing_file"),
             "offset": int((base / "loop" / "offset").read_text()),
             "sizelimit": int((base / "loop" / "sizelimit").read_text()),
             "size_bytes": int((base / "size").read_text()) * 512,
@@ -111,58 +94,11 @@ def _same_binding(now: dict[str, Any] | None, before: dict[str, Any]) -> bool:
     return now is not None and all(now[k] == before[k] for k in keys)
 
 
-def _backing_name(path: Path) -> str:
-    """The kernel's name of a loop device's backing file, as Python names files (it need not be UTF-8)."""
-    return os.fsdecode(path.read_bytes().rstrip(b"\n"))
-
-
-def loops_backed_by(path: str) -> list[str]:
-    """The loop devices whose backing file is ``path`` (as the kernel names it)."""
-    found = []
-    for entry in SYS_BLOCK.glob("loop*/loop/backing_file"):
-        with contextlib.suppress(OSError):
-            if _backing_name(entry) == path:
-                found.append(f"/dev/{entry.parent.parent.name}")
-    return sorted(found, key=lambda n: loop_number(n) or 0)
-
-
 def wait_until(check: Callable[[], bool], timeout: float, what: str) -> None:
     """Wait for sysfs state that a block uevent announces (re-checked on each event, and now and then), or
     raise naming ``what``."""
     if not BlockEvents().wait(check, timeout):
         raise OperationTimeoutError(f"timed out after {timeout:g} s waiting for {what}")
-
-
-# ---- QEMU's locks ----------------------------------------------------------------------------------------
-
-
-def take_qemu_locks(fd: int, *, read_only: bool) -> bool:
-    """Lock ``fd`` as a QEMU user of the image would; False if another user's locks conflict. Like QEMU,
-    lock first and check after, so of two users starting at once at least one sees the other."""
-    try:
-        for byte in HELD[read_only]:
-            fcntl.fcntl(fd, F_OFD_SETLK, pack_flock(Flock(fcntl.F_RDLCK, os.SEEK_SET, byte, 1, 0)))
-    except OSError as exc:
-        if exc.errno in (errno.EAGAIN, errno.EACCES):  # a write lock: not QEMU's, but a user all the same
-            return False
-        raise FailedError(f"cannot take QEMU's image locks: {exc.strerror}") from None
-    for byte in CONFLICTS[read_only]:
-        query = pack_flock(Flock(fcntl.F_WRLCK, os.SEEK_SET, byte, 1, 0))
-        if unpack_flock(fcntl.fcntl(fd, F_OFD_GETLK, query)).l_type != fcntl.F_UNLCK:
-            return False
-    return True
-
-
-def in_use_error(path: str, *, read_only: bool, fd: int | None = None) -> ImageInUseError:
-    """Name whoever holds ``path`` (open at ``fd``, if given; call with our own locks released, so only
-    theirs count)."""
-    usage = file_usage(path, fd=fd)
-    loops = loops_backed_by(path)
-    who = usage.describe() if usage.state != FREE else "locked by a program that has let go since: try again"
-    if loops and not usage.blamed():
-        who += f" (held through loop device {', '.join(loops)})"
-    hint = "stop it or mount read-only" if not read_only and usage.state == READ_ONLY else "stop it first"
-    return ImageInUseError(f"image {path} is {who}: {hint}", usage)
 
 
 # ---- the layer -------------------------------------------------------------------------------------------
@@ -446,17 +382,19 @@ def _cancel_autoclear(node: str) -> None:
 
 
 def device_users(number: int, node: str, *, own_fd: int | None = None) -> list[str]:
-    """Who holds ``loopN``: mounts, kernel holders (dm, md), loop devices on it, processes with it open."""
-    devnum = _devnum(number)
-    users = [f"mounted on {m.mountpoint}" for m in mountinfo() if m.dev == devnum]
-    with contextlib.suppress(OSError):
-        users += [f"held by {h}" for h in sorted(os.listdir(SYS_BLOCK / f"loop{number}" / "holders"))]
-    users += [f"backing {loop}" for loop in loops_backed_by(node)]
-    with contextlib.suppress(OSError, MountdError):
-        users += [f"open by {h}" for h in file_usage(node).holders]
+    """Who holds ``loopN``, in the loop layer's words: mounts, kernel holders (dm, md), loop devices on it,
+    processes with it open, this process through any fd but ``own_fd``."""
+    users = _worded(block_users(f"loop{number}"))
     if any(_link(f"/proc/self/fd/{fd}") == node for fd in os.listdir("/proc/self/fd") if fd != str(own_fd)):
-        users.append(f"open by this process (pid {os.getpid()})")  # file_usage never counts us
+        users.append(f"open by this process (pid {os.getpid()})")  # block_users never counts us
     return users
+
+
+def _worded(users: BlockUsers) -> list[str]:
+    return [*(f"mounted on {mountpoint}" for _, mountpoint in users.mounts),
+            *(f"held by {s.sysname}" for s in users.stacked),
+            *(f"backing {loop}" for loop, _ in users.loops),
+            *(f"open by {h}" for _, h in users.openers)]
 
 
 def _link(path: str) -> str:

@@ -1,6 +1,6 @@
 """The top layer of a stack: a filesystem mounted on a directory of its own (design: "Filesystems").
 
-Also the mountinfo parser, the scan for processes that keep a mountpoint busy, and mountpoint naming.
+Also mountpoint naming.
 Options come from :func:`mountd.host.filesystems.mount_options`; this module only runs them.
 """
 
@@ -12,8 +12,7 @@ import errno
 import logging
 import os
 import stat
-from collections.abc import Iterable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
 from mountd.errors import (
@@ -26,6 +25,8 @@ from mountd.errors import (
     NotFoundError,
 )
 from mountd.host import command, filesystems
+from mountd.host.mountinfo import MountEntry, mounted_at, mountinfo
+from mountd.host.users import kernel_users_under, mountpoint_users
 from mountd.layers.layer import Layer, LayerRecord, Progress
 
 log = logging.getLogger(__name__)
@@ -33,161 +34,9 @@ log = logging.getLogger(__name__)
 MAX_SUFFIX = 1000
 MAX_NAME_RACES = 16  # names tried when other mounts keep taking the one we chose first
 MAX_NAME_BYTES = 200
-MAX_FDS_SCANNED = 1 << 16  # per process
-MAX_MAPS_BYTES = 8 << 20  # per process
 MOUNT_TIMEOUT = 120.0
 FSCK = {"ext2": "e2fsck -n", "ext3": "e2fsck -n", "ext4": "e2fsck -n", "xfs": "xfs_repair -n",
         "btrfs": "btrfs check --readonly", "vfat": "fsck.vfat -n", "exfat": "fsck.exfat -n"}
-
-
-# ---- mountinfo -------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class MountInfoEntry:
-    """One line of ``/proc/self/mountinfo`` (proc(5)), paths unescaped."""
-
-    mount_id: int
-    parent_id: int
-    dev: str  # "major:minor" of the filesystem (an anonymous 0:N for btrfs)
-    root: str
-    mountpoint: str
-    options: tuple[str, ...]  # per-mount options: ro/rw, nosuid, nodev, ...
-    fstype: str
-    source: str
-    super_options: tuple[str, ...]  # the filesystem's own: norecovery, rescue=nologreplay, ...
-
-
-def _unescape(field: bytes) -> str:
-    r"""The kernel writes space, tab, newline and backslash in paths as ``\040 \011 \012 \134``."""
-    out = bytearray()
-    i = 0
-    while i < len(field):
-        chunk = field[i + 1:i + 4]
-        if field[i] == 0x5C and len(chunk) == 3 and all(0x30 <= c <= 0x37 for c in chunk):
-            out.append(int(chunk, 8) & 0xFF)
-            i += 4
-        else:
-            out.append(field[i])
-            i += 1
-    return os.fsdecode(bytes(out))
-
-
-def parse_mountinfo(data: bytes) -> list[MountInfoEntry]:
-    """Parse mountinfo text; lines that do not have the documented shape are skipped."""
-    entries = []
-    for line in data.splitlines():
-        fields = line.split(b" ")
-        try:
-            sep = fields.index(b"-", 6)
-            fstype, source, super_options = fields[sep + 1:sep + 4]
-            entries.append(MountInfoEntry(
-                int(fields[0]), int(fields[1]), fields[2].decode("ascii"), _unescape(fields[3]),
-                _unescape(fields[4]), tuple(fields[5].decode("ascii").split(",")), _unescape(fstype),
-                _unescape(source), tuple(_unescape(super_options).split(","))))
-        except (ValueError, UnicodeDecodeError):
-            continue
-    return entries
-
-
-def mountinfo() -> list[MountInfoEntry]:
-    with open("/proc/self/mountinfo", "rb") as f:
-        return parse_mountinfo(f.read())
-
-
-def _at(path: str, entries: Iterable[MountInfoEntry]) -> list[MountInfoEntry]:
-    return [e for e in entries if e.mountpoint == path]
-
-
-# ---- who keeps a mountpoint busy ------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class MountUser:
-    pid: int
-    program: str
-    how: str  # "working directory", "root directory", "open file", "mapped file"
-
-    def __str__(self) -> str:
-        return f"{self.program}, pid {self.pid} ({self.how})"
-
-
-def _under(path: str, top: str) -> bool:
-    path = path.removesuffix(" (deleted)")
-    return path == top or path.startswith(top.rstrip("/") + "/")
-
-
-def _link_under(link: str, top: str) -> bool:
-    try:
-        return _under(os.readlink(link), top)
-    except OSError:  # the process or fd is gone, or not ours to look at
-        return False
-
-
-def _maps_under(pid: str, top: str) -> bool:
-    try:
-        with open(f"/proc/{pid}/maps", "rb") as f:
-            data = f.read(MAX_MAPS_BYTES)
-    except OSError:
-        return False
-    for line in data.splitlines():
-        parts = line.split(maxsplit=5)
-        if len(parts) == 6 and _under(os.fsdecode(parts[5]), top):
-            return True
-    return False
-
-
-def _how(pid: str, top: str) -> str | None:
-    if _link_under(f"/proc/{pid}/cwd", top):
-        return "working directory"
-    if _link_under(f"/proc/{pid}/root", top):
-        return "root directory"
-    try:
-        fds = os.listdir(f"/proc/{pid}/fd")[:MAX_FDS_SCANNED]
-    except OSError:
-        fds = []
-    if any(_link_under(f"/proc/{pid}/fd/{fd}", top) for fd in fds):
-        return "open file"
-    return "mapped file" if _maps_under(pid, top) else None
-
-
-def _program(pid: str) -> str | None:
-    try:
-        name = os.path.basename(os.readlink(f"/proc/{pid}/exe").removesuffix(" (deleted)"))
-    except OSError:
-        name = ""
-    if not name:
-        with contextlib.suppress(OSError), open(f"/proc/{pid}/comm", encoding="utf-8", errors="replace") as f:
-            name = f.read().strip()
-    return name or None
-
-
-def users_of(path: str) -> list[MountUser]:
-    """Processes whose working or root directory, open files or mapped files lie under ``path`` (as this
-    mount namespace sees it). One pass over /proc; processes that vanish meanwhile are skipped."""
-    top = os.path.normpath(path)
-    users = []
-    for pid in sorted(filter(str.isdigit, os.listdir("/proc")), key=int):
-        how = _how(pid, top)
-        program = _program(pid) if how else None
-        if how and program:
-            users.append(MountUser(int(pid), program, how))
-    return users
-
-
-def _kernel_users(top: str) -> list[str]:
-    """Users no process scan shows: loop devices and swap files backed by a file under ``top``."""
-    found = []
-    with contextlib.suppress(OSError):
-        for name in sorted(os.listdir("/sys/block")):
-            backing = f"/sys/block/{name}/loop/backing_file"
-            with contextlib.suppress(OSError), open(backing, encoding="utf-8", errors="replace") as f:
-                if _under(f.read().strip(), top):
-                    found.append(f"loop device /dev/{name}")
-    with contextlib.suppress(OSError), open("/proc/swaps", encoding="utf-8", errors="replace") as f:
-        found += [f"swap file {line.split()[0]}" for line in f.read().splitlines()[1:]
-                  if line.split() and _under(line.split()[0], top)]
-    return found
 
 
 # ---- mountpoint names ------------------------------------------------------------------------------------
@@ -263,7 +112,7 @@ def _make_mountpoint(mountpoint: str, name: str | None) -> tuple[str, bool]:
             mountpoint = unique_mountpoint(parent, name)
     st = os.lstat(mountpoint)
     if name is not None or not stat.S_ISDIR(st.st_mode) or os.listdir(mountpoint) \
-            or _at(mountpoint, mountinfo()):
+            or mounted_at(mountpoint, mountinfo()):
         raise InvalidArgumentError(f"{mountpoint} already exists and is not an empty directory") from None
     return mountpoint, False
 
@@ -360,7 +209,7 @@ class MountLayer(Layer):
         self.record = replace(self.record, state="attached", identity=ident)
         return self.record
 
-    def _mount(self, ident: dict[str, Any]) -> MountInfoEntry:
+    def _mount(self, ident: dict[str, Any]) -> MountEntry:
         # -i: no /sbin/mount.TYPE helper (mount.ntfs would be ntfs-3g); -r/-w: mount(8) never falls back
         # from an explicit read-write to a read-only mount on a write-protected device.
         argv = ["mount", "-i", "-r" if self.read_only else "-w", "-t", ident["fstype"],
@@ -380,11 +229,11 @@ class MountLayer(Layer):
                               f"show it {mode},nosuid,nodev: unmounted it again")
         return entry
 
-    def _find(self, entries: list[MountInfoEntry], *, adopt: bool = False) -> MountInfoEntry | None:
+    def _find(self, entries: list[MountEntry], *, adopt: bool = False) -> MountEntry | None:
         """Our mount, by identity. Without a recorded mount_id (a crash before it was journalled), a mount
         of our device with our type at our path is ours: ``adopt``."""
         ident = self.identity
-        for entry in _at(self.mountpoint, entries):
+        for entry in mounted_at(self.mountpoint, entries):
             if entry.source != ident["device"]:
                 continue
             if "mount_id" in ident:
@@ -409,13 +258,13 @@ class MountLayer(Layer):
             self._unmount(entry, force=force)
         self._remove_mountpoint()
 
-    def _check_on_top(self, entry: MountInfoEntry, entries: list[MountInfoEntry]) -> None:
+    def _check_on_top(self, entry: MountEntry, entries: list[MountEntry]) -> None:
         """umount takes a path, and would unmount whatever was mounted over ours at the same path."""
-        above = [e for e in _at(self.mountpoint, entries) if e.parent_id == entry.mount_id]
+        above = [e for e in mounted_at(self.mountpoint, entries) if e.parent_id == entry.mount_id]
         if above:
             raise BusyError(f"{above[0].source} is mounted over {self.mountpoint}: unmount it first")
 
-    def _unmount(self, entry: MountInfoEntry, *, force: bool) -> None:
+    def _unmount(self, entry: MountEntry, *, force: bool) -> None:
         result = self._umount(lazy=False)
         if result.status != 0 and "busy" in result.stderr:
             busy = self._busy_message(entry)
@@ -432,9 +281,9 @@ class MountLayer(Layer):
         argv = ["umount", "-i", *(["-l"] if lazy else []), self.mountpoint]
         return command.run(argv, check=False, timeout=MOUNT_TIMEOUT)
 
-    def _busy_message(self, entry: MountInfoEntry) -> str:
-        users = [str(u) for u in users_of(self.mountpoint)]
-        users += _kernel_users(self.mountpoint)
+    def _busy_message(self, entry: MountEntry) -> str:
+        users = [str(u) for u in mountpoint_users(self.mountpoint)]
+        users += kernel_users_under(self.mountpoint)
         users += [f"a mount on {e.mountpoint}" for e in mountinfo() if e.parent_id == entry.mount_id]
         if not users:
             users = ["something no scan here can see (another mount namespace, or the kernel)"]

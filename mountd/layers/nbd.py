@@ -31,7 +31,6 @@ from collections.abc import Collection
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from mountd.engine.journal import Journal
 from mountd.errors import (
     BusyError,
     CommandError,
@@ -39,23 +38,19 @@ from mountd.errors import (
     InUseError,
     InvalidArgumentError,
     InvalidImageError,
-    MountdError,
     NoFreeDeviceError,
     OperationTimeoutError,
     UnsupportedError,
 )
 from mountd.host import command
 from mountd.host.blockdev import BlockEvents, claim_exclusive, lock_out_udev
-from mountd.host.holders import files_usage
 from mountd.host.processes import start_time
+from mountd.host.users import SYS_BLOCK, SYS_CLASS_BLOCK, block_users
 from mountd.layers.layer import Layer, LayerRecord, Progress
-from mountd.layers.mount import mountinfo
-from mountd.settings import DEFAULT_STATE_DIR
+from mountd.settings import DEFAULT_STATE_DIR, state_dir
 
 log = logging.getLogger(__name__)
 
-SYS_BLOCK = Path("/sys/block")
-SYS_CLASS_BLOCK = Path("/sys/class/block")
 SECTOR = 512  # sysfs start/size unit, whatever the device's logical sector size
 ATTACH_TIMEOUT = 30.0
 DETACH_TIMEOUT = 30.0
@@ -152,36 +147,9 @@ def _stop(pidfd: int, what: str) -> None:
 # --- who holds a block device ------------------------------------------------------------------------------
 
 
-def _partitions(name: str) -> list[str]:
-    return sorted(p.name for p in (SYS_CLASS_BLOCK / name).glob(f"{name}*") if (p / "partition").exists())
-
-
 def block_holders(name: str, ignore_pids: Collection[int] = ()) -> list[str]:
-    """What holds block device ``name`` (``nbd3``, ``nbd3p1``, ``dm-2``) or one of its partitions: mounts,
-    stacked devices (device-mapper, md), loop devices on it, processes that have it open."""
-    names = [name, *_partitions(name)]
-    devnums = {}
-    for n in names:
-        with contextlib.suppress(OSError):  # a partition removed while we look
-            devnums[(SYS_CLASS_BLOCK / n / "dev").read_text().strip()] = n
-    found = []
-    found += [f"/dev/{devnums[m.dev]} mounted on {m.mountpoint}" for m in mountinfo() if m.dev in devnums]
-    for n in names:
-        for holder in sorted((SYS_CLASS_BLOCK / n / "holders").glob("*")):
-            try:
-                label = f"device-mapper {(holder / 'dm' / 'name').read_text().strip()} ({holder.name})"
-            except OSError:  # not a device-mapper device (md, bcache, ...)
-                label = holder.name
-            found.append(f"{label} on /dev/{n}")
-    nodes = {f"/dev/{n}" for n in names}
-    for backing in sorted(SYS_BLOCK.glob("loop*/loop/backing_file")):
-        with contextlib.suppress(OSError):
-            if (on := os.fsdecode(backing.read_bytes().strip())) in nodes:
-                found.append(f"loop device /dev/{backing.parent.parent.name} on {on}")
-    with contextlib.suppress(OSError, MountdError):  # a node that went away meanwhile
-        for usage in files_usage(sorted(p for p in nodes if os.path.exists(p)), ignore_pids=ignore_pids):
-            found += [f"{h.program} (pid {h.pid}) has {usage.path} open" for h in usage.holders]
-    return found
+    """What holds block device ``name`` (``nbd3``, ``nbd3p1``) or one of its partitions."""
+    return block_users(name, ignore_pids=ignore_pids).described()
 
 
 def _busy(what: str, holders: list[str]) -> BusyError:
@@ -344,7 +312,7 @@ class NbdLayer(Layer):
 def run_dir(sub: str = "nbd") -> Path:
     """Where the servers' pid files and sockets go: under the state directory, unless its path is too long
     for a unix socket (108 bytes), as a test's temporary state directory may be."""
-    root = Journal().root
+    root = state_dir()
     found = (root if len(str(root)) <= 64 else Path(DEFAULT_STATE_DIR)) / sub
     found.mkdir(parents=True, exist_ok=True, mode=0o700)
     return found

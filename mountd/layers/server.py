@@ -39,11 +39,10 @@ from mountd.errors import (
 )
 from mountd.host import command
 from mountd.host.opener import Credentials, confined_argv
-from mountd.host.processes import is_alive, proc_state
-from mountd.layers.fuse import QEMU_LOCK_FAILURE, stop_process
+from mountd.host.processes import is_alive, proc_state, stop_process
+from mountd.host.qemulocks import QEMU_LOCK_FAILURE, in_use_error
+from mountd.image.nbdclient import NbdProtocolError, NbdReader
 from mountd.layers.layer import Layer, LayerRecord, Progress
-from mountd.layers.loop import in_use_error
-from mountd.layers.nbdclient import NbdProtocolError, NbdReader
 
 log = logging.getLogger(__name__)
 

@@ -198,7 +198,7 @@ class Service:
 
     def _verified(self, mount_id: str) -> tuple[MountInfo, str]:
         """The mount as recorded, and why it is broken ("" if the kernel still shows all we made)."""
-        info = MountInfo.from_record(self.engine.journal.read(mount_id))
+        info = self.engine.journal.read(mount_id).info()
         if info.state != "mounted":  # an operation was interrupted: what is left can only be cleaned up
             return info, f"the journal records it as {info.state}, not mounted"
         try:

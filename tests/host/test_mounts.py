@@ -21,9 +21,11 @@ from mountd.engine.journal import Journal, MountRecord
 from mountd.engine.stack import MountStack
 from mountd.errors import BusyError, InvalidArgumentError, InvalidImageError, UnsupportedError
 from mountd.host.filesystems import mount_options, mountable_types
+from mountd.host.mountinfo import MountEntry, mountinfo
+from mountd.host.users import mountpoint_users
 from mountd.layers import mount as mounts
 from mountd.layers.layer import FAULT_ENV, InjectedFault, LayerRecord, layer_from_record
-from mountd.layers.mount import MountLayer, mountinfo, unique_mountpoint, users_of
+from mountd.layers.mount import MountLayer, unique_mountpoint
 
 OWNER = 4242  # no passwd entry: the directory gets gid 0
 SIZES = {"ext4": 32 * MiB, "xfs": 64 * MiB, "btrfs": 128 * MiB, "vfat": 32 * MiB}
@@ -63,7 +65,7 @@ def mounted(device: str, root: Path, fstype: str, *, name: str = "vol", read_onl
         layer.detach(force=True)
 
 
-def entry_of(layer: MountLayer) -> mounts.MountInfoEntry:
+def entry_of(layer: MountLayer) -> MountEntry:
     (entry,) = [e for e in mountinfo() if e.mount_id == layer.identity["mount_id"]]
     return entry
 
@@ -206,7 +208,7 @@ def test_busy_unmount_names_the_process_and_force_is_lazy(workdir: Path) -> None
             # Nothing changed: still mounted, still ours, still readable.
             assert layer.verify()
             assert (Path(layer.mountpoint) / "f").read_bytes() == b"still here\n"
-            assert [u.pid for u in users_of(layer.mountpoint)] == [inside.pid]
+            assert [u.pid for u in mountpoint_users(layer.mountpoint)] == [inside.pid]
             layer.detach(force=True)
             assert not any(e.mountpoint == layer.mountpoint for e in mountinfo())
             assert not os.path.exists(layer.mountpoint)
@@ -245,7 +247,7 @@ def test_users_of_sees_open_and_mapped_files(workdir: Path) -> None:
                                   stdout=subprocess.PIPE, text=True)
         try:
             assert mapper.stdout is not None and mapper.stdout.readline() == "ready\n"
-            found = {u.pid: (u.program, u.how) for u in users_of(layer.mountpoint)}
+            found = {u.pid: (u.program, u.how) for u in mountpoint_users(layer.mountpoint)}
             assert found[opener.pid] == ("sleep", "open file")
             assert found[mapper.pid][1] == "mapped file"
         finally:

@@ -27,7 +27,7 @@ from imgmount_testkit.bus import world_dir
 from mountd.cli import main as cli
 from mountd.engine import volumes
 from mountd.engine.engine import Engine
-from mountd.engine.journal import STATE_DIR_ENV, Journal
+from mountd.engine.journal import Journal
 from mountd.host.holders import READ_ONLY, file_usage
 from mountd.host.opener import Credentials
 from mountd.image import recovery
@@ -35,6 +35,7 @@ from mountd.image.blockio import FileReader
 from mountd.image.fsprobe import probe
 from mountd.layers.layer import FAULT_ENV, InjectedFault
 from mountd.model import MountRequest
+from mountd.settings import STATE_DIR_ENV
 from tests.support import leftovers
 from tests.support.vms import running_vm
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from mountd.layers.mount import mountinfo, parse_mountinfo
+from mountd.host.mountinfo import mountinfo, parse_mountinfo
 
 
 def test_mountinfo_parser() -> None:

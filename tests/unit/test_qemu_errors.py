@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from mountd.errors import CommandError
-from mountd.layers.fuse import QEMU_LOCK_FAILURE, ExportSpec, _start_error
+from mountd.host.qemulocks import QEMU_LOCK_FAILURE
+from mountd.layers.fuse import ExportSpec, _start_error
 
 PREFIX = "qemu-storage-daemon: --blockdev node-name=disk,read-only=on,driver=qcow2,file.filename=/x.qcow2: "
 

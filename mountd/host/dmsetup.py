@@ -1,0 +1,133 @@
+"""Device-mapper as this host has it: ``dmsetup`` with or without udev, the devices that exist, and the LVs
+a host's own LVM auto-activation stacked on imgmount's devices.
+
+udev: where a udevd answers, ``dmsetup`` synchronises with it (udev makes ``/dev/mapper/NAME``). Where none
+does, or ``DM_DISABLE_UDEV=1`` is set in our environment, it runs with ``DM_DISABLE_UDEV=1 --noudevsync`` and
+libdevmapper makes the node itself: libdevmapper only checks that ``/run/udev/control`` exists, and would wait
+for ever on a udevd that is gone (a stale socket in a container).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from mountd.errors import CommandError
+from mountd.host import command
+from mountd.host.users import SYS_CLASS_BLOCK
+
+log = logging.getLogger(__name__)
+
+DM_TIMEOUT = 60.0
+UDEV_CONTROL = "/run/udev/control"
+UDEV_RULE_DIRS = ("/etc/udev/rules.d", "/run/udev/rules.d", "/usr/lib/udev/rules.d", "/lib/udev/rules.d")
+
+
+# --- dmsetup and udev ------------------------------------------------------------------------------------
+
+
+def udev_running() -> bool:
+    """A udevd answers on its control socket (connecting is harmless: it only accepts)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC) as sock:
+        try:
+            sock.connect(UDEV_CONTROL)
+        except OSError:
+            return False
+    return True
+
+
+def udev_mode() -> tuple[dict[str, str], list[str]]:
+    """The environment and extra ``dmsetup`` arguments: see the module docstring. udev synchronisation also
+    needs the rule that tells dmsetup udev is done (95-dm-notify.rules); without it dmsetup would wait."""
+    notify = any(Path(d, "95-dm-notify.rules").exists() for d in UDEV_RULE_DIRS)
+    if os.environ.get("DM_DISABLE_UDEV") == "1" or not notify or not udev_running():
+        return {"DM_DISABLE_UDEV": "1"}, ["--noudevsync"]
+    return {}, []
+
+
+@dataclass(frozen=True)
+class DmDevice:
+    name: str
+    uuid: str
+    devnum: str  # "major:minor"
+    read_only: bool
+    open_count: int
+
+    @property
+    def sysname(self) -> str:
+        """``dm-N``, its name under /sys/block."""
+        return os.path.basename(os.path.realpath(f"/sys/dev/block/{self.devnum}"))
+
+
+def dm_devices() -> list[DmDevice]:
+    out = command.run(["dmsetup", "info", "-c", "--noheadings", "--separator", "|",
+                       "-o", "name,uuid,major,minor,attr,open"], timeout=DM_TIMEOUT).stdout
+    found = []
+    for line in out.splitlines():
+        fields = line.split("|")
+        if len(fields) == 6 and fields[2].isdigit() and fields[3].isdigit():  # else a name with "|" in it
+            name, uuid, major, minor, attr, count = fields
+            found.append(DmDevice(name, uuid, f"{major}:{minor}", attr[3:4] == "r", int(count or 0)))
+    return found
+
+
+# --- LVs the host activated on our devices ---------------------------------------------------------------
+
+
+def release_host_activations(nodes: Iterable[str]) -> list[str]:
+    """Remove the LVs a host's LVM auto-activation mapped on our devices ``nodes``, before they are detached.
+
+    A host's udev rules run ``vgchange -aay`` as soon as a VG's PVs appear, unless systemd/60-imgmount.rules
+    is installed; such LVs would keep our devices busy for ever. Only device-mapper devices that LVM made
+    (uuid "LVM-...") and that sit on nothing but ``nodes`` (or on each other) are removed, topmost first; one
+    in use stays, and the detach below it names it. Reads sysfs only, unless there is something to remove.
+    """
+    ours = {os.path.basename(os.path.realpath(n)) for n in nodes if n.startswith("/dev/")}
+    stacked = _lvm_devices_on(ours)
+    if not stacked:
+        return []
+    removed: list[str] = []
+    env, extra = udev_mode()
+    for sysname in stacked:  # topmost first
+        name = _sys_read(sysname, "dm/name")
+        try:
+            command.run(["dmsetup", "remove", name, *extra], env=env, timeout=DM_TIMEOUT)
+        except CommandError as exc:
+            log.warning("the host activated %s on imgmount's devices and it is in use: %s", name, exc.message)
+            break  # everything below it is still needed
+        removed.append(name)
+    if removed:
+        log.warning("the host auto-activated %s on imgmount's devices (is 60-imgmount.rules installed?): "
+                    "removed", ", ".join(removed))
+    return removed
+
+
+def _lvm_devices_on(ours: set[str]) -> list[str]:
+    """The LVM-made dm devices (sysnames) stacked on ``ours`` alone, topmost first."""
+    found: list[str] = []
+    frontier = sorted(ours)
+    while frontier:
+        holders = {h for name in frontier for h in _sys_list(name, "holders")}
+        frontier = sorted(h for h in holders - set(found)
+                          if _sys_read(h, "dm/uuid").startswith("LVM-")
+                          and set(_sys_list(h, "slaves")) <= ours | set(found) | holders)
+        found += frontier
+    return found[::-1]
+
+
+def _sys_list(sysname: str, entry: str) -> list[str]:
+    try:
+        return os.listdir(SYS_CLASS_BLOCK / sysname / entry)
+    except OSError:
+        return []
+
+
+def _sys_read(sysname: str, entry: str) -> str:
+    try:
+        return (SYS_CLASS_BLOCK / sysname / entry).read_text().strip()
+    except OSError:
+        return ""
