@@ -16,12 +16,13 @@ from mountd.engine.inspection import DiskLayout, analyse_disk
 from mountd.engine.stack import MountStack
 from mountd.errors import UnsupportedError
 from mountd.host import command
+from mountd.host.nbddev import ensure_nbd_module
 from mountd.host.opener import Credentials
 from mountd.image.blockio import FileReader
 from mountd.image.imageinfo import ImageInfo, block_options, chain_fds
 from mountd.layers.layer import LayerRecord
-from mountd.layers.nbd import ensure_nbd_module, run_dir
 from mountd.layers.server import client_options
+from mountd.settings import run_dir
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@ the process we started or were called by."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import select
@@ -83,50 +84,64 @@ def is_alive(pid: int, start_time: int) -> bool:
 
 
 def kill(pid: int, started: int) -> bool:
-    """SIGKILL the process with this pid and start time (stopped or not); False if it has gone. The pidfd is
-    taken before the start time is checked, so a pid reused meanwhile is never signalled."""
-    try:
-        fd = os.pidfd_open(pid)
-    except OSError:
+    """SIGKILL the process with this pid and start time (stopped or not); False if it has gone."""
+    pidfd = open_process(pid, started)
+    if pidfd is None:
         return False
     try:
-        if not is_alive(pid, started):
-            return False
-        signal.pidfd_send_signal(fd, signal.SIGKILL)
+        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
         return True
     except OSError:
         return False
     finally:
-        os.close(fd)
+        os.close(pidfd)
 
 
 # ---- the stop policy of our servers (qemu-storage-daemon, qemu-nbd) -----------------------------------
 
 
-def stop_process(pid: int, start_time: int, name: str, *, force: bool) -> None:
-    """SIGTERM the process and wait for it to exit; SIGKILL after the deadline only if ``force``."""
+def open_process(pid: int, started: int | None) -> int | None:
+    """A pidfd on ``pid`` while it is the process that started at ``started`` (never a reused pid): the
+    start time is checked after the pidfd is taken, and the pidfd pins the process."""
+    if started is None:
+        return None
     try:
         pidfd = os.pidfd_open(pid)
-    except ProcessLookupError:
-        return
-    try:
-        if not is_alive(pid, start_time):  # checked after pidfd_open: the pidfd pins this very process
-            return
-        signal.pidfd_send_signal(pidfd, signal.SIGTERM)
-        if _wait_exit(pidfd, STOP_TIMEOUT):
-            return
-        if not force:
-            raise OperationTimeoutError(f"{name} (pid {pid}) did not exit within {STOP_TIMEOUT:g} s of "
-                                        "SIGTERM: retry, or force (unflushed writes are lost)")
-        log.warning("%s (pid %d) ignored SIGTERM: killing it", name, pid)
-        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
-        if not _wait_exit(pidfd, KILL_TIMEOUT):
-            raise OperationTimeoutError(f"{name} (pid {pid}) survived SIGKILL for {KILL_TIMEOUT:g} s")
-    finally:
+    except OSError:
+        return None
+    if not is_alive(pid, started):
         os.close(pidfd)
+        return None
+    return pidfd
 
 
-def _wait_exit(pidfd: int, timeout: float) -> bool:
+def has_exited(pidfd: int, timeout: float = 0.0) -> bool:
     """A pidfd turns readable when its process exits, child of ours or not."""
     ready, _, _ = select.select([pidfd], [], [], timeout)
     return bool(ready)
+
+
+def stop_process(pid: int, started: int, name: str, *, force: bool) -> None:
+    """:func:`stop` the process with this pid and start time, if it still runs."""
+    pidfd = open_process(pid, started)
+    if pidfd is not None:
+        try:
+            stop(pidfd, f"{name} (pid {pid})", force=force)
+        finally:
+            os.close(pidfd)
+
+
+def stop(pidfd: int, what: str, *, force: bool) -> None:
+    """SIGTERM the process and wait for it to exit; SIGKILL after the deadline only if ``force``."""
+    with contextlib.suppress(ProcessLookupError):
+        signal.pidfd_send_signal(pidfd, signal.SIGTERM)
+    if has_exited(pidfd, STOP_TIMEOUT):
+        return
+    if not force:
+        raise OperationTimeoutError(f"{what} did not exit within {STOP_TIMEOUT:g} s of SIGTERM: retry, or "
+                                    "force (unflushed writes are lost)")
+    log.warning("%s ignored SIGTERM: killing it", what)
+    with contextlib.suppress(ProcessLookupError):
+        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+    if not has_exited(pidfd, KILL_TIMEOUT):
+        raise OperationTimeoutError(f"{what} survived SIGKILL for {KILL_TIMEOUT:g} s")

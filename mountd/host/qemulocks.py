@@ -22,7 +22,7 @@ from mountd.host.holders import (
     pack_flock,
     unpack_flock,
 )
-from mountd.host.users import loops_backed_by
+from mountd.host.loopdev import loops_backed_by
 
 F_OFD_SETLK: int = getattr(fcntl, "F_OFD_SETLK", 37)
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from mountd.errors import MountdError
 from mountd.host.holders import Holder, files_usage
+from mountd.host.loopdev import backing_name, loops_backed_by
 from mountd.host.mountinfo import mountinfo
 from mountd.host.processes import program_name
 
@@ -82,21 +83,6 @@ def block_users(name: str, *, ignore_pids: Collection[int] = ()) -> BlockUsers:
 
 def partitions_of(name: str) -> list[str]:
     return sorted(p.name for p in (SYS_CLASS_BLOCK / name).glob(f"{name}*") if (p / "partition").exists())
-
-
-def loops_backed_by(path: str) -> list[str]:
-    """The loop devices whose backing file is ``path`` (as the kernel names it), in number order."""
-    found = []
-    for entry in SYS_BLOCK.glob("loop*/loop/backing_file"):
-        with contextlib.suppress(OSError):
-            if backing_name(entry) == path:
-                found.append(f"/dev/{entry.parent.parent.name}")
-    return sorted(found, key=lambda n: int(n.removeprefix("/dev/loop")))
-
-
-def backing_name(path: Path) -> str:
-    """The kernel's name of a loop device's backing file, as Python names files (it need not be UTF-8)."""
-    return os.fsdecode(path.read_bytes().rstrip(b"\n"))
 
 
 # ---- files -----------------------------------------------------------------------------------------------

@@ -45,11 +45,12 @@ from mountd.errors import (
 )
 from mountd.host import command
 from mountd.host.holders import FREE, file_usage
+from mountd.host.loopdev import loops_backed_by
 from mountd.host.mountinfo import mountinfo
 from mountd.host.opener import fd_path
 from mountd.host.processes import is_alive, proc_state, stop_process
 from mountd.host.qemulocks import QEMU_LOCK_FAILURE, in_use_error
-from mountd.host.users import loops_backed_by, openers_by_name
+from mountd.host.users import openers_by_name
 from mountd.layers.layer import Layer, LayerRecord, Progress
 
 log = logging.getLogger(__name__)

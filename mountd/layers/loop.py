@@ -23,7 +23,6 @@ import stat
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any
 
 from mountd.errors import (
@@ -34,64 +33,31 @@ from mountd.errors import (
     OperationTimeoutError,
 )
 from mountd.host.blockdev import BlockEvents, claim_exclusive, lock_out_udev
+from mountd.host.loopdev import (
+    INFO64,
+    LOOP_GET_STATUS64,
+    SYS_BLOCK,
+    LoopStatus,
+    get_status,
+    loop_number,
+    same_binding,
+    sysfs_view,
+)
 from mountd.host.qemulocks import in_use_error, take_qemu_locks
-from mountd.host.users import BlockUsers, backing_name, block_users
+from mountd.host.users import BlockUsers, block_users
 from mountd.layers.layer import Layer, LayerRecord, Progress
 
 log = logging.getLogger(__name__)
 
-LOOP_CLR_FD, LOOP_SET_STATUS64, LOOP_GET_STATUS64, LOOP_CONFIGURE = 0x4C01, 0x4C04, 0x4C05, 0x4C0A
+LOOP_CLR_FD, LOOP_SET_STATUS64, LOOP_CONFIGURE = 0x4C01, 0x4C04, 0x4C0A
 LOOP_CTL_GET_FREE = 0x4C82
 LO_FLAGS_READ_ONLY, LO_FLAGS_AUTOCLEAR, LO_FLAGS_DIRECT_IO = 1, 4, 16
-#: struct loop_info64: lo_device, lo_inode, lo_rdevice, lo_offset, lo_sizelimit (u64); lo_number,
-#: lo_encrypt_type, lo_encrypt_key_size, lo_flags (u32); file name, crypt name, key; lo_init[2].
-INFO64 = struct.Struct("=5Q4I64s64s32s2Q")
 #: struct loop_config: u32 fd, u32 block_size, struct loop_info64 info, u64 __reserved[8].
 CONFIG = struct.Struct(f"=II{INFO64.size}s64x")
 
-SYS_BLOCK = Path("/sys/block")
 BLOCK_SIZES = (512, 1024, 2048, 4096)
 MAX_CLAIMS = 16  # devices tried when others keep taking the free one first
 SETTLE_TIMEOUT = 5.0
-
-@dataclass(frozen=True)
-class LoopStatus:
-    device: int  # st_dev of the backing file
-    inode: int
-    offset: int
-    sizelimit: int
-    flags: int
-
-
-def get_status(fd: int) -> LoopStatus:
-    info = INFO64.unpack(fcntl.ioctl(fd, LOOP_GET_STATUS64, bytes(INFO64.size)))
-    return LoopStatus(info[0], info[1], info[3], info[4], info[8])
-
-
-def loop_number(node: str) -> int | None:
-    name = node.removeprefix("/dev/loop")
-    return int(name) if node.startswith("/dev/loop") and name.isdigit() else None
-
-
-def sysfs_view(number: int) -> dict[str, Any] | None:
-    """What sysfs says about ``loopN``; None when it backs nothing."""
-    base = SYS_BLOCK / f"loop{number}"
-    try:
-        return {
-            "backing_file": backing_name(base / "loop" / "backing_file"),
-            "offset": int((base / "loop" / "offset").read_text()),
-            "sizelimit": int((base / "loop" / "sizelimit").read_text()),
-            "size_bytes": int((base / "size").read_text()) * 512,
-            "ro": (base / "ro").read_text().strip() == "1",
-            "dev": (base / "dev").read_text().strip(),
-        }
-    except (OSError, ValueError):
-        return None
-
-
-def _same_binding(now: dict[str, Any] | None, before: dict[str, Any]) -> bool:
-    keys = ("backing_file", "offset", "sizelimit", "dev")
-    return now is not None and all(now[k] == before[k] for k in keys)
 
 
 def wait_until(check: Callable[[], bool], timeout: float, what: str) -> None:
@@ -254,7 +220,7 @@ class LoopLayer(Layer):
         finally:
             os.close(fd)  # the clear happens at this last close
         def still() -> bool:
-            return before is not None and _same_binding(sysfs_view(number), before)
+            return before is not None and same_binding(sysfs_view(number), before)
 
         with contextlib.suppress(OperationTimeoutError):
             wait_until(lambda: not still(), SETTLE_TIMEOUT, f"{self.node} to be released")

@@ -23,12 +23,9 @@ import contextlib
 import fcntl
 import logging
 import os
-import re
-import select
-import signal
 import uuid
 from collections.abc import Collection
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 from mountd.errors import (
@@ -40,18 +37,25 @@ from mountd.errors import (
     InvalidImageError,
     NoFreeDeviceError,
     OperationTimeoutError,
-    UnsupportedError,
 )
 from mountd.host import command
 from mountd.host.blockdev import BlockEvents, claim_exclusive, lock_out_udev
-from mountd.host.processes import start_time
-from mountd.host.users import SYS_BLOCK, SYS_CLASS_BLOCK, block_users
+from mountd.host.nbddev import (
+    SECTOR,
+    device_size,
+    ensure_nbd_module,
+    is_free,
+    nbd_devices,
+    read_int,
+    server_pid,
+)
+from mountd.host.processes import has_exited, open_process, start_time, stop
+from mountd.host.users import SYS_CLASS_BLOCK, block_users
 from mountd.layers.layer import Layer, LayerRecord, Progress
-from mountd.settings import DEFAULT_STATE_DIR, state_dir
+from mountd.settings import run_dir
 
 log = logging.getLogger(__name__)
 
-SECTOR = 512  # sysfs start/size unit, whatever the device's logical sector size
 ATTACH_TIMEOUT = 30.0
 DETACH_TIMEOUT = 30.0
 #: Re-check interval while waiting: events wake us at once, but some states have no event of their own
@@ -60,88 +64,6 @@ TICK = 0.05
 BLKFLSBUF = 0x1261  # _IO(0x12, 97): what ``blockdev --flushbufs`` does
 BLKRRPART = 0x125F  # _IO(0x12, 95): re-read the partition table
 CACHE_MODE = "writeback"  # qemu-nbd's default; cache=none needs O_DIRECT, which tmpfs and 9p lack
-
-
-@dataclass(frozen=True)
-class NbdModule:
-    max_part: int  # as the kernel rounded it (16 reads 31); 0: no partition nodes (use loop devices)
-    nbds_max: int
-
-
-def ensure_nbd_module(min_devices: int = 16) -> NbdModule:
-    """Load ``nbd`` if it is not loaded; a module already loaded keeps the parameters it has."""
-    params = Path("/sys/module/nbd/parameters")
-    if not Path("/sys/module/nbd").is_dir():
-        try:
-            command.run(["modprobe", "nbd", "max_part=16", f"nbds_max={max(min_devices, 16)}"])
-        except CommandError as exc:
-            raise UnsupportedError("this kernel has no nbd module: use --backend fuse") from exc
-    return NbdModule(_read_int(params / "max_part"), _read_int(params / "nbds_max"))
-
-
-# --- kernel state ------------------------------------------------------------------------------------------
-
-
-def _read_int(path: Path, default: int = 0) -> int:
-    try:
-        return int(path.read_text().strip())
-    except (OSError, ValueError):
-        return default
-
-
-def _tgid(tid: int) -> int | None:
-    try:
-        status = Path(f"/proc/{tid}/status").read_text()
-    except OSError:
-        return None
-    found = re.search(r"^Tgid:\s+(\d+)", status, re.M)
-    return int(found.group(1)) if found else None
-
-
-def server_pid(name: str) -> int | None:
-    """The process serving ``nbdN``: sysfs ``pid`` is its client thread's id."""
-    tid = _read_int(SYS_BLOCK / name / "pid", -1)
-    return _tgid(tid) if tid > 0 else None
-
-
-def device_size(name: str) -> int:
-    return _read_int(SYS_CLASS_BLOCK / name / "size") * SECTOR
-
-
-def is_free(name: str) -> bool:
-    """Free as the design defines it: no server attached (no ``pid``) and a size of 0."""
-    return not (SYS_BLOCK / name / "pid").exists() and device_size(name) == 0
-
-
-def nbd_devices() -> list[str]:
-    names = [p.name for p in SYS_BLOCK.glob("nbd*") if re.fullmatch(r"nbd\d+", p.name)]
-    return sorted(names, key=lambda n: int(n[3:]))
-
-
-def _exited(pidfd: int) -> bool:
-    return bool(select.select([pidfd], [], [], 0)[0])
-
-
-def _open_process(pid: int, started: int | None) -> int | None:
-    """A pidfd on ``pid`` if it is still the process that started at ``started`` (never a reused pid)."""
-    try:
-        pidfd = os.pidfd_open(pid)
-    except (ProcessLookupError, OSError):
-        return None
-    if started is None or start_time(pid) != started:  # checked after opening: the pidfd pins the process
-        os.close(pidfd)
-        return None
-    return pidfd
-
-
-def _stop(pidfd: int, what: str) -> None:
-    """SIGTERM (then SIGKILL) a process we started and verified, and wait for it to exit."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        with contextlib.suppress(ProcessLookupError):
-            signal.pidfd_send_signal(pidfd, sig)
-        if select.select([pidfd], [], [], DETACH_TIMEOUT / 2)[0]:
-            return
-    raise FailedError(f"{what} did not exit after SIGKILL")
 
 
 # --- who holds a block device ------------------------------------------------------------------------------
@@ -215,9 +137,9 @@ class NbdLayer(Layer):
             result = command.run(self._argv(name, pid_file), timeout=ATTACH_TIMEOUT)
         except CommandError as exc:
             raise _qemu_nbd_error(exc, name) from None
-        pid = _read_int(pid_file, -1)
+        pid = read_int(pid_file, -1)
         started = start_time(pid) if pid > 0 else None
-        pidfd = _open_process(pid, started)
+        pidfd = open_process(pid, started)
         if pidfd is None:  # the server wrote its pid file and died already
             if not is_free(name):
                 raise _LostRace
@@ -225,14 +147,14 @@ class NbdLayer(Layer):
         try:
             self.record = replace(self.record, identity={**self.identity, "pid": pid, "start_time": started})
             progress(self.record)
-            served = events.wait(lambda: _exited(pidfd) or self._served(name), ATTACH_TIMEOUT, also=pidfd)
-            if served and not _exited(pidfd):
+            served = events.wait(lambda: has_exited(pidfd) or self._served(name), ATTACH_TIMEOUT, also=pidfd)
+            if served and not has_exited(pidfd):
                 size = device_size(name)
                 return replace(self.record, state="attached", identity={**self.identity, "size": size})
             if served and not is_free(name):
                 raise _LostRace
             if not served:
-                _stop(pidfd, f"qemu-nbd (pid {pid})")
+                stop(pidfd, f"qemu-nbd (pid {pid})", force=True)
                 raise OperationTimeoutError(f"/dev/{name} was not connected within {ATTACH_TIMEOUT:g} s of "
                                             "qemu-nbd -c")
             raise FailedError(f"qemu-nbd exited before /dev/{name} was connected: "
@@ -248,13 +170,13 @@ class NbdLayer(Layer):
         they were recorded) by the pid file, which the server keeps open."""
         pid = self.identity.get("pid")
         if isinstance(pid, int):
-            return _open_process(pid, self.identity.get("start_time"))
+            return open_process(pid, self.identity.get("start_time"))
         pid_file = str(self.identity.get("pid_file", ""))
-        pid = _read_int(Path(pid_file), -1) if pid_file else -1
+        pid = read_int(Path(pid_file), -1) if pid_file else -1
         if pid <= 0:
             return None
         started = start_time(pid)
-        pidfd = _open_process(pid, started)
+        pidfd = open_process(pid, started)
         if pidfd is not None and not _has_open(pid, pid_file):
             os.close(pidfd)
             return None
@@ -273,7 +195,7 @@ class NbdLayer(Layer):
             try:
                 pid = int(self.identity["pid"])
                 if server_pid(name) != pid:  # ours, but never connected (a half-done attach)
-                    _stop(pidfd, f"qemu-nbd (pid {pid})")
+                    stop(pidfd, f"qemu-nbd (pid {pid})", force=True)
                 else:
                     self._disconnect(self.node, name, pid, pidfd)
             finally:
@@ -296,7 +218,7 @@ class NbdLayer(Layer):
             command.run(["qemu-nbd", "-d", node], timeout=DETACH_TIMEOUT)
         finally:
             os.close(fd)
-        if not events.wait(lambda: _exited(pidfd) and is_free(name), DETACH_TIMEOUT, also=pidfd):
+        if not events.wait(lambda: has_exited(pidfd) and is_free(name), DETACH_TIMEOUT, also=pidfd):
             held = "; ".join(block_holders(name, ignore_pids={pid})) or "by the kernel"
             raise BusyError(f"{node} is disconnected but still held ({held}): the kernel frees it once that "
                             "lets go")
@@ -307,15 +229,6 @@ class NbdLayer(Layer):
         return (bool(name) and isinstance(pid, int) and server_pid(name) == pid
                 and start_time(pid) == self.identity.get("start_time")
                 and device_size(name) == self.identity.get("size"))
-
-
-def run_dir(sub: str = "nbd") -> Path:
-    """Where the servers' pid files and sockets go: under the state directory, unless its path is too long
-    for a unix socket (108 bytes), as a test's temporary state directory may be."""
-    root = state_dir()
-    found = (root if len(str(root)) <= 64 else Path(DEFAULT_STATE_DIR)) / sub
-    found.mkdir(parents=True, exist_ok=True, mode=0o700)
-    return found
 
 
 def _remove_files(pid_file: Path) -> None:
@@ -359,7 +272,7 @@ class KernelPartitionLayer(Layer):
     def _seen(self) -> tuple[int, int] | None:
         """(start, size) in bytes of partition K as the kernel shows it, or None."""
         sys_dir = SYS_CLASS_BLOCK / self._name
-        start, size = _read_int(sys_dir / "start", -1), _read_int(sys_dir / "size", -1)
+        start, size = read_int(sys_dir / "start", -1), read_int(sys_dir / "size", -1)
         return (start * SECTOR, size * SECTOR) if start >= 0 and size >= 0 else None
 
     def _matches(self) -> bool:

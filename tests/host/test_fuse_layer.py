@@ -19,7 +19,7 @@ from imgmount_testkit import images
 from mountd.engine.journal import Journal, MountRecord
 from mountd.engine.stack import MountStack
 from mountd.errors import BusyError, InUseError, UnsupportedError
-from mountd.host.users import loops_backed_by
+from mountd.host.loopdev import loops_backed_by
 from mountd.layers.layer import FAULT_ENV, InjectedFault, LayerRecord, layer_from_record
 from mountd.layers.mount import mountinfo
 from tests.support.layers import attach_in_child, attached, planned

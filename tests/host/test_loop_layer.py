@@ -19,9 +19,9 @@ import mountd.layers.loop
 from imgmount_testkit import images
 from mountd.errors import BusyError, InvalidArgumentError
 from mountd.host.holders import ImageInUseError
-from mountd.host.users import loops_backed_by
+from mountd.host.loopdev import loop_number, loops_backed_by, sysfs_view
 from mountd.layers.layer import Layer, LayerRecord, layer_from_record
-from mountd.layers.loop import LoopLayer, sysfs_view
+from mountd.layers.loop import LoopLayer
 from tests.support.layers import attach_in_child, attached, planned
 from tests.support.vms import process_holding, running_vm
 
@@ -55,7 +55,7 @@ def read_all(node: str) -> bytes:
 
 
 def number(layer: Layer) -> int:
-    n = mountd.layers.loop.loop_number(layer.node)
+    n = loop_number(layer.node)
     assert n is not None
     return n
 

@@ -19,16 +19,10 @@ import pytest
 from imgmount_testkit import images
 from mountd.errors import BusyError, InvalidArgumentError, InvalidImageError, NoFreeDeviceError
 from mountd.host.blockdev import BlockEvents
+from mountd.host.nbddev import NbdModule, ensure_nbd_module, is_free, server_pid
 from mountd.host.processes import proc_state
 from mountd.layers.layer import LayerRecord, layer_from_record
-from mountd.layers.nbd import (
-    KernelPartitionLayer,
-    NbdLayer,
-    NbdModule,
-    ensure_nbd_module,
-    is_free,
-    server_pid,
-)
+from mountd.layers.nbd import KernelPartitionLayer, NbdLayer
 from tests.support.nbd_layers import (
     attach,
     nbd_attached,
