@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from enum import StrEnum
 
 from mountd.errors import NotFoundError
 
@@ -54,14 +55,29 @@ class MountedVolume:
     mountpoint: str
 
 
+class MountState(StrEnum):
+    MOUNTING = "mounting"  # a Mount is under way (or was, when its process died)
+    MOUNTED = "mounted"
+    UNMOUNTING = "unmounting"
+    BROKEN = "broken"  # a layer failed its check: only an unmount (which cleans up) helps
+
+
 @dataclass(frozen=True)
-class MountInfo:
+class ImageMount:
+    """What a mount is of and how: the part the journal's record and the API's view share."""
+
     id: str
     image: str
     format: str
     read_only: bool
     owner: int
     backend: str
+
+
+@dataclass(frozen=True)
+class MountInfo(ImageMount):
+    """A mount as the API shows it."""
+
     device: str
     volumes: tuple[MountedVolume, ...]
     state: str

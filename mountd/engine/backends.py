@@ -20,8 +20,10 @@ from mountd.host.nbddev import ensure_nbd_module
 from mountd.host.opener import Credentials
 from mountd.image.blockio import FileReader
 from mountd.image.imageinfo import ImageInfo, block_options, chain_fds
-from mountd.layers.layer import LayerRecord
-from mountd.layers.server import client_options
+from mountd.layers.fuse import ExportSpec
+from mountd.layers.loop import LoopSpec
+from mountd.layers.nbd import NbdSpec
+from mountd.layers.server import ServerSpec, client_options
 from mountd.settings import run_dir
 
 
@@ -99,21 +101,18 @@ def attach_disk(stack: MountStack, backend: str, info: ImageInfo, *, read_only: 
     dm = device_mapper_available()
     if backend == "loop":
         top = (info.top.fd,) if info.top.fd >= 0 else ()
-        layer = stack.push(LayerRecord("loop", "", "attaching", {
-            "backing": info.top.path, "offset": 0, "size": 0, "read_only": read_only, "qemu_locks": True,
-            "direct_io": True}), fds=top)
+        spec = LoopSpec(info.top.path, 0, 0, read_only=read_only, qemu_locks=True, direct_io=True)
+        layer = stack.push(spec.plan(), fds=top)
         return Disk(backend, layer.node, info.top.path, False, dm, top)
     source = block_options(info)
     if confined is not None:
         source = _caller_server(stack, info, read_only=read_only, snapshot=snapshot, creds=confined)
     if backend == "fuse":
-        layer = stack.push(LayerRecord("fuse", "", "attaching", {
-            "blockdev": source, "export": export_path(state_dir, stack.record.id),
-            "read_only": read_only, "snapshot": snapshot, "virtual_size": info.virtual_size}))
+        layer = stack.push(ExportSpec(source, export_path(state_dir, stack.record.id), read_only,
+                                      snapshot or "", info.virtual_size).plan())
         return Disk(backend, layer.node, layer.node, False, dm)
     module = ensure_nbd_module()
-    layer = stack.push(LayerRecord("nbd", "", "attaching", {
-        "image_opts": source, "read_only": read_only, "snapshot": snapshot}))
+    layer = stack.push(NbdSpec(source, read_only, snapshot or "").plan())
     return Disk(backend, layer.node, layer.node, module.max_part > 0, dm)
 
 
@@ -131,9 +130,8 @@ def _caller_server(stack: MountStack, info: ImageInfo, *, read_only: bool, snaps
         raise UnsupportedError("only root can mount an internal snapshot for now: QEMU running as you "
                                "(qemu-storage-daemon) has no way to open one")
     sock = run_dir("servers") / f"{stack.record.id}.sock"
-    layer = stack.push(LayerRecord("server", "", "attaching", {
-        "blockdev": block_options(info, by_fd=True), "socket": str(sock), "read_only": read_only,
-        "uid": creds.uid, "gids": list(creds.gids), "image": info.top.path}), fds=tuple(chain_fds(info)))
+    spec = ServerSpec(block_options(info, by_fd=True), str(sock), read_only, creds, info.top.path)
+    layer = stack.push(spec.plan(), fds=tuple(chain_fds(info)))
     return client_options(layer.node)
 
 

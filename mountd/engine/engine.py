@@ -28,7 +28,7 @@ from mountd.host.opener import Credentials, Opener
 from mountd.image.imageinfo import ImageInfo, probe_image
 from mountd.layers import dm, fuse, loop, mount, nbd, server  # noqa: F401
 from mountd.layers.layer import layer_from_record
-from mountd.model import BACKENDS, MountInfo, MountRequest, find_mount
+from mountd.model import BACKENDS, MountInfo, MountRequest, MountState, find_mount
 
 log = logging.getLogger(__name__)
 #: Volumes (and mount options) one request may name: no real image has more mountable volumes than that.
@@ -120,10 +120,10 @@ class Engine:
         longer is ours is left alone by each layer) and return None; or return it, whole, verified. Busy
         layers stop the teardown (MountdError) and what is left stays recorded."""
         with self._held(mount_id) as record:  # not one that a command is making
-            if record.state == "mounted" and not _lost(record):
+            if record.state == MountState.MOUNTED and not _lost(record):
                 return record.info()
             log.warning("tearing down mount %s of %s, left %s by a crash", record.id, record.image,
-                        record.state if record.state != "mounted" else "broken")
+                        record.state if record.state != MountState.MOUNTED else MountState.BROKEN)
             MountStack(self.journal, record).teardown()
             return None
 

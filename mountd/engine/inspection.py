@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
+from enum import StrEnum
 
 from mountd.host.holders import FileUsage, files_usage
 from mountd.host.opener import Credentials, Opener
@@ -26,18 +27,26 @@ WHOLE_DISK = "disk"
 MAX_PROBED = 512
 
 
+class VolumeKind(StrEnum):
+    DISK = "disk"
+    PARTITION = "partition"
+    LV = "lv"
+
+
 @dataclass(frozen=True)
 class Volume:
     """A place that may hold a filesystem: the whole disk, a partition, or an LVM logical volume."""
 
     name: str  # what ``--volume`` takes: "disk", "p1", "vg/lv"
-    kind: str  # "disk" | "partition" | "lv"
+    kind: VolumeKind
     offset: int | None  # bytes from the start of the virtual disk; None: not one linear piece of it
     size: int
     signature: Signature | None
     partition: Partition | None = None
     vg: str = ""  # an LV's volume group, or the VG a PV partition belongs to
-    note: str = ""  # what stands in the way of mounting it, or what it is instead
+    note: str = ""  # what stands in the way of mounting it, or what it is instead (shown, never parsed)
+    pv: bool = False  # an LVM physical volume (of ``vg``, if that is known)
+    unmapped: str = ""  # an LV that is not one piece of the disk: why (it then needs device-mapper)
 
     @property
     def filesystem(self) -> str:
@@ -171,22 +180,24 @@ def _vg_volumes(probes: _Probes, vg: VolumeGroup, regions: list[_Region]) -> Ite
         name = f"{vg.name}/{lv.name}"
         extent = vg.linear_extent(lv.name)
         if extent is None:
-            note = "not one linear extent (striped, mirrored, thin or split): needs device-mapper"
-            yield Volume(name, "lv", None, lv.size, None, vg=vg.name, note=note)
+            why = "not one linear extent (striped, mirrored, thin or split)"
+            yield Volume(name, VolumeKind.LV, None, lv.size, None, vg=vg.name,
+                         note=f"{why}: needs device-mapper", unmapped=why)
         elif extent[0] not in present:
-            yield Volume(name, "lv", None, lv.size, None, vg=vg.name,
-                         note=f"its physical volume {extent[0]} is not in this image")
+            why = f"on physical volume {extent[0]}, which is not in this image"
+            yield Volume(name, VolumeKind.LV, None, lv.size, None, vg=vg.name,
+                         note=f"its physical volume {extent[0]} is not in this image", unmapped=why)
         else:
             offset = present[extent[0]] + extent[1]
             signature, note = probes.probe(
                 offset, extent[2], f"volume group {vg.name} is missing physical volumes" if missing else "")
-            yield Volume(name, "lv", offset, extent[2], signature, vg=vg.name, note=note)
+            yield Volume(name, VolumeKind.LV, offset, extent[2], signature, vg=vg.name, note=note)
 
 
 def _region_volumes(
     probes: _Probes, regions: list[_Region], table: PartitionTable | None, groups: list[VolumeGroup]
 ) -> Iterator[Volume]:
-    kind = "partition" if table is not None else "disk"
+    kind = VolumeKind.PARTITION if table is not None else VolumeKind.DISK
     vg_names = {vg.uuid: vg.name for vg in groups}
     for r in regions:
         if r.partition is not None and r.partition.container:
@@ -196,4 +207,5 @@ def _region_volumes(
         vg = vg_names.get(r.pv.vg.uuid, "") if r.pv and r.pv.vg else ""
         note = "" if r.pv is None else f"LVM physical volume of {vg}" if vg else "LVM physical volume, no VG"
         signature, note = probes.probe(r.offset, r.size, note)
-        yield Volume(r.name, kind, r.offset, r.size, signature, r.partition, vg=vg, note=note)
+        yield Volume(r.name, kind, r.offset, r.size, signature, r.partition, vg=vg, note=note,
+                     pv=r.pv is not None)

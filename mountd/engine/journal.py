@@ -20,21 +20,17 @@ from typing import Any
 
 from mountd import settings
 from mountd.errors import FailedError, NotFoundError
-from mountd.layers.layer import LayerRecord
-from mountd.model import MountedVolume, MountInfo
+from mountd.layers.layer import LayerRecord, LayerState
+from mountd.model import ImageMount, MountedVolume, MountInfo, MountState
 
 
 @dataclass(frozen=True)
-class MountRecord:
-    id: str
-    image: str
-    format: str
-    read_only: bool
-    owner: int
-    backend: str
+class MountRecord(ImageMount):
+    """A mount as the journal keeps it: its request's options and its layers, each with its identity."""
+
     options: dict[str, Any]
     layers: tuple[LayerRecord, ...] = ()
-    state: str = "mounting"  # "mounting" | "mounted" | "unmounting" | "broken"
+    state: MountState = MountState.MOUNTING
     #: "st_dev:st_ino" of the image file mounted: a mount is of a file, not of whatever a path names now
     #: ("" in records of older versions)
     image_id: str = ""
@@ -63,7 +59,7 @@ class MountRecord:
         """This record with ``layer`` added, or replacing the last layer of the same kind and volume."""
         layers = list(self.layers)
         if layers and (layers[-1].kind, layers[-1].volume) == (layer.kind, layer.volume) \
-                and layers[-1].state == "attaching":
+                and layers[-1].state == LayerState.ATTACHING:
             layers[-1] = layer
         else:
             layers.append(layer)
@@ -77,8 +73,8 @@ class MountRecord:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> MountRecord:
-        layers = tuple(LayerRecord(**x) for x in data.pop("layers", ()))
-        return cls(**data, layers=layers)
+        layers = tuple(LayerRecord.from_json(x) for x in data.pop("layers", ()))
+        return cls(**{**data, "state": MountState(data.get("state", MountState.MOUNTING))}, layers=layers)
 
 
 class Journal:

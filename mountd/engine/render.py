@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from mountd.engine.inspection import Inspection, Volume
+from mountd.engine.inspection import Inspection, Volume, VolumeKind
 from mountd.host.holders import FileUsage
 from mountd.image.imageinfo import ImageFile
 from mountd.image.recovery import describe
@@ -142,17 +142,17 @@ def _file_line(f: ImageFile, usage: dict[str, FileUsage], depth: int) -> str:
 
 
 def _volume_rows(ins: Inspection) -> list[tuple[str, ...]]:
-    top = [v for v in ins.volumes if v.kind != "lv"]
-    lvs = [v for v in ins.volumes if v.kind == "lv"]
+    top = [v for v in ins.volumes if v.kind != VolumeKind.LV]
+    lvs = [v for v in ins.volumes if v.kind == VolumeKind.LV]
     rows: list[tuple[str, ...]] = []
     for i, v in enumerate(top):
         last = i == len(top) - 1
-        prefix = "" if v.kind == "disk" else ("└─" if last else "├─")
+        prefix = "" if v.kind == VolumeKind.DISK else ("└─" if last else "├─")
         rows.append(_row(prefix + v.name, v, _part_type(ins, v)))
-        children = [lv for lv in lvs if v.note.startswith("LVM physical volume") and lv.vg == v.vg
+        children = [lv for lv in lvs if v.pv and lv.vg == v.vg
                     and _belongs(lv, v, top)]
         for j, lv in enumerate(children):
-            indent = "" if v.kind == "disk" else ("  " if last else "│ ")
+            indent = "" if v.kind == VolumeKind.DISK else ("  " if last else "│ ")
             rows.append(_row(indent + ("└─" if j == len(children) - 1 else "├─") + lv.name, lv, "LVM LV"))
     return rows
 

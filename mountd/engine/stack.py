@@ -17,6 +17,7 @@ from mountd.errors import BusyError, MountdError, OperationTimeoutError
 from mountd.host.dmsetup import release_host_activations
 from mountd.host.processes import kill
 from mountd.layers.layer import FaultPoints, Layer, LayerRecord, layer_from_record
+from mountd.model import MountState
 
 log = logging.getLogger(__name__)
 
@@ -99,18 +100,18 @@ class MountStack:
                 log.info("cancelled mount %s failed with: %s", self.record.id, exc)
                 raise OperationTimeoutError(self.cancelled) from exc
             raise
-        self._save(replace(self.record, state="mounted"))
+        self._save(replace(self.record, state=MountState.MOUNTED))
 
     def teardown(self, *, force: bool = False) -> None:
         """Detach every layer top-down; stop at the first that will not come off and say what is left."""
-        self._save(replace(self.record, state="unmounting"))
+        self._save(replace(self.record, state=MountState.UNMOUNTING))
         release_host_activations(layer_from_record(r).node for r in self.record.layers)
         for rec in reversed(self.record.layers):
             layer = layer_from_record(rec)
             try:
                 layer.detach(force=force)
             except MountdError as exc:
-                self._save(replace(self.record, state="mounted" if not force else "broken"))
+                self._save(replace(self.record, state=MountState.MOUNTED if not force else MountState.BROKEN))
                 left = ", ".join(layer_from_record(r).describe() for r in reversed(self.record.layers))
                 exc.message = f"{exc.message} (still in place: {left})"
                 exc.args = (exc.message,)

@@ -20,14 +20,17 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from mountd.engine.backends import Disk, export_path, fuse_available
-from mountd.engine.inspection import DiskLayout, Volume
+from mountd.engine.inspection import DiskLayout, Volume, VolumeKind
 from mountd.engine.stack import MountStack
 from mountd.errors import MountdError, UnsupportedError
 from mountd.host.filesystems import NO_REPLAY, check_mountable, mount_options, mount_type, replay_refused
 from mountd.image.recovery import ELSEWHERE, log_name
-from mountd.layers.dm import lv_table
-from mountd.layers.layer import LayerRecord
-from mountd.layers.mount import unique_mountpoint
+from mountd.layers.dm import DmSpec, lv_table
+from mountd.layers.fuse import ExportSpec
+from mountd.layers.layer import LayerState
+from mountd.layers.loop import LoopSpec
+from mountd.layers.mount import MountSpec, unique_mountpoint
+from mountd.layers.nbd import PartitionSpec
 
 if TYPE_CHECKING:  # the engine imports this module
     from mountd.model import MountRequest
@@ -59,14 +62,13 @@ class VolumeAttacher:
         req = self.request
         os.makedirs(self.root, mode=0o755, exist_ok=True)
         stem = _stem(self.stack.record.image)
-        name = stem if volume.kind == "disk" else f"{stem}-{volume.name}"
+        name = stem if volume.kind == VolumeKind.DISK else f"{stem}-{volume.name}"
         try:
-            self.stack.push(LayerRecord("mount", volume.name, "attaching", {
-                "device": node, "mountpoint": unique_mountpoint(self.root, name), "name": name,
-                "fstype": fstype, "owner": req.owner, **({"note": note} if note else {}),
-                "options": mount_options(fstype, read_only=req.read_only, requested=req.mount_options,
-                                         owner_uid=req.owner, replay=replay),
-            }))
+            options = mount_options(fstype, read_only=req.read_only, requested=req.mount_options,
+                                    owner_uid=req.owner, replay=replay)
+            mountpoint = unique_mountpoint(self.root, name)
+            spec = MountSpec(node, mountpoint, fstype, tuple(options), req.owner, name, note or None)
+            self.stack.push(spec.plan(volume.name))
         except MountdError as exc:
             if replay:
                 _suggest_no_replay(exc, fstype)
@@ -99,12 +101,10 @@ class VolumeAttacher:
         device: the image's bytes stay as they are."""
         stack = self.stack
         export = export_path(stack.journal.root, f"{stack.record.id}-{len(stack.record.layers)}")
-        overlay = stack.push(LayerRecord("fuse", volume.name, "attaching", {
-            "blockdev": f"driver=host_device,filename={node.replace(',', ',,')}", "export": export,
-            "read_only": False, "overlay": True, "virtual_size": _device_size(node)})).node
-        return stack.push(LayerRecord("loop", volume.name, "attaching", {
-            "backing": overlay, "offset": 0, "size": 0, "read_only": False, "qemu_locks": False,
-            "direct_io": False})).node
+        blockdev = f"driver=host_device,filename={node.replace(',', ',,')}"
+        overlay = stack.push(ExportSpec(blockdev, export, read_only=False, snapshot="",
+                                        virtual_size=_device_size(node), overlay=True).plan(volume.name)).node
+        return stack.push(LoopSpec(overlay, 0, 0, read_only=False, qemu_locks=False).plan(volume.name)).node
 
     def node(self, volume: Volume) -> str:
         """The block device that exposes ``volume``, attaching what it takes."""
@@ -112,46 +112,45 @@ class VolumeAttacher:
         if existing:
             return existing
         disk = self.disk
-        if volume.kind == "lv":
+        if volume.kind == VolumeKind.LV:
             return self._lv_node(volume)
-        if volume.kind == "disk" and disk.backend != "fuse":  # the FUSE export is a file: it needs a loop
+        if volume.kind == VolumeKind.DISK and disk.backend != "fuse":  # an export is a file: it needs a loop
             return disk.node
-        if volume.kind == "partition" and disk.kernel_partitions and volume.partition is not None:
-            return self.stack.push(LayerRecord("partition", volume.name, "attaching", {
-                "parent": disk.node, "number": volume.partition.number, "start": volume.offset,
-                "size": volume.size})).node
+        if volume.kind == VolumeKind.PARTITION and disk.kernel_partitions and volume.partition is not None \
+                and volume.offset is not None:
+            spec = PartitionSpec(disk.node, volume.partition.number, volume.offset, volume.size)
+            return self.stack.push(spec.plan(volume.name)).node
         return self._loop(volume)
 
     def _lv_node(self, volume: Volume) -> str:
         if not self.disk.device_mapper:
             if volume.offset is None:
-                raise UnsupportedError(f"logical volume {volume.name} is {volume.note.split(':')[0]}: it "
+                raise UnsupportedError(f"logical volume {volume.name} is {volume.unmapped}: it "
                                        "needs device-mapper, which this kernel lacks")
             return self._loop(volume)
         vg = next(g for g in self.layout.volume_groups if g.name == volume.vg)
         pv_nodes = {
             region.signature.uuid: self.node(region)
             for region in self.layout.volumes
-            if region.vg == vg.name and region.kind != "lv" and region.signature is not None
+            if region.vg == vg.name and region.kind != VolumeKind.LV and region.signature is not None
         }
         lv_name = volume.name.split("/", 1)[1]
         lv = vg.lv(lv_name)
         mount_id = self.stack.record.id
-        return self.stack.push(LayerRecord("dm", volume.name, "attaching", {
-            "name": _dm_name(f"imgmount-{mount_id}-{vg.name}-{lv_name}"),
-            "uuid": f"IMGMOUNT-{mount_id}-{lv.uuid}", "read_only": self.request.read_only,
-            "table": lv_table(vg, lv_name, pv_nodes)})).node
+        return self.stack.push(DmSpec(_dm_name(f"imgmount-{mount_id}-{vg.name}-{lv_name}"),
+                                      f"IMGMOUNT-{mount_id}-{lv.uuid}", self.request.read_only,
+                                      lv_table(vg, lv_name, pv_nodes)).plan(volume.name)).node
 
     def _loop(self, volume: Volume) -> str:
         assert volume.offset is not None
-        return self.stack.push(LayerRecord("loop", volume.name, "attaching", {
-            "backing": self.disk.offset_base, "offset": volume.offset, "size": volume.size,
-            "read_only": self.request.read_only, "qemu_locks": False,
-            "direct_io": self.disk.backend != "fuse"}), fds=self.disk.offset_fds).node
+        spec = LoopSpec(self.disk.offset_base, volume.offset, volume.size, read_only=self.request.read_only,
+                        qemu_locks=False, direct_io=self.disk.backend != "fuse")
+        return self.stack.push(spec.plan(volume.name), fds=self.disk.offset_fds).node
 
     def _node_of(self, volume: str) -> str:
-        return next((str(x.identity.get("node", "")) for x in self.stack.record.layers
-                     if x.volume == volume and x.kind != "mount" and x.state == "attached"), "")
+        layers = self.stack.record.layers
+        attached = (x for x in layers if x.volume == volume and x.state == LayerState.ATTACHED)
+        return next((str(x.identity.get("node", "")) for x in attached if x.kind != MountSpec.kind), "")
 
 
 def _device_size(node: str) -> int:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import signal
 import socket
 import struct
 import tempfile
@@ -19,6 +18,7 @@ from collections.abc import Iterator
 
 from mountd.errors import CommandError, FailedError, InvalidImageError
 from mountd.host import command
+from mountd.host.processes import start_time, stop_process
 from mountd.image.imageinfo import ImageInfo, block_options
 
 NBDMAGIC = b"NBDMAGIC"
@@ -152,15 +152,16 @@ def _connect(path: str) -> socket.socket:
 def _stop_leftover(pid_path: str, sock_path: str) -> None:
     """A server that never saw our connection (we failed before connecting) would wait for ever: end it.
 
-    The pid is checked by identity (our socket path in its command line) so a reused pid is never signalled.
+    The process is named by pid and start time, and checked to be ours (our socket path in its command
+    line) before it is signalled, so a reused pid never is.
     """
     try:
         with open(pid_path) as f:
             pid = int(f.read().strip())
+        started = start_time(pid)
         with open(f"/proc/{pid}/cmdline", "rb") as f:
             cmdline = f.read()
     except (OSError, ValueError):
         return
-    if sock_path.encode() in cmdline.split(b"\0"):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGTERM)
+    if started is not None and sock_path.encode() in cmdline.split(b"\0"):
+        stop_process(pid, started, "qemu-nbd", force=True)

@@ -14,8 +14,9 @@ import logging
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any, ClassVar
 
 from mountd.errors import BusyError, CommandError, FailedError, InvalidArgumentError, UnsupportedError
 from mountd.host import command
@@ -23,7 +24,7 @@ from mountd.host.blockdev import lock_out_udev
 from mountd.host.dmsetup import DM_TIMEOUT, DmDevice, dm_devices, udev_mode
 from mountd.host.users import block_users
 from mountd.image.lvmmeta import VolumeGroup
-from mountd.layers.layer import Layer, LayerRecord, Progress
+from mountd.layers.layer import Layer, LayerRecord, LayerState, Progress, Spec
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +91,19 @@ def kernel_table(table: Table) -> list[list[str]]:
 # --- the layer ---------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class DmSpec(Spec):
+    kind: ClassVar[str] = "dm"
+
+    name: str
+    uuid: str
+    read_only: bool
+    table: Table  # rows from :func:`lv_table`
+
+    def identity(self) -> dict[str, Any]:
+        return {"name": self.name, "uuid": self.uuid, "read_only": self.read_only, "table": self.table}
+
+
 class DmLinearLayer(Layer):
     """One LV as a device-mapper device.
 
@@ -98,7 +112,7 @@ class DmLinearLayer(Layer):
     whose table did not load; :meth:`detach` removes by uuid whatever a crash left).
     """
 
-    kind = "dm"
+    kind = DmSpec.kind
 
     @property
     def _name(self) -> str:
@@ -129,7 +143,7 @@ class DmLinearLayer(Layer):
             command.run(["dmsetup", "mknodes", self._name, *extra], env=env, timeout=DM_TIMEOUT)
             if not _is_node(node, device.devnum):
                 raise FailedError(f"{node} does not exist after dmsetup mknodes")
-        return replace(self.record, state="attached",
+        return replace(self.record, state=LayerState.ATTACHED,
                        identity={**self.identity, "node": node, "devnum": device.devnum})
 
     def verify(self) -> bool:

@@ -32,7 +32,7 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from mountd.errors import (
     BusyError,
@@ -51,7 +51,7 @@ from mountd.host.opener import fd_path
 from mountd.host.processes import is_alive, proc_state, stop_process
 from mountd.host.qemulocks import QEMU_LOCK_FAILURE, in_use_error
 from mountd.host.users import openers_by_name
-from mountd.layers.layer import Layer, LayerRecord, Progress
+from mountd.layers.layer import Layer, LayerRecord, LayerState, Progress, Spec
 
 log = logging.getLogger(__name__)
 
@@ -65,13 +65,19 @@ START_TIMEOUT = 60.0
 
 
 @dataclass(frozen=True)
-class ExportSpec:
+class ExportSpec(Spec):
+    kind: ClassVar[str] = "fuse"
+
     blockdev: str
     export: str
     read_only: bool
     snapshot: str
     virtual_size: int  # 0: unknown (then any non-empty export will do)
     overlay: bool = False  # writes go to a throwaway qcow2 overlay, the block node is only read
+
+    def identity(self) -> dict[str, Any]:
+        return {"blockdev": self.blockdev, "export": self.export, "read_only": self.read_only,
+                "snapshot": self.snapshot, "virtual_size": self.virtual_size, "overlay": self.overlay}
 
     @classmethod
     def parse(cls, identity: dict[str, Any]) -> ExportSpec:
@@ -112,7 +118,7 @@ class FuseExportLayer(Layer):
     has no name and goes with the daemon.
     """
 
-    kind = "fuse"
+    kind = ExportSpec.kind
 
     def attach(self, progress: Progress) -> LayerRecord:
         spec = ExportSpec.parse(self.identity)
@@ -134,7 +140,7 @@ class FuseExportLayer(Layer):
             **self.identity, "node": spec.export, "pid": pid, "start_time": found.start_time})
         progress(self.record)
         _check_ready(spec)
-        self.record = replace(self.record, state="attached")
+        self.record = replace(self.record, state=LayerState.ATTACHED)
         log.info("exported %s at %s (%s pid %d)", spec.blockdev, spec.export, DAEMON, pid)
         return self.record
 

@@ -11,19 +11,44 @@ import signal
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any, ClassVar
 
 from mountd.errors import FailedError
+
+
+class LayerState(StrEnum):
+    ATTACHING = "attaching"  # the kernel object (or process) may exist: the identity says how to find it
+    ATTACHED = "attached"
 
 
 @dataclass(frozen=True)
 class LayerRecord:
     """What one layer made or is about to make; ``state`` is "attaching" until the kernel object exists."""
 
-    kind: str  # "lock" | "nbd" | "fuse" | "loop" | "dm" | "partition" | "mount"
+    kind: str  # "server" | "nbd" | "fuse" | "loop" | "dm" | "partition" | "mount"
     volume: str  # the volume it serves ("" for the whole disk)
-    state: str  # "attaching" | "attached"
+    state: LayerState
     identity: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> LayerRecord:
+        return cls(str(data["kind"]), str(data["volume"]), LayerState(data["state"]),
+                   dict(data.get("identity", {})))
+
+
+class Spec(ABC):
+    """A layer kind's plan: the identity its attach starts from, typed. Each kind writes (:meth:`identity`)
+    and reads (its ``parse``) its own keys, so no caller spells them."""
+
+    kind: ClassVar[str]
+
+    @abstractmethod
+    def identity(self) -> dict[str, Any]: ...
+
+    def plan(self, volume: str = "") -> LayerRecord:
+        """The record a stack pushes: this plan, for ``volume`` ("" for the whole disk), not yet attached."""
+        return LayerRecord(self.kind, volume, LayerState.ATTACHING, self.identity())
 
 
 Progress = Callable[[LayerRecord], None]

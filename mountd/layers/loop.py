@@ -23,7 +23,7 @@ import stat
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, ClassVar
 
 from mountd.errors import (
     BusyError,
@@ -45,7 +45,7 @@ from mountd.host.loopdev import (
 )
 from mountd.host.qemulocks import in_use_error, take_qemu_locks
 from mountd.host.users import BlockUsers, block_users
-from mountd.layers.layer import Layer, LayerRecord, Progress
+from mountd.layers.layer import Layer, LayerRecord, LayerState, Progress, Spec
 
 log = logging.getLogger(__name__)
 
@@ -71,14 +71,21 @@ def wait_until(check: Callable[[], bool], timeout: float, what: str) -> None:
 
 
 @dataclass(frozen=True)
-class LoopSpec:
+class LoopSpec(Spec):
+    kind: ClassVar[str] = "loop"
+
     backing: str
     offset: int
     size: int  # 0: to the end
     read_only: bool
     qemu_locks: bool
-    block_size: int  # 0: the kernel's default (512)
+    block_size: int = 0  # 0: the kernel's default (512)
     direct_io: bool = False  # not over FUSE: the export serves O_DIRECT reads wrongly
+
+    def identity(self) -> dict[str, Any]:
+        return {"backing": self.backing, "offset": self.offset, "size": self.size,
+                "read_only": self.read_only, "qemu_locks": self.qemu_locks, "block_size": self.block_size,
+                "direct_io": self.direct_io}
 
     @classmethod
     def parse(cls, identity: dict[str, Any], *, resolve: bool = True) -> LoopSpec:
@@ -105,7 +112,7 @@ class LoopLayer(Layer):
     a device found bound to anything but our file (by st_dev/st_ino and offset) is never touched.
     """
 
-    kind = "loop"
+    kind = LoopSpec.kind
 
     def attach(self, progress: Progress) -> LayerRecord:
         spec = LoopSpec.parse(self.identity, resolve=not self.fds)
@@ -129,7 +136,7 @@ class LoopLayer(Layer):
         # publishes it later (sysfs sends no event we can wait on without udevd).
         wait_until(lambda: (sysfs_view(number) or {}).get("size_bytes", 0) > 0, SETTLE_TIMEOUT,
                    f"{node} to have a size")
-        self.record = replace(self.record, state="attached",
+        self.record = replace(self.record, state=LayerState.ATTACHED,
                               identity={**self.record.identity, "sysfs": sysfs_view(number)})
         log.info("attached %s to %s at offset %d", node, spec.backing, spec.offset)
         return self.record

@@ -12,8 +12,8 @@ import errno
 import logging
 import os
 import stat
-from dataclasses import replace
-from typing import Any
+from dataclasses import dataclass, replace
+from typing import Any, ClassVar
 
 from mountd.errors import (
     BusyError,
@@ -27,7 +27,7 @@ from mountd.errors import (
 from mountd.host import command, filesystems
 from mountd.host.mountinfo import MountEntry, mounted_at, mountinfo
 from mountd.host.users import kernel_users_under, mountpoint_users
-from mountd.layers.layer import Layer, LayerRecord, Progress
+from mountd.layers.layer import Layer, LayerRecord, LayerState, Progress, Spec
 
 log = logging.getLogger(__name__)
 
@@ -152,6 +152,24 @@ def _mount_error(exc: CommandError, record: LayerRecord, read_only: bool) -> Mou
     return FailedError(f"mounting {what} on {ident['mountpoint']} failed: {exc.message}")
 
 
+@dataclass(frozen=True)
+class MountSpec(Spec):
+    kind: ClassVar[str] = "mount"
+
+    device: str
+    mountpoint: str
+    fstype: str  # a ``mount -t`` type
+    options: tuple[str, ...]  # the full list, from :func:`mountd.host.filesystems.mount_options`
+    owner: int
+    name: str | None = None  # what the mountpoint was named from
+    note: str | None = None  # what the mount does not show (shown with the mount)
+
+    def identity(self) -> dict[str, Any]:
+        optional = {k: v for k, v in (("name", self.name), ("note", self.note)) if v}
+        return {"device": self.device, "mountpoint": self.mountpoint, "fstype": self.fstype,
+                "options": list(self.options), "owner": self.owner, **optional}
+
+
 class MountLayer(Layer):
     """Mount ``device`` on ``mountpoint``.
 
@@ -165,7 +183,7 @@ class MountLayer(Layer):
     mount, the record says ``created`` and :meth:`detach` removes it.
     """
 
-    kind = "mount"
+    kind = MountSpec.kind
 
     @property
     def mountpoint(self) -> str:
@@ -206,7 +224,7 @@ class MountLayer(Layer):
             raise
         log.info("mounted %s (%s) on %s", ident["device"], ident["fstype"], self.mountpoint)
         ident.update(node=self.mountpoint, dev=entry.dev, mount_id=entry.mount_id)
-        self.record = replace(self.record, state="attached", identity=ident)
+        self.record = replace(self.record, state=LayerState.ATTACHED, identity=ident)
         return self.record
 
     def _mount(self, ident: dict[str, Any]) -> MountEntry:

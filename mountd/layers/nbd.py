@@ -25,8 +25,9 @@ import logging
 import os
 import uuid
 from collections.abc import Collection
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any, ClassVar
 
 from mountd.errors import (
     BusyError,
@@ -51,7 +52,7 @@ from mountd.host.nbddev import (
 )
 from mountd.host.processes import has_exited, open_process, start_time, stop
 from mountd.host.users import SYS_CLASS_BLOCK, block_users
-from mountd.layers.layer import Layer, LayerRecord, Progress
+from mountd.layers.layer import Layer, LayerRecord, LayerState, Progress, Spec
 from mountd.settings import run_dir
 
 log = logging.getLogger(__name__)
@@ -86,6 +87,29 @@ class _LostRace(Exception):
     """Another server took the device first: try the next one."""
 
 
+@dataclass(frozen=True)
+class NbdSpec(Spec):
+    kind: ClassVar[str] = "nbd"
+
+    image_opts: str  # a pinned ``--image-opts`` string
+    read_only: bool
+    snapshot: str = ""  # an internal snapshot, attached read-only
+
+    def identity(self) -> dict[str, Any]:
+        return {"image_opts": self.image_opts, "read_only": self.read_only, "snapshot": self.snapshot}
+
+    @classmethod
+    def parse(cls, identity: dict[str, Any]) -> NbdSpec:
+        try:
+            spec = cls(str(identity["image_opts"]), bool(identity.get("read_only", True)),
+                       str(identity.get("snapshot") or ""))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise InvalidArgumentError(f"bad nbd layer plan: {exc}") from None
+        if spec.snapshot and not spec.read_only:
+            raise InvalidArgumentError("an internal snapshot can only be attached read-only")
+        return spec
+
+
 class NbdLayer(Layer):
     """A QEMU image served on ``/dev/nbdN`` by a ``qemu-nbd`` that outlives us.
 
@@ -95,16 +119,15 @@ class NbdLayer(Layer):
     naming the device and the pid file, which is enough for :meth:`detach`.
     """
 
-    kind = "nbd"
+    kind = NbdSpec.kind
 
     def attach(self, progress: Progress) -> LayerRecord:
-        if self.identity.get("snapshot") and not self.identity.get("read_only", True):
-            raise InvalidArgumentError("an internal snapshot can only be attached read-only")
+        spec = NbdSpec.parse(self.identity)
         ensure_nbd_module()
         events = BlockEvents()
         servers = run_dir()
         devices = nbd_devices()
-        planned = {k: self.identity.get(k) for k in ("image_opts", "read_only", "snapshot")}
+        planned = spec.identity()
         for name in devices:
             if not is_free(name):
                 continue
@@ -113,28 +136,30 @@ class NbdLayer(Layer):
                 **planned, "node": f"/dev/{name}", "pid_file": str(pid_file)})
             progress(self.record)
             try:
-                return self._connect(name, pid_file, events, progress)
+                return self._connect(spec, name, pid_file, events, progress)
             except _LostRace:
                 log.debug("lost the race for /dev/%s; trying the next device", name)
                 _remove_files(pid_file)
         raise NoFreeDeviceError(f"all {len(devices)} nbd devices are in use: unmount something, or load nbd "
                                 "with a higher nbds_max")
 
-    def _argv(self, name: str, pid_file: Path) -> list[str]:
+    @staticmethod
+    def _argv(spec: NbdSpec, name: str, pid_file: Path) -> list[str]:
         # A socket of its own: the default (/var/lock/qemu-nbd-nbdN) is shared by all who race for nbdN, and
         # QEMU unlinks an existing socket before it binds, so one racer's client could reach another's server.
         sock = pid_file.with_suffix(".sock")
         argv = ["qemu-nbd", "--fork", "--pid-file", str(pid_file), "--socket", str(sock),
                 "-c", f"/dev/{name}", f"--cache={CACHE_MODE}"]
-        if self.identity.get("read_only", True):
+        if spec.read_only:
             argv.append("--read-only")
-        if self.identity.get("snapshot"):
-            argv += ["-l", "snapshot.name=" + str(self.identity["snapshot"]).replace(",", ",,")]
-        return [*argv, "--image-opts", str(self.identity["image_opts"])]
+        if spec.snapshot:
+            argv += ["-l", "snapshot.name=" + spec.snapshot.replace(",", ",,")]
+        return [*argv, "--image-opts", spec.image_opts]
 
-    def _connect(self, name: str, pid_file: Path, events: BlockEvents, progress: Progress) -> LayerRecord:
+    def _connect(self, spec: NbdSpec, name: str, pid_file: Path, events: BlockEvents,
+                 progress: Progress) -> LayerRecord:
         try:
-            result = command.run(self._argv(name, pid_file), timeout=ATTACH_TIMEOUT)
+            result = command.run(self._argv(spec, name, pid_file), timeout=ATTACH_TIMEOUT)
         except CommandError as exc:
             raise _qemu_nbd_error(exc, name) from None
         pid = read_int(pid_file, -1)
@@ -150,7 +175,8 @@ class NbdLayer(Layer):
             served = events.wait(lambda: has_exited(pidfd) or self._served(name), ATTACH_TIMEOUT, also=pidfd)
             if served and not has_exited(pidfd):
                 size = device_size(name)
-                return replace(self.record, state="attached", identity={**self.identity, "size": size})
+                identity = {**self.identity, "size": size}
+                return replace(self.record, state=LayerState.ATTACHED, identity=identity)
             if served and not is_free(name):
                 raise _LostRace
             if not served:
@@ -255,6 +281,31 @@ def _qemu_nbd_error(exc: CommandError, name: str) -> Exception:
 # --- kernel partitions -------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class PartitionSpec(Spec):
+    kind: ClassVar[str] = "partition"
+
+    parent: str  # /dev/nbdN
+    number: int
+    start: int  # bytes, from our parser
+    size: int
+
+    def identity(self) -> dict[str, Any]:
+        return {"parent": self.parent, "number": self.number, "start": self.start, "size": self.size}
+
+    @classmethod
+    def parse(cls, identity: dict[str, Any]) -> PartitionSpec:
+        try:
+            return cls(str(identity["parent"]), int(identity["number"]), int(identity["start"]),
+                       int(identity["size"]))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise InvalidArgumentError(f"bad partition layer plan: {exc}") from None
+
+    @property
+    def name(self) -> str:
+        return f"{os.path.basename(self.parent)}p{self.number}"
+
+
 class KernelPartitionLayer(Layer):
     """The kernel's own node for partition K of an nbd device, checked against our parser's reading.
 
@@ -263,11 +314,15 @@ class KernelPartitionLayer(Layer):
     parent.
     """
 
-    kind = "partition"
+    kind = PartitionSpec.kind
+
+    @property
+    def _spec(self) -> PartitionSpec:
+        return PartitionSpec.parse(self.identity)
 
     @property
     def _name(self) -> str:
-        return f"{os.path.basename(str(self.identity['parent']))}p{int(self.identity['number'])}"
+        return self._spec.name
 
     def _seen(self) -> tuple[int, int] | None:
         """(start, size) in bytes of partition K as the kernel shows it, or None."""
@@ -276,7 +331,7 @@ class KernelPartitionLayer(Layer):
         return (start * SECTOR, size * SECTOR) if start >= 0 and size >= 0 else None
 
     def _matches(self) -> bool:
-        return self._seen() == (self.identity["start"], self.identity["size"]) and os.path.exists(
+        return self._seen() == (self._spec.start, self._spec.size) and os.path.exists(
             f"/dev/{self._name}")
 
     def attach(self, progress: Progress) -> LayerRecord:
@@ -287,7 +342,7 @@ class KernelPartitionLayer(Layer):
         (seen in the VM lane). BLKRRPART through a read-only descriptor, under udev's lock, is synchronous
         (devtmpfs makes the nodes before it returns) and triggers nothing.
         """
-        parent, number = str(self.identity["parent"]), int(self.identity["number"])
+        parent, number = self._spec.parent, self._spec.number
         fd = os.open(parent, os.O_RDONLY | os.O_CLOEXEC)
         reread = ""
         try:
@@ -300,17 +355,17 @@ class KernelPartitionLayer(Layer):
             if not self._matches():
                 raise InvalidImageError(f"the kernel sees partition {number} of {parent} at "
                                         f"{_where(self._seen())}, our parser at "
-                                        f"{_where((self.identity['start'], self.identity['size']))}{reread}")
+                                        f"{_where((self._spec.start, self._spec.size))}{reread}")
         finally:
             os.close(fd)
         node = f"/dev/{self._name}"
-        return replace(self.record, state="attached", identity={**self.identity, "node": node})
+        return replace(self.record, state=LayerState.ATTACHED, identity={**self.identity, "node": node})
 
     def detach(self, *, force: bool = False) -> None:
         if not self.node or not (SYS_CLASS_BLOCK / self._name).exists():
             return
         try:
-            fd = os.open(str(self.identity["parent"]), os.O_RDONLY | os.O_CLOEXEC)
+            fd = os.open(self._spec.parent, os.O_RDONLY | os.O_CLOEXEC)
         except OSError:
             return  # the parent is gone, and its partitions with it
         try:

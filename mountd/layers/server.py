@@ -27,7 +27,7 @@ import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from mountd.errors import (
     FailedError,
@@ -42,7 +42,7 @@ from mountd.host.opener import Credentials, confined_argv
 from mountd.host.processes import is_alive, proc_state, stop_process
 from mountd.host.qemulocks import QEMU_LOCK_FAILURE, in_use_error
 from mountd.image.nbdclient import NbdProtocolError, NbdReader
-from mountd.layers.layer import Layer, LayerRecord, Progress
+from mountd.layers.layer import Layer, LayerRecord, LayerState, Progress, Spec
 
 log = logging.getLogger(__name__)
 
@@ -59,12 +59,18 @@ _children: dict[int, subprocess.Popen[bytes]] = {}
 
 
 @dataclass(frozen=True)
-class ServerSpec:
+class ServerSpec(Spec):
+    kind: ClassVar[str] = "server"
+
     blockdev: str  # the pinned chain, files as /proc/self/fd/N
     socket: str  # where root's NBD client connects: in a root-only directory
     read_only: bool
     creds: Credentials
     image: str  # for messages: the image's name as the caller opened it
+
+    def identity(self) -> dict[str, Any]:
+        return {"blockdev": self.blockdev, "socket": self.socket, "read_only": self.read_only,
+                "uid": self.creds.uid, "gids": list(self.creds.gids), "image": self.image}
 
     @classmethod
     def parse(cls, identity: dict[str, Any]) -> ServerSpec:
@@ -216,7 +222,7 @@ class ServerLayer(Layer):
     and log removed).
     """
 
-    kind = "server"
+    kind = ServerSpec.kind
 
     def attach(self, progress: Progress) -> LayerRecord:
         spec = ServerSpec.parse(self.identity)
@@ -230,7 +236,7 @@ class ServerLayer(Layer):
             progress(self.record)
 
         found = start(spec, self.fds, spawned)
-        self.record = replace(self.record, state="attached", identity={
+        self.record = replace(self.record, state=LayerState.ATTACHED, identity={
             **self.identity, "pid": found.pid, "start_time": found.start_time, "size": found.size})
         log.info("serving %s as uid %d on %s (%s pid %d)", spec.image, spec.creds.uid, spec.socket, SERVER,
                  found.pid)
