@@ -1,4 +1,4 @@
-"""Synthetic LVM2 physical volumes, byte for byte, for pure tests of :mod:`mountd.image.lvmmeta`.
+"""Synthetic LVM2 physical volumes, byte for byte, for pure tests of :mod:`mountd.image.lvmlabel`.
 
 Real PVs come from the LVM tools in the host tests; these builders make the cases the tools cannot be asked
 for directly (text wrapping at a chosen place, a second metadata area with another seqno, ignored areas,
@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from mountd.image.lvmconfig import parse_config
-from mountd.image.lvmmeta import INITIAL_CRC, MDA_MAGIC, format_uuid, lvm_crc
+from mountd.image.lvmlabel import INITIAL_CRC, MDA_MAGIC, format_uuid, lvm_crc
 
 SECTOR = 512
 MiB = 1 << 20
@@ -176,9 +176,9 @@ def simple_image(text: bytes | None = None, **mda: Any) -> bytearray:
     return pv_image(2 * MiB, PV_UUID, [Mda(4096, MiB - 4096, simple_vg() if text is None else text, **mda)])
 
 
-# --- crafted VGs, as large as asked: the bounds of mountd.image.lvmmeta, for unit and host tests and the bench --------
+# --- crafted VGs, as large as asked: the bounds of mountd.image.lvmlabel, for unit and host tests and the bench --------
 
-#: Where the data area starts in a :func:`pv_file`: after a metadata area that holds any text lvmmeta reads.
+#: Where the data area starts in a :func:`pv_file`: after a metadata area that holds any text lvmlabel reads.
 CRAFTED_PE_START = 10 * MiB
 CRAFTED_EXTENT_SECTORS = 8  # 4 KiB extents: a linear LV of one extent is a 4 KiB volume
 

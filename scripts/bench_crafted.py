@@ -1,7 +1,7 @@
 """Crafted input at imgmount's bounds (issue 9 #3): what ``imgmount --info`` costs on it, time and memory.
 
 Each case is an image file built in a temporary directory (a PV whose metadata area holds a crafted text, see
-``mountd.image.lvmmeta``), or an image path that is crafted itself. ``imgmount --info`` runs on it in a fresh
+``mountd.image.lvmlabel``), or an image path that is crafted itself. ``imgmount --info`` runs on it in a fresh
 child process, as the command does (in-process, as root); the figures are its wall time and its own peak RSS
 (``os.wait4``). Nothing is asserted: the tests check what a user sees, this measures what it costs.
 
@@ -33,7 +33,7 @@ from imgmount_testkit.lvm_synth import (  # noqa: E402
     write_pv,
 )
 from mountd.image.lvmconfig import MAX_ITEMS, MAX_LVS  # noqa: E402
-from mountd.image.lvmmeta import MAX_TEXT_SIZE  # noqa: E402
+from mountd.image.lvmlabel import MAX_TEXT_SIZE  # noqa: E402
 
 # The child: ``imgmount`` with its arguments read from stdin (a 1 MiB path is longer than an argument may be).
 CHILD = ("import json, sys; from mountd.cli.main import imgmount_main; "
@@ -121,7 +121,7 @@ def crafted_runs(tree: Path = ROOT) -> list[Run]:
             image = pv_file(work / "crafted.img", text())
             runs.append(run_info(case, str(image), tree))
             image.unlink()
-        # One VG's text on each of many PVs: parsed once (lvmmeta.MetadataTexts).
+        # One VG's text on each of many PVs: parsed once (lvmlabel.MetadataTexts).
         image = pvs_file(work / "pvs.img", crafted_vg(lvs=MAX_LVS, pvs=PV_COPIES), PV_COPIES)
         runs.append(run_info(f"{PV_COPIES} PVs, {MAX_LVS} LVs", str(image), tree))
         image.unlink()

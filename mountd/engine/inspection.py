@@ -16,7 +16,8 @@ from mountd.host.opener import Credentials, Opener
 from mountd.image.blockio import BlockReader, FileReader, SliceReader
 from mountd.image.fsprobe import Signature, probe
 from mountd.image.imageinfo import ImageInfo, block_options, chain_fds, probe_image
-from mountd.image.lvmmeta import MetadataTexts, PhysicalVolume, VolumeGroup, read_pv
+from mountd.image.lvmlabel import MetadataTexts, PhysicalVolume, read_pv
+from mountd.image.lvmmeta import VolumeGroup
 from mountd.image.nbdclient import open_image
 from mountd.image.partitions import Partition, PartitionTable, read_partition_table
 from mountd.layers.server import serving

@@ -1,6 +1,6 @@
 """LVM's config language, in which LVM2 writes VG metadata (``name { key = value ... }``: lvm2's
-``lib/config/config.c``), parsed with every size bounded. :mod:`mountd.image.lvmmeta` reads the labels and the
-metadata areas that hold such a text, and turns it into a volume group.
+``lib/config/config.c``), parsed with every size bounded. :mod:`mountd.image.lvmlabel` reads the labels and
+the metadata areas that hold such a text; :mod:`mountd.image.lvmmeta` turns it into a volume group.
 """
 
 from __future__ import annotations

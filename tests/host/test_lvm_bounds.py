@@ -1,5 +1,5 @@
 """``imgmount --info`` on image files whose LVM metadata is crafted to lie at, or just past, a bound of
-mountd.image.lvmmeta: at the bound it shows the whole VG; past it, one line names the bound.
+the LVM readers: at the bound it shows the whole VG; past it, one line names the bound.
 
 The images are sparse files of one PV (imgmount_testkit/lvm_synth.py writes them byte for byte); the command runs
 as a user runs it, in-process as root.
@@ -19,7 +19,7 @@ from imgmount_testkit.lvm_synth import CRAFTED_PE_START, crafted_items, crafted_
 from mountd.engine.inspection import MAX_PROBED
 from mountd.errors import InvalidImageError
 from mountd.image.lvmconfig import MAX_DEPTH, MAX_ITEMS, MAX_LIST, MAX_LVS, MAX_STRING
-from mountd.image.lvmmeta import MAX_TEXT_SIZE
+from mountd.image.lvmlabel import MAX_TEXT_SIZE
 
 
 def imgmount(*args: str) -> subprocess.CompletedProcess[str]:

@@ -1,4 +1,4 @@
-"""mountd.image.lvmmeta on PVs made by the LVM tools, compared with what ``pvs``/``vgs``/``lvs`` report.
+"""mountd.image.lvmlabel and lvmmeta on PVs made by the LVM tools, compared with what ``pvs``/``vgs``/``lvs`` report.
 
 Each PV is a region of a sparse image, exposed as a loop device for the tools; the parser reads the image file
 itself through a SliceReader, as the engine does. No device-mapper is needed (``--driverloaded n``).
@@ -18,7 +18,8 @@ import pytest
 from imgmount_testkit.images import LvSpec, blank, loop, lv_extents, make_lvm, run
 from mountd.image.blockio import FileReader, SliceReader
 from mountd.image.lvmconfig import LvmMetadataError
-from mountd.image.lvmmeta import PhysicalVolume, VolumeGroup, read_pv
+from mountd.image.lvmlabel import PhysicalVolume, read_pv
+from mountd.image.lvmmeta import VolumeGroup
 from tests.support.lvm_multi import Region, create_lv, create_pvs, lvm, pv_loops, report
 
 MiB = 1 << 20

@@ -34,7 +34,7 @@ from imgmount_testkit.lvm_synth import (
     simple_vg,
     vg_section,
 )
-from mountd.image import lvmmeta
+from mountd.image import lvmlabel
 from mountd.image.blockio import BlockReader, BytesReader
 from mountd.image.lvmconfig import (
     MAX_DEPTH,
@@ -50,16 +50,8 @@ from mountd.image.lvmconfig import (
     LvmMetadataError,
     parse_config,
 )
-from mountd.image.lvmmeta import (
-    INITIAL_CRC,
-    MAX_TEXT_SIZE,
-    LvSegment,
-    PhysicalVolume,
-    format_uuid,
-    lvm_crc,
-    parse_vg,
-    read_pv,
-)
+from mountd.image.lvmlabel import INITIAL_CRC, MAX_TEXT_SIZE, PhysicalVolume, format_uuid, lvm_crc, read_pv
+from mountd.image.lvmmeta import LvSegment, parse_vg
 
 # Sector 1 and the metadata area header of a PV written by pvcreate/vgcreate of LVM 2.03.16 (zeros trimmed).
 REAL_LABEL = bytes.fromhex(
@@ -377,7 +369,7 @@ def two_copies() -> bytearray:
 def test_damaged_copy_falls_back_to_the_other(offset: int, message: str, caplog: pytest.LogCaptureFixture) -> None:
     image = two_copies()
     image[offset] ^= 0x40
-    with caplog.at_level(logging.WARNING, logger="mountd.image.lvmmeta"):
+    with caplog.at_level(logging.WARNING, logger="mountd.image.lvmlabel"):
         vg = pv_of(image).vg
     assert vg is not None and vg.seqno == 5
     assert message in caplog.text
@@ -580,8 +572,8 @@ def test_an_image_parses_each_distinct_text_once_and_so_much_text_in_all(monkeyp
     """A VG's PVs carry the same text: parsed once. Distinct texts beyond MAX_IMAGE_TEXT in one image (a
     crafted image with a different large text on each of many partitions) are refused."""
     first, second = simple_vg(seqno=3), simple_vg(seqno=4)
-    monkeypatch.setattr(lvmmeta, "MAX_IMAGE_TEXT", len(first) + len(second) - 1)
-    texts = lvmmeta.MetadataTexts()
+    monkeypatch.setattr(lvmlabel, "MAX_IMAGE_TEXT", len(first) + len(second) - 1)
+    texts = lvmlabel.MetadataTexts()
     assert texts.vg(first) is texts.vg(first) and texts.vg(first).seqno == 3
     with pytest.raises(LvmMetadataError, match="bytes of distinct text"):
         texts.vg(second)

@@ -21,7 +21,8 @@ from imgmount_testkit import images
 from mountd.errors import BusyError, FailedError
 from mountd.host.dmsetup import dm_devices, release_host_activations, udev_running
 from mountd.image.blockio import FileReader
-from mountd.image.lvmmeta import PhysicalVolume, VolumeGroup, read_pv
+from mountd.image.lvmlabel import PhysicalVolume, read_pv
+from mountd.image.lvmmeta import VolumeGroup
 from mountd.layers.dm import DmLinearLayer, lv_table
 from mountd.layers.layer import Layer, LayerRecord
 from tests.support.nbd_layers import attach, nbd_attached, partitions_attached
