@@ -3,9 +3,9 @@
 - Start: tear down every stack a crash left half-made, half-unmounted or broken (what is busy stays, published
   with State "broken"), publish every whole one again, drop device marks no record names, then take the bus
   name (``Type=dbus`` readiness).
-- Calls: a message handler sees every message first. It closes any unix fds (no method takes one), and hands
-  calls for our interfaces to :meth:`ApiInterface.handle` in a task of their own; the engine's blocking work
-  runs in worker threads, so other callers are served meanwhile; calls for one image are serialized.
+- Calls: :mod:`mountd.service.dispatch` hands each to the :class:`Service`, in a task of its own; the
+  engine's blocking work runs in worker threads, so other callers are served meanwhile; calls for one image
+  are serialized.
 - SIGTERM: refuse new calls, let running ones finish, unmount everything (images inside other mounts first,
   each stack top-down, flushing; a stack in use is left whole, recorded, for the next start to adopt), exit.
   SIGKILL loses nothing: the QEMU servers outlive us, the journal says what exists, and the next start
@@ -19,63 +19,41 @@ import asyncio
 import contextlib
 import ctypes
 import logging
-import os
 import re
 import signal
 import sys
 from collections.abc import AsyncIterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
 from typing import Any
 
-from dbus_fast import BusType, Message, MessageFlag, MessageType, NameFlag, RequestNameReply
+from dbus_fast import NameFlag, RequestNameReply
 from dbus_fast.aio import MessageBus
 
 from mountd.engine.backends import available
 from mountd.engine.engine import Engine
 from mountd.engine.inspection import inspect_image
 from mountd.engine.render import inspection_to_dict
-from mountd.errors import BusyError, InvalidArgumentError, MountdError, NotAuthorizedError, NotFoundError
+from mountd.errors import MountdError, NotAuthorizedError, NotFoundError
 from mountd.host.mediaroot import fix_existing_roots
 from mountd.host.opener import Credentials, check_path
 from mountd.image.imageinfo import image_path
 from mountd.model import MountInfo, MountRequest
-from mountd.service import auth
 from mountd.service.auth import ACTION_MOUNT, ACTION_MOUNT_RW, ACTION_UNMOUNT_OTHERS, Authority, Caller
-from mountd.service.busfix import survive_full_socket
+from mountd.service.busfix import connect
 from mountd.service.dbusapi import (
     BUS_NAME,
-    ERROR_PREFIX,
     MANAGER_PATH,
     MOUNTS_PATH,
-    ApiInterface,
     ManagerInterface,
     MountInterface,
     check_text,
-    incident_reply,
     mount_path,
 )
+from mountd.service.dispatch import Dispatcher, start_workers
 
 log = logging.getLogger("mountd.service.daemon")
-OBJECT_MANAGER = "org.freedesktop.DBus.ObjectManager"
 MOUNT_ID = re.compile(r"^[A-Za-z0-9_]{1,64}$")
-#: Calls one uid may have served at once: a desktop makes a handful; the rest are answered Busy at once, so
-#: one user's flood cannot queue work (opener children, QEMU processes, threads) that delays everybody else.
-MAX_CALLS_IN_FLIGHT = 16
-WORKERS = 4 * MAX_CALLS_IN_FLIGHT
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
 NOGROUP = 65534  # a caller in no group at all gets this one, never a group that happens to share its uid
-
-
-class DaemonBus(MessageBus):
-    """dbus-fast sends ObjectManager signals from the object's own path; the specification (and GDBus
-    clients such as file managers) expect them from the manager's path."""
-
-    def send(self, msg: Message) -> Any:
-        if msg.message_type is MessageType.SIGNAL and msg.interface == OBJECT_MANAGER \
-                and (msg.path or "").startswith(MOUNTS_PATH + "/"):
-            msg = Message.new_signal(MANAGER_PATH, OBJECT_MANAGER, msg.member or "", msg.signature, msg.body)
-        return super().send(msg)
 
 
 class ImageLocks:
@@ -298,82 +276,6 @@ def confined(caller: Caller) -> Credentials | None:
     return Credentials(caller.uid, caller.gids or (NOGROUP,))
 
 
-# --- dispatch ---------------------------------------------------------------------------------------------
-
-
-class Dispatcher:
-    """The message handler in front of dbus-fast: fd hygiene, then our calls, each in its own task."""
-
-    def __init__(self, bus: MessageBus, service: Service) -> None:
-        self.bus = bus
-        self.service = service
-        self.tasks: set[asyncio.Task[None]] = set()
-        self.in_flight: dict[int, int] = {}  # uid -> calls being served
-
-    def on_message(self, msg: Message) -> bool | None:
-        if msg.unix_fds:  # no method takes one: close them all, or any caller can exhaust our descriptors
-            for fd in msg.unix_fds:
-                with contextlib.suppress(OSError):
-                    os.close(fd)
-        if msg.message_type is not MessageType.METHOD_CALL:
-            return None
-        target = self._target(msg)
-        if target is None and not msg.unix_fds:
-            return None  # introspection, properties, ObjectManager, Peer: dbus-fast's own handlers
-        if target is None or self.service.closing:
-            error = InvalidArgumentError(f"{msg.member} takes no file descriptors") if target is None else \
-                BusyError("imgmountd is shutting down")
-            self._reply(msg, Message.new_error(msg, ERROR_PREFIX + error.dbus_name, error.message))
-            return True
-        task = asyncio.get_running_loop().create_task(self._serve(target, msg))
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
-        return True
-
-    def _target(self, msg: Message) -> ApiInterface | None:
-        path = msg.path or ""
-        iface: ApiInterface | None = self.service.manager if path == MANAGER_PATH else None
-        if path.startswith(MOUNTS_PATH + "/"):
-            iface = self.service.objects.get(path.removeprefix(MOUNTS_PATH + "/"))
-        if iface is None:
-            return None
-        if msg.interface is None:
-            return iface if msg.member in iface.api else None
-        return iface if msg.interface == iface.name else None
-
-    async def _serve(self, target: ApiInterface, msg: Message) -> None:
-        self._reply(msg, await target.handle(msg, self.admit))
-
-    def _reply(self, msg: Message, reply: Message) -> None:
-        if msg.flags & MessageFlag.NO_REPLY_EXPECTED:
-            return
-        try:
-            self.bus.send(reply)  # marshalled here: a value D-Bus cannot carry raises now
-        except Exception:
-            self.bus.send(incident_reply(msg, f"the reply to {msg.member} from {msg.sender} cannot be sent"))
-
-    @contextlib.asynccontextmanager
-    async def admit(self, msg: Message) -> AsyncIterator[Caller]:
-        """The caller, holding one of its uid's places among the calls in flight (root has no limit)."""
-        caller = await auth.identify(self.bus, msg.sender or "")
-        caller = replace(caller, interactive=bool(msg.flags & MessageFlag.ALLOW_INTERACTIVE_AUTHORIZATION))
-        held = self.in_flight.get(caller.uid, 0)
-        if held >= MAX_CALLS_IN_FLIGHT and not caller.is_root:
-            raise BusyError(f"uid {caller.uid} already has {held} calls in flight: wait for their replies")
-        self.in_flight[caller.uid] = held + 1
-        try:
-            yield caller
-        finally:
-            if self.in_flight[caller.uid] == 1:
-                del self.in_flight[caller.uid]
-            else:
-                self.in_flight[caller.uid] -= 1
-
-    async def drain(self) -> None:
-        while self.tasks:
-            await asyncio.gather(*self.tasks, return_exceptions=True)
-
-
 # --- main -------------------------------------------------------------------------------------------------
 
 
@@ -386,21 +288,8 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-async def connect(where: str) -> MessageBus:
-    if where in ("system", "session"):
-        bus = DaemonBus(bus_type=BusType.SYSTEM if where == "system" else BusType.SESSION,
-                        negotiate_unix_fd=True)
-    else:
-        bus = DaemonBus(bus_address=where, negotiate_unix_fd=True)
-    await bus.connect()
-    survive_full_socket(bus)  # dbus-fast would drop the connection on the first EAGAIN
-    return bus
-
-
 async def serve(args: argparse.Namespace) -> int:
-    # Threads for the engine's blocking work: more than the calls one uid may have in flight, so a user whose
-    # mounts are stuck (until their deadline) cannot take every thread from the others.
-    asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(max_workers=WORKERS))
+    start_workers()
     bus = await connect(args.bus)
     service = Service(bus, Engine(), Authority(bus), await asyncio.to_thread(available))
     dispatcher = Dispatcher(bus, service)

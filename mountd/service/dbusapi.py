@@ -2,7 +2,7 @@
 option parsing, and the one error boundary.
 
 dbus-fast does not tell a method who called it, so API methods are not dispatched by dbus-fast: the daemon's
-message handler (:mod:`mountd.service.daemon`) hands each call for these interfaces to
+message handler (:mod:`mountd.service.dispatch`) hands each call for these interfaces to
 :meth:`ApiInterface.handle`, which checks the signature, resolves the caller and runs the method. ``handle``
 is the only place where exceptions become D-Bus errors. dbus-fast still serves introspection, properties and
 ObjectManager.

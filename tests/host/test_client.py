@@ -19,8 +19,8 @@ from dbus_fast._private.unmarshaller import Unmarshaller
 
 from imgmount_testkit.bus import Bus, Client, Daemon, as_user
 from mountd.busnames import MOUNT_IFACE, MOUNTS_PATH
-from mountd.cli import main as cli
 from mountd.cli.client import ALLOW_INTERACTIVE_AUTHORIZATION, Call, Reply, Variant, marshal_call, unmarshal
+from mountd.cli.daemonclient import DaemonClient
 from tests.support.guests import Guest
 
 BIN = Path(sys.executable).parent
@@ -89,7 +89,7 @@ class _RecordingBus:
 def test_a_terminal_lets_polkit_ask(monkeypatch: pytest.MonkeyPatch, tty: bool) -> None:
     monkeypatch.setattr(sys.stdin, "isatty", lambda: tty)
     bus = _RecordingBus()
-    assert cli.DaemonClient(bus).mounts() == []  # type: ignore[arg-type]
+    assert DaemonClient(bus).mounts() == []  # type: ignore[arg-type]
     assert bus.calls[0].flags == (ALLOW_INTERACTIVE_AUTHORIZATION if tty else 0)
     assert ALLOW_INTERACTIVE_AUTHORIZATION == MessageFlag.ALLOW_INTERACTIVE_AUTHORIZATION.value
 

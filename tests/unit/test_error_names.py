@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 
 from dbus_fast import Message
 
-from mountd.cli.main import ERRORS, _error
+from mountd.cli.daemonclient import ERRORS, _error
 from mountd.errors import MountdError
 from mountd.service.auth import Caller
 from mountd.service.dbusapi import ERROR_PREFIX, ApiInterface, api_method
