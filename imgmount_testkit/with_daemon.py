@@ -11,7 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from imgmount_testkit.bus import Daemon, private_bus
+from imgmount_testkit.bus import private_bus
+from imgmount_testkit.daemon import Daemon
 
 
 def main(argv: list[str]) -> int:

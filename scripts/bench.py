@@ -29,17 +29,10 @@ from bench_crafted import crafted_info  # scripts/, beside this file
 from dbus_fast import Variant
 
 from imgmount_testkit import images
-from imgmount_testkit.bus import (
-    Bus,
-    Daemon,
-    OtherUser,
-    call_message,
-    client,
-    imgmount_group,
-    private_bus,
-    reply_of,
-    tmpfs,
-)
+from imgmount_testkit.bus import Bus, private_bus
+from imgmount_testkit.client import call_message, client, reply_of
+from imgmount_testkit.daemon import Daemon, tmpfs
+from imgmount_testkit.users import OtherUser, imgmount_group
 from mountd.engine.engine import Engine
 from mountd.model import MountRequest
 from mountd.service.dbusapi import MANAGER_IFACE, MANAGER_PATH, MOUNT_IFACE

@@ -12,17 +12,10 @@ from pathlib import Path
 import pytest
 
 from imgmount_testkit import images
-from imgmount_testkit.bus import (
-    Bus,
-    Client,
-    Daemon,
-    OtherUser,
-    client,
-    imgmount_group,
-    private_bus,
-    tmpfs,
-    world_dir,
-)
+from imgmount_testkit.bus import Bus, private_bus, world_dir
+from imgmount_testkit.client import Client, client
+from imgmount_testkit.daemon import Daemon, tmpfs
+from imgmount_testkit.users import OtherUser, imgmount_group
 from tests.support import guests
 from tests.support.daemon_calls import copy
 from tests.support.guests import Guest

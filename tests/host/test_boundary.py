@@ -34,16 +34,10 @@ from typing import Any
 import pytest
 
 from imgmount_testkit import images
-from imgmount_testkit.bus import (
-    REPO,
-    Bus,
-    Client,
-    Daemon,
-    OtherUser,
-    as_user,
-    client,
-    world_dir,
-)
+from imgmount_testkit.bus import REPO, Bus, world_dir
+from imgmount_testkit.client import Client, client
+from imgmount_testkit.daemon import Daemon
+from imgmount_testkit.users import OtherUser, as_user
 from mountd.service.dbusapi import ERROR_PREFIX, MOUNT_IFACE
 from tests.support.attacker import Attacker
 

@@ -17,7 +17,10 @@ from dbus_fast import Message, MessageFlag
 from dbus_fast import Variant as FastVariant
 from dbus_fast._private.unmarshaller import Unmarshaller
 
-from imgmount_testkit.bus import Bus, Client, Daemon, as_user
+from imgmount_testkit.bus import Bus
+from imgmount_testkit.client import Client
+from imgmount_testkit.daemon import Daemon
+from imgmount_testkit.users import as_user
 from mountd.busnames import MOUNT_IFACE, MOUNTS_PATH
 from mountd.cli.client import ALLOW_INTERACTIVE_AUTHORIZATION, Call, Reply, Variant, marshal_call, unmarshal
 from mountd.cli.daemonclient import DaemonClient

@@ -14,7 +14,9 @@ from typing import Any
 from dbus_fast import Variant
 
 import mountd
-from imgmount_testkit.bus import Bus, Client, Daemon, call_message, client, connect, reply_of
+from imgmount_testkit.bus import Bus
+from imgmount_testkit.client import Client, call_message, client, connect, reply_of
+from imgmount_testkit.daemon import Daemon
 from mountd.engine.backends import available
 from mountd.engine.inspection import inspect_image
 from mountd.engine.render import inspection_to_dict

@@ -11,7 +11,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 from imgmount_testkit import images
-from imgmount_testkit.bus import Bus, Client, Daemon, OtherUser, as_user, polkitd, servers_of
+from imgmount_testkit.bus import Bus
+from imgmount_testkit.client import Client
+from imgmount_testkit.daemon import Daemon
+from imgmount_testkit.polkit import polkitd
+from imgmount_testkit.users import OtherUser, as_user, servers_of
 from mountd.service.dbusapi import MANAGER_IFACE, MANAGER_PATH, MOUNT_IFACE
 from tests.support import guests
 from tests.support.daemon_calls import error, mountpoint

@@ -10,7 +10,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from imgmount_testkit.bus import Bus, Client, Daemon, as_user, client
+from imgmount_testkit.bus import Bus
+from imgmount_testkit.client import Client, client
+from imgmount_testkit.daemon import Daemon
+from imgmount_testkit.users import as_user
 from mountd.service.dbusapi import BUS_NAME, MOUNTS_PATH
 from tests.support.daemon_calls import wait_gone
 from tests.support.guests import Guest

@@ -15,7 +15,10 @@ import pytest
 from dbus_fast import Variant
 
 from imgmount_testkit import images
-from imgmount_testkit.bus import REPO, Bus, Client, Daemon, as_user, client, serving
+from imgmount_testkit.bus import REPO, Bus
+from imgmount_testkit.client import Client, client
+from imgmount_testkit.daemon import Daemon, serving
+from imgmount_testkit.users import as_user
 from mountd.service.dbusapi import (
     ERROR_PREFIX,
     MANAGER_IFACE,

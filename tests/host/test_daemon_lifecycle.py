@@ -10,7 +10,9 @@ import signal
 from pathlib import Path
 
 from imgmount_testkit import images
-from imgmount_testkit.bus import Bus, Client, Daemon, client
+from imgmount_testkit.bus import Bus
+from imgmount_testkit.client import Client, client
+from imgmount_testkit.daemon import Daemon
 from mountd.engine.engine import Engine
 from mountd.engine.journal import Journal
 from mountd.model import MountRequest

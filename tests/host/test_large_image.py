@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from imgmount_testkit import images
-from imgmount_testkit.bus import tmpfs
+from imgmount_testkit.daemon import tmpfs
 from mountd.errors import UnsupportedError
 from tests.support import leftovers
 

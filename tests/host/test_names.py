@@ -24,7 +24,10 @@ import pytest
 from dbus_fast import Variant
 
 from imgmount_testkit import images
-from imgmount_testkit.bus import Bus, Client, Daemon, OtherUser, as_user, client, world_dir
+from imgmount_testkit.bus import Bus, world_dir
+from imgmount_testkit.client import Client, client
+from imgmount_testkit.daemon import Daemon
+from imgmount_testkit.users import OtherUser, as_user
 from mountd.errors import InvalidArgumentError
 from mountd.service.dbusapi import ERROR_PREFIX, MOUNT_IFACE
 from tests.support import guests, leftovers

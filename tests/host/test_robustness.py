@@ -22,19 +22,10 @@ import pytest
 from dbus_fast import Variant
 
 from imgmount_testkit import images
-from imgmount_testkit.bus import (
-    BIN,
-    REPO,
-    Bus,
-    Client,
-    Daemon,
-    as_user,
-    call_message,
-    client,
-    reply_of,
-    servers_of,
-    world_dir,
-)
+from imgmount_testkit.bus import REPO, Bus, world_dir
+from imgmount_testkit.client import Client, call_message, client, reply_of
+from imgmount_testkit.daemon import BIN, Daemon
+from imgmount_testkit.users import as_user, servers_of
 from mountd.service.dbusapi import ERROR_PREFIX, MANAGER_IFACE, MANAGER_PATH, MOUNT_IFACE
 from tests.support import guests, leftovers
 from tests.support.attacker import Inotify

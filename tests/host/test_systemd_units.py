@@ -2,7 +2,7 @@
 
 ``scripts/install --root`` installs into a temporary root that holds a copy of the host's systemd units, so
 ``systemd-analyze verify`` sees the unit exactly where a real install puts it, next to the real ExecStart=.
-dbus-daemon and polkitd load the installed files for real (imgmount_testkit/bus.py). Nothing here
+dbus-daemon and polkitd load the installed files for real (imgmount_testkit/bus.py, polkit.py). Nothing here
 touches the host's /etc, /usr or /opt.
 """
 
@@ -22,7 +22,8 @@ from pathlib import Path
 import pytest
 
 from imgmount_testkit import images
-from imgmount_testkit.bus import Bus, BusStartError, name_owner, polkitd, private_bus
+from imgmount_testkit.bus import Bus, BusStartError, name_owner, private_bus
+from imgmount_testkit.polkit import polkitd
 
 REPO = Path(__file__).resolve().parents[2]
 INSTALL = REPO / "scripts" / "install"

@@ -244,7 +244,7 @@ def main() -> None:
 
 
 class Attacker:
-    """The attacker process, started with ``prefix`` (e.g. :func:`imgmount_testkit.bus.as_user`)."""
+    """The attacker process, started with ``prefix`` (e.g. :func:`imgmount_testkit.users.as_user`)."""
 
     def __init__(self, prefix: Sequence[str], cwd: Path) -> None:
         self.proc = subprocess.Popen([*prefix, sys.executable, "-m", "tests.support.attacker"], cwd=cwd,

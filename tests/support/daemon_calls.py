@@ -12,7 +12,7 @@ from typing import Any
 from dbus_fast import Variant
 
 from imgmount_testkit import images
-from imgmount_testkit.bus import Client
+from imgmount_testkit.client import Client
 from mountd.service.dbusapi import ERROR_PREFIX, MOUNT_IFACE
 
 OM = "org.freedesktop.DBus.ObjectManager"

@@ -11,16 +11,10 @@ from pathlib import Path
 import pytest
 
 from imgmount_testkit import images
-from imgmount_testkit.bus import (
-    Bus,
-    Client,
-    OtherUser,
-    imgmount_group,
-    servers_of,
-    serving,
-    tmpfs,
-    world_dir,
-)
+from imgmount_testkit.bus import Bus, world_dir
+from imgmount_testkit.client import Client
+from imgmount_testkit.daemon import serving, tmpfs
+from imgmount_testkit.users import OtherUser, imgmount_group, servers_of
 from mountd.service.dbusapi import MOUNT_IFACE
 from tests.support import guests
 

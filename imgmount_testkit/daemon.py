@@ -1,0 +1,112 @@
+"""The real ``imgmountd`` on a private bus (:mod:`.bus`), as the daemon tests run it.
+
+- :class:`Daemon`: the executable beside this interpreter with a state directory of its own; started,
+  killed, stopped and restarted like systemd would; whatever it leaves mounted is cleaned up in-process.
+- :func:`tmpfs`: a tmpfs for state directories, as /run is.
+- :func:`serving`: a private bus, the daemon on it and a client, all ended after.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from imgmount_testkit.bus import Bus, private_bus
+from imgmount_testkit.client import Client, client
+from mountd.engine.engine import Engine
+from mountd.engine.journal import Journal
+from mountd.service.dbusapi import BUS_NAME
+
+BIN = Path(sys.executable).parent
+
+
+@contextlib.contextmanager
+def tmpfs() -> Iterator[Path]:
+    """A tmpfs of our own, for state directories: /run/imgmount is a tmpfs, where the journal's fsyncs cost
+    nothing (on this machine's disk, they would be most of a test's time). Not /dev/shm: the engine takes
+    paths under /dev/ for device nodes."""
+    path = Path(tempfile.mkdtemp(prefix="imgmount-run-"))
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m,mode=0755", "imgmount-test", str(path)],
+                   check=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", str(path)], check=True)
+        path.rmdir()
+
+
+class Daemon:
+    """``imgmountd --bus ADDRESS`` with a state directory of its own under ``run`` (a tmpfs, as /run is);
+    the log is kept in a file next to it."""
+
+    def __init__(self, bus: Bus, run: Path, **extra_env: str) -> None:
+        self.bus = bus
+        self.extra_env = extra_env
+        self.home = Path(tempfile.mkdtemp(prefix="imgmountd-", dir=run))
+        self.state = self.home / "state"
+        self.logfile = self.home / "imgmountd.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {**os.environ, "IMGMOUNT_STATE_DIR": str(self.state), **self.extra_env}
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def start(self) -> Daemon:
+        with open(self.logfile, "ab") as log:
+            self.proc = subprocess.Popen([str(BIN / "imgmountd"), "--bus", self.bus.address], env=self.env,
+                                         stdout=log, stderr=log)
+        with client(self.bus.address) as c:
+            try:
+                c.wait_owner(BUS_NAME)
+            except TimeoutError:
+                raise RuntimeError(f"imgmountd did not take its name:\n{self.log()}") from None
+        return self
+
+    def signal(self, signum: int) -> int:
+        """Send ``signum`` and wait for the daemon to exit; its exit status (negative: killed)."""
+        assert self.proc is not None
+        self.proc.send_signal(signum)
+        status = self.proc.wait(timeout=120)
+        self.proc = None
+        return status
+
+    def log(self) -> str:
+        return self.logfile.read_text(errors="replace") if self.logfile.exists() else ""
+
+    def fd_count(self) -> int:
+        return len(os.listdir(f"/proc/{self.pid}/fd"))
+
+    def close(self) -> None:
+        """Stop the daemon (SIGTERM unmounts everything); whatever is still recorded is undone in-process."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.signal(signal.SIGTERM)
+        engine = Engine(Journal(str(self.state)))
+        for m in engine.mounts():
+            with contextlib.suppress(Exception):
+                engine.unmount(m.id, force=True)
+        print(self.log())  # pytest shows it when the test failed
+        shutil.rmtree(self.home, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def serving(run: Path) -> Iterator[tuple[Bus, Daemon, Client]]:
+    """A private bus, the real daemon on it (its state under ``run``) and a client, all ended after."""
+    with private_bus() as bus:
+        daemon = Daemon(bus, run).start()
+        try:
+            with client(bus.address) as cl:
+                yield bus, daemon, cl
+        finally:
+            daemon.close()
