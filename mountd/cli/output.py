@@ -16,7 +16,7 @@ from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
 from mountd.errors import MountdError
-from mountd.model import MountInfo, display_name
+from mountd.model import MountInfo, MountState, display_name
 
 if TYPE_CHECKING:
     import logging
@@ -50,7 +50,7 @@ def mount_text(m: MountInfo) -> str:
 
 
 def mounts_text(ms: list[MountInfo]) -> str:
-    return "\n".join(mount_text(m) + ("" if m.state == "mounted" else f"\n  state: {m.state}")
+    return "\n".join(mount_text(m) + ("" if m.state == MountState.MOUNTED else f"\n  state: {m.state}")
                      for m in ms) or "nothing is mounted"
 
 

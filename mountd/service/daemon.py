@@ -36,7 +36,7 @@ from mountd.errors import MountdError, NotAuthorizedError, NotFoundError
 from mountd.host.mediaroot import fix_existing_roots
 from mountd.host.opener import Credentials, check_path
 from mountd.image.imageinfo import image_path
-from mountd.model import MountInfo, MountRequest
+from mountd.model import MountInfo, MountRequest, MountState
 from mountd.service.auth import ACTION_MOUNT, ACTION_MOUNT_RW, ACTION_UNMOUNT_OTHERS, Authority, Caller
 from mountd.service.busfix import connect
 from mountd.service.dbusapi import (
@@ -170,14 +170,14 @@ class Service:
             self.unpublish(mount_id)
             return
         obj = self.objects.get(mount_id)
-        if why and (obj is None or obj.state != "broken"):
+        if why and (obj is None or obj.state != MountState.BROKEN):
             log.warning("mount %s of %s is broken: %s", mount_id, info.image, why)
-        self.publish(info, "broken" if why else "mounted")
+        self.publish(info, MountState.BROKEN if why else MountState.MOUNTED)
 
     def _verified(self, mount_id: str) -> tuple[MountInfo, str]:
         """The mount as recorded, and why it is broken ("" if the kernel still shows all we made)."""
         info = self.engine.journal.read(mount_id).info()
-        if info.state != "mounted":  # an operation was interrupted: what is left can only be cleaned up
+        if info.state != MountState.MOUNTED:  # an operation was interrupted: what is left can only go
             return info, f"the journal records it as {info.state}, not mounted"
         try:
             lost = self.engine.verify(mount_id)
@@ -197,7 +197,7 @@ class Service:
                 await self.sync(mount_id)
             except Exception:  # a getter's exception would reach the caller as dbus-fast's own error
                 log.exception("verifying mount %s failed", mount_id)
-                obj.update(obj.info, "broken")
+                obj.update(obj.info, MountState.BROKEN)
         return obj.state
 
     async def recover(self) -> None:
@@ -215,7 +215,7 @@ class Service:
                 log.exception("cannot tear down mount %s: left as it is", mount_id)
             try:
                 if whole is not None:  # verified just now, under its image's lock
-                    self.publish(whole, "mounted")
+                    self.publish(whole, MountState.MOUNTED)
                 else:
                     await self.sync(mount_id)
             except Exception:
