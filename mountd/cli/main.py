@@ -19,7 +19,7 @@ from mountd.cli.daemonclient import DaemonClient, DaemonUnavailableError
 from mountd.cli.output import guarded, logger, mount_json, mount_text, mounts_json, mounts_text
 from mountd.errors import FailedError, InvalidArgumentError
 from mountd.model import BACKENDS, MountInfo, MountRequest
-from mountd.settings import STATE_DIR_ENV
+from mountd.settings import STATE_DIR_ENV, Settings
 
 if TYPE_CHECKING:
     from mountd.engine.engine import Engine
@@ -146,7 +146,7 @@ def _engine() -> Engine:
     from mountd.engine.engine import Engine  # noqa: PLC0415
 
     logger()  # the engine's warnings go to stderr
-    return Engine()
+    return Engine(settings=Settings.from_environment())
 
 
 def _inspection(image: str, fmt: str | None) -> Any:

@@ -112,7 +112,7 @@ def attach_disk(stack: MountStack, backend: str, info: ImageInfo, *, read_only: 
                                       snapshot or "", info.virtual_size).plan())
         return Disk(backend, layer.node, layer.node, False, dm)
     module = ensure_nbd_module()
-    layer = stack.push(NbdSpec(source, read_only, snapshot or "").plan())
+    layer = stack.push(NbdSpec(source, read_only, snapshot or "", str(run_dir(state_dir, "nbd"))).plan())
     return Disk(backend, layer.node, layer.node, module.max_part > 0, dm)
 
 
@@ -129,7 +129,7 @@ def _caller_server(stack: MountStack, info: ImageInfo, *, read_only: bool, snaps
     if snapshot:
         raise UnsupportedError("only root can mount an internal snapshot for now: QEMU running as you "
                                "(qemu-storage-daemon) has no way to open one")
-    sock = run_dir("servers") / f"{stack.record.id}.sock"
+    sock = run_dir(stack.journal.root, "servers") / f"{stack.record.id}.sock"
     spec = ServerSpec(block_options(info, by_fd=True), str(sock), read_only, creds, info.top.path)
     layer = stack.push(spec.plan(), fds=tuple(chain_fds(info)))
     return client_options(layer.node)

@@ -27,22 +27,22 @@ from mountd.host.mediaroot import ensure_private_root
 from mountd.host.opener import Credentials, Opener
 from mountd.image.imageinfo import ImageInfo, probe_image
 from mountd.layers import dm, fuse, loop, mount, nbd, server  # noqa: F401
-from mountd.layers.layer import layer_from_record
+from mountd.layers.layer import FaultPoints, layer_from_record
 from mountd.model import BACKENDS, MountInfo, MountRequest, MountState, find_mount
+from mountd.settings import Settings
 
 log = logging.getLogger(__name__)
 #: Volumes (and mount options) one request may name: no real image has more mountable volumes than that.
 MAX_LISTED = 256
-#: Seconds one mount may take before it is cancelled, rolled back and answered Timeout: far above what a real
-#: image needs (seconds), so only a stuck program (a stopped QEMU, a hung file server) reaches it.
-DEFAULT_DEADLINE = 300.0
-DEADLINE_ENV = "IMGMOUNT_MOUNT_TIMEOUT"
 
 
 class Engine:
-    def __init__(self, journal: Journal | None = None, deadline: float | None = None) -> None:
-        self.journal = journal or Journal()
-        self.deadline = deadline or _deadline_from_env()
+    def __init__(self, journal: Journal | None = None, *, settings: Settings | None = None) -> None:
+        """``settings``: what the entry point set up (the defaults when not given); ``journal``: where the
+        mounts are recorded (``settings.state_dir`` when not given)."""
+        self.settings = settings or Settings()
+        self.journal = journal or Journal(self.settings.state_dir)
+        self.deadline = self.settings.mount_deadline
 
     # --- queries -----------------------------------------------------------------------------------------
 
@@ -78,7 +78,7 @@ class Engine:
         record = MountRecord(id=uuid.uuid4().hex[:12], image=image, format=info.format,
                              read_only=req.read_only, owner=req.owner, backend=backend,
                              options=_options(req), image_id=info.top.identity)
-        stack = MountStack(self.journal, record)
+        stack = MountStack(self.journal, record, FaultPoints(self.settings.fault_at, self.settings.crash_at))
         with stack.building(self.deadline):
             disk = backends.attach_disk(stack, backend, info, read_only=req.read_only,
                                         snapshot=req.snapshot, state_dir=self.journal.root,
@@ -142,12 +142,6 @@ class Engine:
 def _lost(record: MountRecord) -> list[str]:
     return [layer.describe() for rec in record.layers if not (layer := layer_from_record(rec)).verify()]
 
-
-def _deadline_from_env() -> float:
-    try:
-        return float(os.environ.get(DEADLINE_ENV) or DEFAULT_DEADLINE)
-    except ValueError:
-        return DEFAULT_DEADLINE
 
 
 def default_mount_root(uid: int) -> str:

@@ -18,10 +18,10 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from mountd import settings
 from mountd.errors import FailedError, NotFoundError
 from mountd.layers.layer import LayerRecord, LayerState
 from mountd.model import ImageMount, MountedVolume, MountInfo, MountState
+from mountd.settings import DEFAULT_STATE_DIR
 
 
 @dataclass(frozen=True)
@@ -78,8 +78,8 @@ class MountRecord(ImageMount):
 
 
 class Journal:
-    def __init__(self, state_dir: str | None = None) -> None:
-        self.root = Path(state_dir) if state_dir else settings.state_dir()
+    def __init__(self, state_dir: str | Path = DEFAULT_STATE_DIR) -> None:
+        self.root = Path(state_dir)
         self.mounts = self.root / "mounts"
 
     def claim(self, node: object) -> None:

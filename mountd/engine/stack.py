@@ -23,10 +23,10 @@ log = logging.getLogger(__name__)
 
 
 class MountStack:
-    def __init__(self, journal: Journal, record: MountRecord) -> None:
+    def __init__(self, journal: Journal, record: MountRecord, faults: FaultPoints | None = None) -> None:
         self.journal = journal
         self.record = record
-        self.faults = FaultPoints()
+        self.faults = faults or FaultPoints()
         self.cancelled = ""  # why the attach was cancelled, once it is
 
     def cancel(self, why: str) -> None:

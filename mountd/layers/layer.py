@@ -53,8 +53,6 @@ class Spec(ABC):
 
 Progress = Callable[[LayerRecord], None]
 REGISTRY: dict[str, type[Layer]] = {}
-FAULT_ENV = "IMGMOUNT_FAULT_AT"
-CRASH_ENV = "IMGMOUNT_CRASH_AT"  # tests only: SIGKILL this process at the N-th step, as a crash would
 
 
 class Layer(ABC):
@@ -112,12 +110,12 @@ class InjectedFault(FailedError):
 
 
 class FaultPoints:
-    """Counts the steps of one attach; fails the N-th when ``IMGMOUNT_FAULT_AT=N``, and kills the process
-    there when ``IMGMOUNT_CRASH_AT=N`` (tests only)."""
+    """Counts the steps of one attach; fails the ``fail_at``-th, and kills the process at the ``crash_at``-th
+    (tests only: ``IMGMOUNT_FAULT_AT``, ``IMGMOUNT_CRASH_AT``; 0 for neither)."""
 
-    def __init__(self) -> None:
-        self._target = _step_number(FAULT_ENV)
-        self._crash = _step_number(CRASH_ENV)
+    def __init__(self, fail_at: int = 0, crash_at: int = 0) -> None:
+        self._target = fail_at
+        self._crash = crash_at
         self.count = 0
 
     def step(self, where: str) -> None:
@@ -127,7 +125,3 @@ class FaultPoints:
         if self.count == self._target:
             raise InjectedFault(f"injected fault at step {self.count} ({where})")
 
-
-def _step_number(name: str) -> int:
-    value = os.environ.get(name, "")
-    return int(value) if value.isdigit() else 0

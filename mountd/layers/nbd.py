@@ -53,7 +53,7 @@ from mountd.host.nbddev import (
 from mountd.host.processes import has_exited, open_process, start_time, stop
 from mountd.host.users import SYS_CLASS_BLOCK, block_users
 from mountd.layers.layer import Layer, LayerRecord, LayerState, Progress, Spec
-from mountd.settings import run_dir
+from mountd.settings import DEFAULT_STATE_DIR
 
 log = logging.getLogger(__name__)
 
@@ -94,15 +94,17 @@ class NbdSpec(Spec):
     image_opts: str  # a pinned ``--image-opts`` string
     read_only: bool
     snapshot: str = ""  # an internal snapshot, attached read-only
+    servers: str = f"{DEFAULT_STATE_DIR}/nbd"  # where the server's pid file and socket go (root's own)
 
     def identity(self) -> dict[str, Any]:
-        return {"image_opts": self.image_opts, "read_only": self.read_only, "snapshot": self.snapshot}
+        return {"image_opts": self.image_opts, "read_only": self.read_only, "snapshot": self.snapshot,
+                "servers": self.servers}
 
     @classmethod
     def parse(cls, identity: dict[str, Any]) -> NbdSpec:
         try:
             spec = cls(str(identity["image_opts"]), bool(identity.get("read_only", True)),
-                       str(identity.get("snapshot") or ""))
+                       str(identity.get("snapshot") or ""), str(identity.get("servers") or cls.servers))
         except (KeyError, TypeError, ValueError) as exc:
             raise InvalidArgumentError(f"bad nbd layer plan: {exc}") from None
         if spec.snapshot and not spec.read_only:
@@ -125,7 +127,8 @@ class NbdLayer(Layer):
         spec = NbdSpec.parse(self.identity)
         ensure_nbd_module()
         events = BlockEvents()
-        servers = run_dir()
+        servers = Path(spec.servers)
+        servers.mkdir(parents=True, exist_ok=True, mode=0o700)
         devices = nbd_devices()
         planned = spec.identity()
         for name in devices:

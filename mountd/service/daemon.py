@@ -49,6 +49,7 @@ from mountd.service.dbusapi import (
     mount_path,
 )
 from mountd.service.dispatch import Dispatcher, start_workers
+from mountd.settings import Settings
 
 log = logging.getLogger("mountd.service.daemon")
 MOUNT_ID = re.compile(r"^[A-Za-z0-9_]{1,64}$")
@@ -291,7 +292,8 @@ def parser() -> argparse.ArgumentParser:
 async def serve(args: argparse.Namespace) -> int:
     start_workers()
     bus = await connect(args.bus)
-    service = Service(bus, Engine(), Authority(bus), await asyncio.to_thread(available))
+    engine = Engine(settings=Settings.from_environment())
+    service = Service(bus, engine, Authority(bus), await asyncio.to_thread(available))
     dispatcher = Dispatcher(bus, service)
     bus.add_message_handler(dispatcher.on_message)
     bus.export(MANAGER_PATH, service.manager)

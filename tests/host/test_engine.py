@@ -18,6 +18,7 @@ from mountd.engine.journal import Journal
 from mountd.errors import BusyError, InUseError, InvalidArgumentError, NotFoundError, UnsupportedError
 from mountd.layers.layer import InjectedFault
 from mountd.model import MountInfo, MountRequest
+from mountd.settings import Settings
 from tests.support import guests, leftovers
 from tests.support.guests import Guest
 from tests.support.vms import running_vm
@@ -243,9 +244,9 @@ def test_a_fault_at_every_attach_step_leaves_nothing_behind(engine: Engine, gpt:
     media = tmp_path / "media"
     before = leftovers.snapshot()
     for step in range(1, 100):
-        monkeypatch.setenv("IMGMOUNT_FAULT_AT", str(step))
+        faulty = Engine(engine.journal, settings=Settings(fault_at=step))
         try:
-            info = _mount(engine, image, media, backend=backend)
+            info = _mount(faulty, image, media, backend=backend)
         except InjectedFault as exc:
             assert f"step {step}" in str(exc)
             assert leftovers.snapshot().new_since(before) == [], f"leftovers after a fault at step {step}"

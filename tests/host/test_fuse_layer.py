@@ -20,7 +20,7 @@ from mountd.engine.journal import Journal, MountRecord
 from mountd.engine.stack import MountStack
 from mountd.errors import BusyError, InUseError, UnsupportedError
 from mountd.host.loopdev import loops_backed_by
-from mountd.layers.layer import FAULT_ENV, InjectedFault, LayerRecord, layer_from_record
+from mountd.layers.layer import FaultPoints, InjectedFault, LayerRecord, layer_from_record
 from mountd.layers.mount import mountinfo
 from tests.support.layers import attach_in_child, attached, planned
 from tests.support.vms import running_vm
@@ -165,9 +165,9 @@ def test_internal_snapshots_are_left_to_nbd(qcow2: Path) -> None:
     assert nothing_left(str(qcow2.parent / "export.raw"))
 
 
-def stack(workdir: Path) -> MountStack:
+def stack(workdir: Path, faults: FaultPoints | None = None) -> MountStack:
     record = MountRecord("m1", str(workdir / "disk.qcow2"), "qcow2", True, 0, "fuse", {})
-    return MountStack(Journal(str(workdir / "state")), record)
+    return MountStack(Journal(str(workdir / "state")), record, faults)
 
 
 def test_image_in_use_by_a_vm_is_refused_and_rolled_back(qcow2: Path, workdir: Path) -> None:
@@ -180,8 +180,7 @@ def test_image_in_use_by_a_vm_is_refused_and_rolled_back(qcow2: Path, workdir: P
 
 def test_a_fault_after_the_export_rolls_it_back(qcow2: Path, workdir: Path,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(FAULT_ENV, "2")  # step 2: right after the fuse layer attached (injected fault)
-    mounts = stack(workdir)
+    mounts = stack(workdir, FaultPoints(fail_at=2))  # step 2: right after the fuse layer attached
     with pytest.raises(InjectedFault):
         mounts.push(fuse_plan(qcow2))
     assert mounts.record.layers == ()

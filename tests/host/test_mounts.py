@@ -24,7 +24,7 @@ from mountd.host.filesystems import mount_options, mountable_types
 from mountd.host.mountinfo import MountEntry, mountinfo
 from mountd.host.users import mountpoint_users
 from mountd.layers import mount as mounts
-from mountd.layers.layer import FAULT_ENV, InjectedFault, LayerRecord, layer_from_record
+from mountd.layers.layer import FaultPoints, InjectedFault, LayerRecord, layer_from_record
 from mountd.layers.mount import MountLayer, unique_mountpoint
 
 OWNER = 4242  # no passwd entry: the directory gets gid 0
@@ -296,9 +296,9 @@ def test_a_fault_in_the_stack_leaves_nothing(workdir: Path, monkeypatch: pytest.
                                              fault_at: int) -> None:
     image = make_image(workdir / "ext4.img", "ext4")
     journal = Journal(str(workdir / "state"))
-    monkeypatch.setenv(FAULT_ENV, str(fault_at))
     with images.loop(image) as dev:
-        stack = MountStack(journal, MountRecord("m1", str(image), "raw", True, OWNER, "loop", {}))
+        record = MountRecord("m1", str(image), "raw", True, OWNER, "loop", {})
+        stack = MountStack(journal, record, FaultPoints(fail_at=fault_at))
         with pytest.raises(InjectedFault), stack.building():
             stack.push(planned(dev, str(workdir / "media" / "vol"), "ext4"))
         assert not any(e.source == dev for e in mountinfo())

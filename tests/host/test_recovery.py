@@ -33,9 +33,9 @@ from mountd.host.opener import Credentials
 from mountd.image import recovery
 from mountd.image.blockio import FileReader
 from mountd.image.fsprobe import probe
-from mountd.layers.layer import FAULT_ENV, InjectedFault
+from mountd.layers.layer import InjectedFault
 from mountd.model import MountRequest
-from mountd.settings import STATE_DIR_ENV
+from mountd.settings import STATE_DIR_ENV, Settings
 from tests.support import leftovers
 from tests.support.vms import running_vm
 
@@ -294,9 +294,9 @@ def test_a_fault_at_every_step_of_a_replaying_mount_leaves_nothing(crashed: Cras
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """IMGMOUNT_FAULT_AT=N fails the N-th step (before or after each layer: disk, overlay server, its loop
     device, mount); each is undone, overlay included, and the image is never written."""
-    digest, before, engine, media = sha256(crashed.image), leftovers.snapshot(), Engine(), tmp_path / "media"
+    digest, before, media = sha256(crashed.image), leftovers.snapshot(), tmp_path / "media"
     for step in range(1, 2 * layers + 2):
-        monkeypatch.setenv(FAULT_ENV, str(step))
+        engine = Engine(settings=Settings(fault_at=step))
         try:
             info = engine.mount(MountRequest(image=str(crashed.image), mount_root=str(media)))
         except InjectedFault as exc:
