@@ -153,7 +153,8 @@ def _inspection(image: str, fmt: str | None) -> Any:
     """``--info``: the image inspected in-process (deferred, as :func:`_engine` is)."""
     from mountd.engine.inspection import inspect_image  # noqa: PLC0415
     logger()
-    return inspect_image(image, fmt=fmt)
+    from mountd.host.support import check_host  # noqa: PLC0415
+    return inspect_image(image, fmt=fmt, host=check_host())
 
 
 def _usage(message: str) -> Callable[[], Any]:

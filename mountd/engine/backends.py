@@ -15,9 +15,9 @@ from pathlib import Path
 from mountd.engine.inspection import DiskLayout, analyse_disk
 from mountd.engine.stack import MountStack
 from mountd.errors import UnsupportedError
-from mountd.host import command
 from mountd.host.nbddev import ensure_nbd_module
 from mountd.host.opener import Credentials
+from mountd.host.support import HostSupport
 from mountd.image.blockio import FileReader
 from mountd.image.imageinfo import ImageInfo, block_options, chain_fds
 from mountd.layers.fuse import ExportSpec
@@ -39,66 +39,38 @@ class Disk:
     offset_fds: tuple[int, ...] = ()  # the open image file, where offset_base is the image itself
 
 
-def nbd_available() -> bool:
-    return Path("/sys/module/nbd").exists() or _modprobe_dry_run("nbd")
-
-
-def device_mapper_available() -> bool:
-    return Path("/sys/class/misc/device-mapper").exists()
-
-
-def fuse_available() -> bool:
-    return Path("/dev/fuse").exists() and command.have("qemu-storage-daemon")
-
-
-def available() -> list[str]:
-    """The backends this host can use, best first."""
-    found = ["loop"]
-    if nbd_available():
-        found.insert(0, "nbd")
-    if fuse_available():
-        found.append("fuse")
-    return found
-
-
-def _modprobe_dry_run(module: str) -> bool:
-    if not command.have("modprobe"):
-        return False
-    return command.run(["modprobe", "--dry-run", "--quiet", module], check=False).status == 0
-
-
 def is_plain_raw(info: ImageInfo) -> bool:
     return info.format == "raw" and len(info.chain) == 1 and info.top.data_file is None
 
 
-def choose(requested: str, info: ImageInfo) -> str:
+def choose(requested: str, info: ImageInfo, host: HostSupport) -> str:
     if requested == "loop" and not is_plain_raw(info):
         raise UnsupportedError(f"the loop backend maps raw images only, and this one is {info.format}: "
                                "use --backend nbd or fuse (or auto)")
-    if requested == "nbd" and not nbd_available():
+    if requested == "nbd" and "nbd" not in host.backends():
         raise UnsupportedError("this kernel has no nbd module: use --backend fuse (or auto)")
-    if requested == "fuse" and not fuse_available():
+    if requested == "fuse" and not host.fuse_exports:
         raise UnsupportedError("the fuse backend needs /dev/fuse and qemu-storage-daemon "
                                "(Debian package qemu-system-common)")
     if requested != "auto":
         return requested
     if is_plain_raw(info):
         return "loop"
-    if nbd_available():
+    if "nbd" in host.backends():
         return "nbd"
-    if fuse_available():
+    if host.fuse_exports:
         return "fuse"
     raise UnsupportedError(f"{info.format} images need the nbd kernel module or FUSE with "
                            "qemu-storage-daemon, and this host has neither")
 
 
 def attach_disk(stack: MountStack, backend: str, info: ImageInfo, *, read_only: bool, snapshot: str | None,
-                state_dir: Path, confined: Credentials | None = None) -> Disk:
+                host: HostSupport, confined: Credentials | None = None) -> Disk:
     """The whole disk, from the files the probe opened (``info``'s descriptors). For a ``confined`` caller
     every QEMU that parses the image runs as that caller (:mod:`mountd.layers.server`); root's side only
     reads NBD.
     """
-    dm = device_mapper_available()
+    dm, state_dir = host.lv_mapping, stack.journal.root
     if backend == "loop":
         top = (info.top.fd,) if info.top.fd >= 0 else ()
         spec = LoopSpec(info.top.path, 0, 0, read_only=read_only, qemu_locks=True, direct_io=True)

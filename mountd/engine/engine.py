@@ -25,6 +25,7 @@ from mountd.host.filesystems import mount_type, mountable_types
 from mountd.host.holders import check_not_in_use
 from mountd.host.mediaroot import ensure_private_root
 from mountd.host.opener import Credentials, Opener
+from mountd.host.support import HostSupport, check_host
 from mountd.image.imageinfo import ImageInfo, probe_image
 from mountd.layers import dm, fuse, loop, mount, nbd, server  # noqa: F401
 from mountd.layers.layer import FaultPoints, layer_from_record
@@ -37,10 +38,13 @@ MAX_LISTED = 256
 
 
 class Engine:
-    def __init__(self, journal: Journal | None = None, *, settings: Settings | None = None) -> None:
+    def __init__(self, journal: Journal | None = None, *, settings: Settings | None = None,
+                 host: HostSupport | None = None) -> None:
         """``settings``: what the entry point set up (the defaults when not given); ``journal``: where the
-        mounts are recorded (``settings.state_dir`` when not given)."""
+        mounts are recorded (``settings.state_dir`` when not given); ``host``: what this host can do (checked
+        here when not given)."""
         self.settings = settings or Settings()
+        self.host = host or check_host()
         self.journal = journal or Journal(self.settings.state_dir)
         self.deadline = self.settings.mount_deadline
 
@@ -74,17 +78,17 @@ class Engine:
             return existing
         _check_snapshot(info, req)
         check_not_in_use(info.files(), read_write=not req.read_only, opened=opener.by_name())
-        backend = backends.choose(req.backend, info)
+        backend = backends.choose(req.backend, info, self.host)
         record = MountRecord(id=uuid.uuid4().hex[:12], image=image, format=info.format,
                              read_only=req.read_only, owner=req.owner, backend=backend,
                              options=_options(req), image_id=info.top.identity)
         stack = MountStack(self.journal, record, FaultPoints(self.settings.fault_at, self.settings.crash_at))
         with stack.building(self.deadline):
             disk = backends.attach_disk(stack, backend, info, read_only=req.read_only,
-                                        snapshot=req.snapshot, state_dir=self.journal.root,
+                                        snapshot=req.snapshot, host=self.host,
                                         confined=opener.creds)
             layout = backends.analyse(disk)
-            attacher = VolumeAttacher(stack, disk, layout, req, self._mount_root(req))
+            attacher = VolumeAttacher(stack, disk, layout, req, self._mount_root(req), self.host)
             for volume in _selected(layout, req.volumes, disk.device_mapper):
                 attacher.mount(volume)
         log.info("mounted %s (%s, %s) as %s", image, info.format, backend, record.id)

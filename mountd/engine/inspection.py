@@ -13,6 +13,7 @@ from enum import StrEnum
 
 from mountd.host.holders import FileUsage, files_usage
 from mountd.host.opener import Credentials, Opener
+from mountd.host.support import HostSupport
 from mountd.image.blockio import BlockReader, FileReader, SliceReader
 from mountd.image.fsprobe import Signature, probe
 from mountd.image.imageinfo import ImageInfo, block_options, chain_fds, probe_image
@@ -71,6 +72,7 @@ class Inspection:
     image: ImageInfo
     usage: tuple[FileUsage, ...]  # one per file of image.files()
     layout: DiskLayout
+    host: HostSupport | None = None  # what the host that inspected it can do
 
     @property
     def table(self) -> PartitionTable | None:
@@ -96,14 +98,15 @@ class _Region:
     pv: PhysicalVolume | None = None
 
 
-def inspect_image(path: str, *, fmt: str | None = None, confined: Credentials | None = None) -> Inspection:
-    """Everything about ``path``; for a ``confined`` caller its files are opened, and QEMU runs, as that
-    caller."""
+def inspect_image(path: str, *, fmt: str | None = None, confined: Credentials | None = None,
+                  host: HostSupport | None = None) -> Inspection:
+    """Everything about ``path``, and what ``host`` can do with it; for a ``confined`` caller its files are
+    opened, and QEMU runs, as that caller."""
     with Opener(confined) as opener:
         image = probe_image(path, fmt=fmt, opener=opener)
         usage = files_usage(image.files(), opened=opener.by_name())
         with open_reader(image, confined) as disk:
-            return Inspection(image, usage, analyse_disk(disk))
+            return Inspection(image, usage, analyse_disk(disk), host)
 
 
 def analyse_disk(disk: BlockReader) -> DiskLayout:

@@ -9,6 +9,7 @@ from typing import Any
 
 from mountd.engine.inspection import Inspection, Volume, VolumeKind
 from mountd.host.holders import FileUsage
+from mountd.host.support import HostSupport
 from mountd.image.imageinfo import ImageFile
 from mountd.image.recovery import describe
 
@@ -77,7 +78,13 @@ def inspection_to_dict(ins: Inspection) -> dict[str, Any]:
             for vg in ins.volume_groups
         ],
         "volumes": [_volume_dict(v) for v in ins.volumes],
+        "host": None if ins.host is None else _host_dict(ins.host),
     }
+
+
+def _host_dict(host: HostSupport) -> dict[str, Any]:
+    return {"backends": host.backends(), "nbd": host.nbd, "device-mapper": host.device_mapper,
+            "fuse": host.fuse, "missing-programs": [p.name for p in host.missing]}
 
 
 def _file_dict(f: ImageFile, usage: dict[str, FileUsage]) -> dict[str, Any]:
@@ -129,6 +136,8 @@ def render_tree(ins: Inspection) -> str:
     lines += ["  ".join([*(c.ljust(w) if i in (0, 3, 4, 5) else c.rjust(w)
                           for i, (c, w) in enumerate(zip(r, widths, strict=False))), r[-1]]).rstrip()
               for r in rows]
+    if ins.host is not None:
+        lines.append(ins.host.summary())
     return "\n".join(lines)
 
 

@@ -19,11 +19,12 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from mountd.engine.backends import Disk, export_path, fuse_available
+from mountd.engine.backends import Disk, export_path
 from mountd.engine.inspection import DiskLayout, Volume, VolumeKind
 from mountd.engine.stack import MountStack
 from mountd.errors import MountdError, UnsupportedError
 from mountd.host.filesystems import NO_REPLAY, check_mountable, mount_options, mount_type, replay_refused
+from mountd.host.support import HostSupport
 from mountd.image.recovery import ELSEWHERE, log_name
 from mountd.layers.dm import DmSpec, lv_table
 from mountd.layers.fuse import ExportSpec
@@ -47,6 +48,7 @@ class VolumeAttacher:
     layout: DiskLayout
     request: MountRequest
     root: str
+    host: HostSupport
 
     def mount(self, volume: Volume) -> None:
         """Attach ``volume``'s block device and mount its filesystem under the mount root."""
@@ -85,7 +87,7 @@ class VolumeAttacher:
             return False, ""
         if sig.recovery == ELSEWHERE:
             why = "that journal is on another device"
-        elif not fuse_available():
+        elif not self.host.fuse_exports:
             why = ("replaying it without writing to the image needs qemu-storage-daemon (Debian package "
                    "qemu-system-common) and /dev/fuse")
         else:

@@ -18,25 +18,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from mountd.errors import CommandError, OperationTimeoutError, ToolMissingError
+from mountd.host.programs import package_of
 
 log = logging.getLogger(__name__)
-
-#: program -> Debian package that provides it (for the "install X" message).
-PACKAGES: dict[str, str] = {
-    "qemu-img": "qemu-utils",
-    "qemu-nbd": "qemu-utils",
-    "qemu-storage-daemon": "qemu-system-common",
-    "qemu-system-x86_64": "qemu-system-x86",
-    "losetup": "mount",
-    "mount": "mount",
-    "umount": "mount",
-    "blkid": "util-linux",
-    "sfdisk": "fdisk",
-    "partprobe": "parted",
-    "lvm": "lvm2",
-    "modprobe": "kmod",
-    "fusermount3": "fuse3",
-}
 
 BASE_ENV = {
     "LC_ALL": "C",
@@ -60,7 +44,7 @@ def which(program: str) -> str:
     """Absolute path of ``program``, or :class:`ToolMissingError` naming the package to install."""
     found = shutil.which(program, path=BASE_ENV["PATH"])
     if found is None:
-        raise ToolMissingError(program, PACKAGES.get(program, program))
+        raise ToolMissingError(program, package_of(program))
     return found
 
 

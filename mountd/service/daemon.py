@@ -28,13 +28,13 @@ from typing import Any
 from dbus_fast import NameFlag, RequestNameReply
 from dbus_fast.aio import MessageBus
 
-from mountd.engine.backends import available
 from mountd.engine.engine import Engine
 from mountd.engine.inspection import inspect_image
 from mountd.engine.render import inspection_to_dict
 from mountd.errors import MountdError, NotAuthorizedError, NotFoundError
 from mountd.host.mediaroot import fix_existing_roots
 from mountd.host.opener import Credentials, check_path
+from mountd.host.support import check_host
 from mountd.image.imageinfo import image_path
 from mountd.model import MountInfo, MountRequest, MountState
 from mountd.service.auth import ACTION_MOUNT, ACTION_MOUNT_RW, ACTION_UNMOUNT_OTHERS, Authority, Caller
@@ -101,7 +101,7 @@ class Service:
         full = await _image(caller, image)
         async with self.locks.hold(full):
             found = await asyncio.to_thread(inspect_image, full, fmt=options.get("format"),
-                                            confined=confined(caller))
+                                            confined=confined(caller), host=self.engine.host)
             return inspection_to_dict(found)
 
     async def mount(self, caller: Caller, image: str, options: dict[str, Any]) -> MountInfo:
@@ -292,8 +292,13 @@ def parser() -> argparse.ArgumentParser:
 async def serve(args: argparse.Namespace) -> int:
     start_workers()
     bus = await connect(args.bus)
-    engine = Engine(settings=Settings.from_environment())
-    service = Service(bus, engine, Authority(bus), await asyncio.to_thread(available))
+    host = await asyncio.to_thread(check_host)  # once: what is missing is said here, not at each mount
+    for program in host.missing:
+        log.warning("%s is missing (Debian package %s): no %s", program.name, program.package,
+                    program.used_for)
+    log.info("%s", host.summary())
+    engine = Engine(settings=Settings.from_environment(), host=host)
+    service = Service(bus, engine, Authority(bus), host.backends())
     dispatcher = Dispatcher(bus, service)
     bus.add_message_handler(dispatcher.on_message)
     bus.export(MANAGER_PATH, service.manager)

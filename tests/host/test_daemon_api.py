@@ -17,9 +17,9 @@ import mountd
 from imgmount_testkit.bus import Bus
 from imgmount_testkit.client import Client, call_message, client, connect, reply_of
 from imgmount_testkit.daemon import Daemon
-from mountd.engine.backends import available
 from mountd.engine.inspection import inspect_image
 from mountd.engine.render import inspection_to_dict
+from mountd.host.support import check_host
 from mountd.service.dbusapi import BUS_NAME, MANAGER_IFACE, MANAGER_PATH, MOUNT_IFACE, MOUNTS_PATH
 from tests.support import guests
 from tests.support.daemon_calls import OM, copy, qcow2, v
@@ -54,7 +54,7 @@ def _canonical(element: ET.Element) -> str:
 def test_methods_properties_and_signals(c: Client, guest: Guest, shared: Path) -> None:
     c.watch()
     assert c.prop(MANAGER_PATH, MANAGER_IFACE, "Version") == mountd.__version__
-    assert c.prop(MANAGER_PATH, MANAGER_IFACE, "Backends") == available()
+    assert c.prop(MANAGER_PATH, MANAGER_IFACE, "Backends") == check_host().backends()
     path = c.mount(guest.raw).value()
     assert path.startswith(MOUNTS_PATH + "/")
     assert c.wait_signal(lambda m: m.member == "MountAdded").body == [path]

@@ -17,7 +17,7 @@ import re
 import shutil
 import subprocess
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
@@ -25,11 +25,11 @@ import pytest
 from imgmount_testkit import images
 from imgmount_testkit.bus import world_dir
 from mountd.cli import main as cli
-from mountd.engine import volumes
 from mountd.engine.engine import Engine
 from mountd.engine.journal import Journal
 from mountd.host.holders import READ_ONLY, file_usage
 from mountd.host.opener import Credentials
+from mountd.host.support import check_host
 from mountd.image import recovery
 from mountd.image.blockio import FileReader
 from mountd.image.fsprobe import probe
@@ -328,8 +328,9 @@ def test_asking_for_no_replay_shows_the_filesystem_without_its_journal(crashed: 
 def test_where_no_overlay_can_be_made_the_mount_says_recent_writes_are_not_shown(
         crashed: Crashed, state: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         caplog: pytest.LogCaptureFixture) -> None:
-    monkeypatch.setattr(volumes, "fuse_available", lambda: False)
-    digest, engine = sha256(crashed.image), Engine()
+    # A host without qemu-storage-daemon or /dev/fuse, as the start-up check would find it (named: a fake).
+    without_exports = replace(check_host(), fuse=False)
+    digest, engine = sha256(crashed.image), Engine(host=without_exports)
     with caplog.at_level(logging.WARNING, logger="mountd.engine.volumes"):
         info = engine.mount(MountRequest(image=str(crashed.image), mount_root=str(tmp_path / "media")))
     warning = " ".join(r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
