@@ -36,6 +36,7 @@ from imgmount_testkit.users import OtherUser, imgmount_group
 from mountd.engine.engine import Engine
 from mountd.model import MountRequest
 from mountd.service.dbusapi import MANAGER_IFACE, MANAGER_PATH, MOUNT_IFACE
+from mountd.settings import Settings
 
 MiB = images.MiB
 BIN = Path(sys.executable).parent
@@ -207,7 +208,7 @@ def latency(
             commands(image, volume, daemon_env)
 
         def engine(image: Path = image, volume: str = volume) -> None:
-            eng = Engine()
+            eng = Engine(settings=Settings.from_environment())
             info = eng.mount(MountRequest(str(image), volumes=(volume,), mount_root=str(work / "media")))
             eng.unmount(info.id)
 
@@ -406,7 +407,7 @@ def daemon_costs(found: dict[str, Path], work: Path, repeats: int) -> list[tuple
             assert c.call(path, MOUNT_IFACE, "Unmount", "a{sv}", [{}]).error is None
 
         def in_process() -> None:
-            eng = Engine()
+            eng = Engine(settings=Settings.from_environment())
             info = eng.mount(
                 MountRequest(str(found["ext4.raw"]), volumes=("p1",), mount_root=str(work / "media"))
             )

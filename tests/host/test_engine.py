@@ -235,8 +235,7 @@ def test_force_unmount_is_lazy(engine: Engine, gpt: Guest, tmp_path: Path) -> No
 
 
 @pytest.mark.parametrize(("backend", "fmt"), [("loop", "raw"), ("fuse", "qcow2")])
-def test_a_fault_at_every_attach_step_leaves_nothing_behind(engine: Engine, gpt: Guest, tmp_path: Path,
-                                                           monkeypatch: pytest.MonkeyPatch, backend: str,
+def test_a_fault_at_every_attach_step_leaves_nothing_behind(engine: Engine, gpt: Guest, tmp_path: Path, backend: str,
                                                            fmt: str) -> None:
     """Injected faults (a failure we cannot cause for real at each exact step): IMGMOUNT_FAULT_AT=N fails
     the N-th step of the attach, before or after each layer; every step is tried until the mount succeeds."""

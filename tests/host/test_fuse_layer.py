@@ -178,8 +178,7 @@ def test_image_in_use_by_a_vm_is_refused_and_rolled_back(qcow2: Path, workdir: P
     assert nothing_left(str(qcow2.parent / "export.raw"))
 
 
-def test_a_fault_after_the_export_rolls_it_back(qcow2: Path, workdir: Path,
-                                                monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_fault_after_the_export_rolls_it_back(qcow2: Path, workdir: Path) -> None:
     mounts = stack(workdir, FaultPoints(fail_at=2))  # step 2: right after the fuse layer attached
     with pytest.raises(InjectedFault):
         mounts.push(fuse_plan(qcow2))

@@ -292,7 +292,7 @@ def test_detach_is_idempotent_and_survives_a_crash_mid_attach(workdir: Path) -> 
 
 
 @pytest.mark.parametrize("fault_at", [1, 2])  # injected: before the mount step, and right after it
-def test_a_fault_in_the_stack_leaves_nothing(workdir: Path, monkeypatch: pytest.MonkeyPatch,
+def test_a_fault_in_the_stack_leaves_nothing(workdir: Path,
                                              fault_at: int) -> None:
     image = make_image(workdir / "ext4.img", "ext4")
     journal = Journal(str(workdir / "state"))

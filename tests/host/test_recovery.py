@@ -26,7 +26,6 @@ from imgmount_testkit import images
 from imgmount_testkit.bus import world_dir
 from mountd.cli import main as cli
 from mountd.engine.engine import Engine
-from mountd.engine.journal import Journal
 from mountd.host.holders import READ_ONLY, file_usage
 from mountd.host.opener import Credentials
 from mountd.host.support import check_host
@@ -89,7 +88,7 @@ def state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     path = tmp_path / "state"
     monkeypatch.setenv(STATE_DIR_ENV, str(path))
     yield path
-    engine = Engine(Journal(str(path)))
+    engine = Engine(settings=Settings(state_dir=path))
     for m in engine.mounts():  # a failing test must not leave its mounts to the leftover check
         engine.unmount(m.id, force=True)
 
@@ -219,7 +218,7 @@ def test_read_write_mount_replays_into_the_image(crashed: Crashed, state: Path, 
     shutil.copyfile(crashed.image, image)
     copy = Crashed(image, crashed.fmt, crashed.fstype, crashed.volume, crashed.offset, crashed.size,
                    crashed.files)
-    engine = Engine()
+    engine = Engine(settings=Settings(state_dir=state))
     info = engine.mount(MountRequest(image=str(image), read_only=False, mount_root=str(tmp_path / "media")))
     assert shown(Path(info.volumes[0].mountpoint), crashed.files) == sorted(crashed.files)
     assert overlay_servers(tmp_path) == {}, "a read-write mount needs no overlay: the replay goes to the image"
@@ -237,7 +236,7 @@ def test_a_callers_own_server_stays_read_only_below_the_overlay(crashed: Crashed
         image = home / crashed.image.name
         shutil.copyfile(crashed.image, image)
         os.chown(image, user.pw_uid, user.pw_gid)
-        digest, engine = sha256(image), Engine()
+        digest, engine = sha256(image), Engine(settings=Settings(state_dir=state))
         info = engine.mount(MountRequest(image=str(image), mount_root=str(home / "media"), owner=user.pw_uid),
                             confined=Credentials(user.pw_uid, (user.pw_gid,)))
         layers = [(x.kind, x.volume, x.identity.get("read_only")) for x in engine.journal.read(info.id).layers]
@@ -275,11 +274,11 @@ def holders_of(target: str) -> list[int]:
 @pytest.mark.parametrize("crashed", [("qcow2", "ext4")], indirect=True, ids=["qcow2-ext4"])
 def test_the_overlay_outlives_a_crashed_engine_and_goes_at_unmount(crashed: Crashed, state: Path,
                                                                    tmp_path: Path) -> None:
-    info = Engine().mount(MountRequest(image=str(crashed.image), mount_root=str(tmp_path / "media")))
+    info = Engine(settings=Settings(state_dir=state)).mount(MountRequest(image=str(crashed.image), mount_root=str(tmp_path / "media")))
     (pid, files), = overlay_servers(tmp_path).items()
     overlay = next(t for t in files if t.startswith(str(OVERLAY_DIR)))
     # The engine is gone (as when the daemon is killed): a new one over the same journal adopts the mount.
-    engine = Engine()
+    engine = Engine(settings=Settings(state_dir=state))
     assert engine.verify(info.id) == []
     assert shown(Path(info.volumes[0].mountpoint), crashed.files) == sorted(crashed.files)
     engine.unmount(info.id)
@@ -290,13 +289,12 @@ def test_the_overlay_outlives_a_crashed_engine_and_goes_at_unmount(crashed: Cras
 @pytest.mark.parametrize(("crashed", "layers"), [(("raw", "ext4"), 4), (("qcow2", "ext4"), 5)],
                          indirect=["crashed"], ids=["raw-ext4", "qcow2-ext4"])
 def test_a_fault_at_every_step_of_a_replaying_mount_leaves_nothing(crashed: Crashed, layers: int, state: Path,
-                                                                   tmp_path: Path,
-                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+                                                                   tmp_path: Path) -> None:
     """IMGMOUNT_FAULT_AT=N fails the N-th step (before or after each layer: disk, overlay server, its loop
     device, mount); each is undone, overlay included, and the image is never written."""
     digest, before, media = sha256(crashed.image), leftovers.snapshot(), tmp_path / "media"
     for step in range(1, 2 * layers + 2):
-        engine = Engine(settings=Settings(fault_at=step))
+        engine = Engine(settings=Settings(state_dir=state, fault_at=step))
         try:
             info = engine.mount(MountRequest(image=str(crashed.image), mount_root=str(media)))
         except InjectedFault as exc:
@@ -316,7 +314,7 @@ def test_a_fault_at_every_step_of_a_replaying_mount_leaves_nothing(crashed: Cras
 @pytest.mark.parametrize("crashed", [("raw", "ext4")], indirect=True, ids=["raw-ext4"])
 def test_asking_for_no_replay_shows_the_filesystem_without_its_journal(crashed: Crashed, state: Path,
                                                                         tmp_path: Path) -> None:
-    engine = Engine()
+    engine = Engine(settings=Settings(state_dir=state))
     info = engine.mount(MountRequest(image=str(crashed.image), mount_root=str(tmp_path / "media"),
                                      mount_options=("noload",)))
     assert info.volumes[0].device == info.device, "no overlay: the filesystem is mounted from the image"
@@ -326,11 +324,11 @@ def test_asking_for_no_replay_shows_the_filesystem_without_its_journal(crashed: 
 
 @pytest.mark.parametrize("crashed", [("raw", "ext4")], indirect=True, ids=["raw-ext4"])
 def test_where_no_overlay_can_be_made_the_mount_says_recent_writes_are_not_shown(
-        crashed: Crashed, state: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        crashed: Crashed, state: Path, tmp_path: Path,
         caplog: pytest.LogCaptureFixture) -> None:
     # A host without qemu-storage-daemon or /dev/fuse, as the start-up check would find it (named: a fake).
     without_exports = replace(check_host(), fuse=False)
-    digest, engine = sha256(crashed.image), Engine(host=without_exports)
+    digest, engine = sha256(crashed.image), Engine(settings=Settings(state_dir=state), host=without_exports)
     with caplog.at_level(logging.WARNING, logger="mountd.engine.volumes"):
         info = engine.mount(MountRequest(image=str(crashed.image), mount_root=str(tmp_path / "media")))
     warning = " ".join(r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
