@@ -58,7 +58,8 @@ MOUNT_OPTIONS = {"read-only": "b", "volumes": "as", "mount-root": "s", "format":
 INSPECT_OPTIONS = {"format": "s"}
 UNMOUNT_OPTIONS = {"force": "b"}
 # Lists in Inspect's result whose elements are strings; every other list holds dictionaries.
-STRING_LISTS = frozenset({"extents", "warnings", "physical-volumes", "logical-volumes"})
+STRING_LISTS = frozenset({"extents", "warnings", "physical-volumes", "logical-volumes", "backends",
+                          "missing-programs"})
 
 Volumes = Annotated[list[list[str]], DBusSignature("a(ssss)")]
 Strings = Annotated[list[str], DBusSignature("as")]

@@ -63,7 +63,8 @@ def test_the_tree_lists_every_lv(most_lvs: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     assert sum(line.startswith(("├─big/", "└─big/")) and " LVM LV" in line for line in lines) == MAX_LVS - 2
-    assert lines[-1].startswith(f"└─big/thin{MAX_LVS - 6} ")
+    assert lines[-2].startswith(f"└─big/thin{MAX_LVS - 6} ")
+    assert lines[-1].startswith("this host: backends ")
 
 
 @pytest.mark.parametrize(("text", "error"), [
