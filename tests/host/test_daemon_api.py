@@ -104,7 +104,9 @@ def test_inspect_returns_the_json_shape(c: Client, shared: Path) -> None:
     mbr = guests.mbr_guest(shared / "mbr.raw")
     image = qcow2(mbr.raw, shared / "mbr.qcow2")
     found = c.manager("Inspect", "sa{sv}", str(image), {"format": v("s", "qcow2")}).value()
-    assert _plain(found) == _without_nulls(inspection_to_dict(inspect_image(str(image))))
+    in_process = inspect_image(str(image), host=check_host())  # the daemon's host is this one
+    assert _plain(found) == _without_nulls(inspection_to_dict(in_process))
+    assert found["host"].value["backends"].signature == "as"
     assert found["chain"].signature == "aa{sv}" and found["chain"].value[0]["extents"].signature == "as"
 
 
