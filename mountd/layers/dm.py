@@ -24,7 +24,7 @@ from mountd.host.blockdev import lock_out_udev
 from mountd.host.dmsetup import DM_TIMEOUT, DmDevice, dm_devices, udev_mode
 from mountd.host.users import block_users
 from mountd.image.lvmmeta import VolumeGroup
-from mountd.layers.layer import Layer, LayerRecord, LayerState, Progress, Spec
+from mountd.layers.layer import Layer, LayerRecord, Progress, Spec
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +122,7 @@ class DmLinearLayer(Layer):
     def _uuid(self) -> str:
         return str(self.identity["uuid"])
 
-    def attach(self, progress: Progress) -> LayerRecord:
+    def _attach(self, progress: Progress) -> LayerRecord:
         if not _NAME.fullmatch(self._name) or not _UUID.fullmatch(self._uuid):
             raise InvalidArgumentError(f"{self._name!r}, {self._uuid!r}: not a device-mapper name and uuid")
         env, extra = udev_mode()
@@ -143,8 +143,7 @@ class DmLinearLayer(Layer):
             command.run(["dmsetup", "mknodes", self._name, *extra], env=env, timeout=DM_TIMEOUT)
             if not _is_node(node, device.devnum):
                 raise FailedError(f"{node} does not exist after dmsetup mknodes")
-        return replace(self.record, state=LayerState.ATTACHED,
-                       identity={**self.identity, "node": node, "devnum": device.devnum})
+        return replace(self.record, identity={**self.identity, "node": node, "devnum": device.devnum})
 
     def verify(self) -> bool:
         device = _find(self._uuid)
@@ -159,13 +158,15 @@ class DmLinearLayer(Layer):
             return False
         return [line.split() for line in shown.splitlines() if line.strip()] == expected
 
-    def detach(self, *, force: bool = False) -> None:
+    def _present(self) -> bool:
+        return _find(self._uuid) is not None
+
+    def _release(self, *, force: bool) -> None:
         """Remove the device, found by uuid. ``force`` changes nothing: a device in use is never torn from
         under its user (``dmsetup remove --force`` would swap in an error table); the holders are named."""
         device = _find(self._uuid)
         if device is None:
-            self._drop_stale_node()
-            return
+            return  # removed meanwhile
         env, extra = udev_mode()
         self._wait_for_udev(device)
         device = _find(self._uuid)
@@ -180,7 +181,6 @@ class DmLinearLayer(Layer):
                 raise
         if _find(self._uuid) is not None:
             raise FailedError(f"device-mapper device {self._name} is still there after dmsetup remove")
-        self._drop_stale_node()
 
     def _wait_for_udev(self, device: DmDevice) -> None:
         """Let udev finish probing the device (it holds it open meanwhile): take and drop its lock."""
@@ -195,6 +195,9 @@ class DmLinearLayer(Layer):
         holders = block_users(device.sysname).described()
         return BusyError(f"/dev/mapper/{device.name} is in use ({'; '.join(holders) or 'held open'}): "
                          "unmount or close it first")
+
+    def _clean_up(self) -> None:
+        self._drop_stale_node()
 
     def _drop_stale_node(self) -> None:
         node = Path("/dev/mapper", self._name)

@@ -51,7 +51,7 @@ from mountd.host.opener import fd_path
 from mountd.host.processes import is_alive, proc_state, stop_process
 from mountd.host.qemulocks import QEMU_LOCK_FAILURE, in_use_error
 from mountd.host.users import openers_by_name
-from mountd.layers.layer import Layer, LayerRecord, LayerState, Progress, Spec
+from mountd.layers.layer import Layer, LayerRecord, Progress, Spec
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +120,7 @@ class FuseExportLayer(Layer):
 
     kind = ExportSpec.kind
 
-    def attach(self, progress: Progress) -> LayerRecord:
+    def _attach(self, progress: Progress) -> LayerRecord:
         spec = ExportSpec.parse(self.identity)
         if spec.snapshot:
             raise UnsupportedError(f"the fuse backend cannot open internal snapshot {spec.snapshot!r} "
@@ -140,7 +140,6 @@ class FuseExportLayer(Layer):
             **self.identity, "node": spec.export, "pid": pid, "start_time": found.start_time})
         progress(self.record)
         _check_ready(spec)
-        self.record = replace(self.record, state=LayerState.ATTACHED)
         log.info("exported %s at %s (%s pid %d)", spec.blockdev, spec.export, DAEMON, pid)
         return self.record
 
@@ -150,10 +149,15 @@ class FuseExportLayer(Layer):
             return False
         return _fuse_mount(self.identity.get("export", "")) is not None
 
-    def detach(self, *, force: bool = False) -> None:
-        export = str(self.identity.get("export", ""))
-        if not export:
-            return
+    @property
+    def _export(self) -> str:
+        return str(self.identity.get("export", ""))
+
+    def _present(self) -> bool:
+        return bool(self._export)
+
+    def _release(self, *, force: bool) -> None:
+        export = self._export
         users = [f"loop device {x}" for x in loops_backed_by(export)]
         users += [f"{program}, pid {pid}" for pid, program in openers_by_name(export)]
         if users:
@@ -164,10 +168,13 @@ class FuseExportLayer(Layer):
             stop_process(*daemon, DAEMON, force=force)
         if _fuse_mount(export) is not None:  # the daemon died without unmounting (SIGKILL, crash)
             _unmount_dead(export)
-        _remove_export(export)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(f"{export}.pid")
         log.info("stopped the FUSE export %s", export)
+
+    def _clean_up(self) -> None:
+        if self._export:
+            _remove_export(self._export)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(f"{self._export}.pid")
 
     def _daemon(self, export: str) -> tuple[int, int] | None:
         pid, start = self.identity.get("pid"), self.identity.get("start_time")

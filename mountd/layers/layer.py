@@ -10,7 +10,7 @@ import os
 import signal
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Any, ClassVar
 
@@ -56,11 +56,12 @@ REGISTRY: dict[str, type[Layer]] = {}
 
 
 class Layer(ABC):
-    """One step of a mount stack.
+    """One step of a mount stack, a template as blivet's devices are (``setup`` -> ``_pre_setup``,
+    ``_setup``, ``_post_setup``): each kind writes only its own steps.
 
     ``attach`` creates the kernel object (or process) and returns the record with its full identity; when the
-    identity becomes known part-way (e.g. which loop device was taken), it calls ``progress`` first so the
-    journal names the object before anything else can fail. ``detach`` is idempotent and copes with a
+    identity becomes known part-way (e.g. which loop device was taken), the kind calls ``progress`` first so
+    the journal names the object before anything else can fail. ``detach`` is idempotent and copes with a
     half-done attach (a record still in state "attaching"). ``verify`` checks identity, not names.
     """
 
@@ -85,14 +86,34 @@ class Layer(ABC):
         """What this layer exposes to the one above: a device node, a file or a mountpoint."""
         return str(self.identity.get("node", ""))
 
-    @abstractmethod
-    def attach(self, progress: Progress) -> LayerRecord: ...
+    def attach(self, progress: Progress) -> LayerRecord:
+        """The kind's own steps (:meth:`_attach`); the record comes back attached."""
+        self.record = replace(self._attach(progress), state=LayerState.ATTACHED)
+        return self.record
 
-    @abstractmethod
-    def detach(self, *, force: bool = False) -> None: ...
+    def detach(self, *, force: bool = False) -> None:
+        """:meth:`_present` looks for what this layer made (nothing: never made, gone already, or no longer
+        ours, which is never touched); :meth:`_release` takes it down, refusing while others use it, unless
+        ``force`` lets the kind do what it safely can; :meth:`_clean_up` removes what the kind keeps beside
+        it (pid files, sockets, directories, stale nodes), whether the object was there or not."""
+        if self._present():
+            self._release(force=force)
+        self._clean_up()
 
     @abstractmethod
     def verify(self) -> bool: ...
+
+    @abstractmethod
+    def _attach(self, progress: Progress) -> LayerRecord: ...
+
+    @abstractmethod
+    def _present(self) -> bool: ...
+
+    @abstractmethod
+    def _release(self, *, force: bool) -> None: ...
+
+    def _clean_up(self) -> None:  # noqa: B027 - a hook, empty for kinds that keep nothing beside their object
+        """What the kind keeps beside its object; nothing by default."""
 
     def describe(self) -> str:
         return f"{self.kind} {self.node or self.identity}"

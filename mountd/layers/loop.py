@@ -45,7 +45,7 @@ from mountd.host.loopdev import (
 )
 from mountd.host.qemulocks import in_use_error, take_qemu_locks
 from mountd.host.users import BlockUsers, block_users
-from mountd.layers.layer import Layer, LayerRecord, LayerState, Progress, Spec
+from mountd.layers.layer import Layer, LayerRecord, Progress, Spec
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +114,7 @@ class LoopLayer(Layer):
 
     kind = LoopSpec.kind
 
-    def attach(self, progress: Progress) -> LayerRecord:
+    def _attach(self, progress: Progress) -> LayerRecord:
         spec = LoopSpec.parse(self.identity, resolve=not self.fds)
         fd = _given_backing(self.fds[0], spec) if self.fds else _open_backing(spec)
         try:
@@ -136,10 +136,8 @@ class LoopLayer(Layer):
         # publishes it later (sysfs sends no event we can wait on without udevd).
         wait_until(lambda: (sysfs_view(number) or {}).get("size_bytes", 0) > 0, SETTLE_TIMEOUT,
                    f"{node} to have a size")
-        self.record = replace(self.record, state=LayerState.ATTACHED,
-                              identity={**self.record.identity, "sysfs": sysfs_view(number)})
         log.info("attached %s to %s at offset %d", node, spec.backing, spec.offset)
-        return self.record
+        return replace(self.record, identity={**self.record.identity, "sysfs": sysfs_view(number)})
 
     def _claim(self, fd: int, spec: LoopSpec, known: dict[str, Any], progress: Progress) -> str:
         """Take a free device and configure it; another process taking it first (EBUSY) is normal."""
@@ -181,19 +179,23 @@ class LoopLayer(Layer):
         return _same_dev(status.device, ident["backing_dev"]) and status.inode == ident["backing_ino"] \
             and (status.offset, status.sizelimit) == (ident.get("offset"), ident.get("size"))
 
-    def detach(self, *, force: bool = False) -> None:
+    def _present(self) -> bool:
         number = loop_number(self.node)
         if number is None or sysfs_view(number) is None:
-            return  # never configured, or already gone
+            return False  # never configured, or already gone
         status = _status(self.node)
         if status == errno.ENXIO:
-            return
+            return False
         # The kernel answers LOOP_GET_STATUS64 by stat-ing the backing file, which fails on a dead FUSE
         # export (ENOTCONN): then sysfs alone (path, offset, size, device number) must tell it is ours.
         ours = self._ours(status) if isinstance(status, LoopStatus) else self._sysfs_matches(number)
         if not ours:
             log.warning("%s now backs something else: leaving it alone", self.node)
-            return
+        return ours
+
+    def _release(self, *, force: bool) -> None:
+        number = loop_number(self.node)
+        assert number is not None  # _present said so
         fd = claim_exclusive(self.node)  # EBUSY: mounted or claimed by the kernel, even where we cannot see
         if fd is not None and not lock_out_udev(fd, SETTLE_TIMEOUT):
             os.close(fd)

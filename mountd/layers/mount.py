@@ -27,7 +27,7 @@ from mountd.errors import (
 from mountd.host import command, filesystems
 from mountd.host.mountinfo import MountEntry, mounted_at, mountinfo
 from mountd.host.users import kernel_users_under, mountpoint_users
-from mountd.layers.layer import Layer, LayerRecord, LayerState, Progress, Spec
+from mountd.layers.layer import Layer, LayerRecord, Progress, Spec
 
 log = logging.getLogger(__name__)
 
@@ -207,7 +207,7 @@ class MountLayer(Layer):
             raise InvalidArgumentError(f"the device {device} is a symlink: give the device node itself")
         return ident
 
-    def attach(self, progress: Progress) -> LayerRecord:
+    def _attach(self, progress: Progress) -> LayerRecord:
         ident = self._planned()
         filesystems.check_mountable(ident["fstype"])
         ident["mountpoint"], created = _make_mountpoint(self.mountpoint, ident.get("name"))
@@ -224,8 +224,7 @@ class MountLayer(Layer):
             raise
         log.info("mounted %s (%s) on %s", ident["device"], ident["fstype"], self.mountpoint)
         ident.update(node=self.mountpoint, dev=entry.dev, mount_id=entry.mount_id)
-        self.record = replace(self.record, state=LayerState.ATTACHED, identity=ident)
-        return self.record
+        return replace(self.record, identity=ident)
 
     def _mount(self, ident: dict[str, Any]) -> MountEntry:
         # -i: no /sbin/mount.TYPE helper (mount.ntfs would be ntfs-3g); -r/-w: mount(8) never falls back
@@ -264,16 +263,23 @@ class MountLayer(Layer):
     def verify(self) -> bool:
         return "mount_id" in self.identity and self._find(mountinfo()) is not None
 
-    def detach(self, *, force: bool = False) -> None:
-        """Unmount (syncing a read-write filesystem first) and remove the directory if we made it.
-        Busy: BusyError naming the processes, nothing changed; with ``force``, a lazy unmount after that."""
+    def _present(self) -> bool:
+        return self._find(mountinfo(), adopt=True) is not None
+
+    def _release(self, *, force: bool) -> None:
+        """Unmount (syncing a read-write filesystem first). Busy: BusyError naming the processes, nothing
+        changed; with ``force``, a lazy unmount after that."""
         entries = mountinfo()
         entry = self._find(entries, adopt=True)
-        if entry is not None:
-            self._check_on_top(entry, entries)
-            if "rw" in entry.options:
-                _syncfs(self.mountpoint)
-            self._unmount(entry, force=force)
+        if entry is None:
+            return  # unmounted meanwhile
+        self._check_on_top(entry, entries)
+        if "rw" in entry.options:
+            _syncfs(self.mountpoint)
+        self._unmount(entry, force=force)
+
+    def _clean_up(self) -> None:
+        """The directory, if we made it."""
         self._remove_mountpoint()
 
     def _check_on_top(self, entry: MountEntry, entries: list[MountEntry]) -> None:

@@ -52,7 +52,7 @@ from mountd.host.nbddev import (
 )
 from mountd.host.processes import has_exited, open_process, start_time, stop
 from mountd.host.users import SYS_CLASS_BLOCK, block_users
-from mountd.layers.layer import Layer, LayerRecord, LayerState, Progress, Spec
+from mountd.layers.layer import Layer, LayerRecord, Progress, Spec
 from mountd.settings import DEFAULT_STATE_DIR
 
 log = logging.getLogger(__name__)
@@ -123,7 +123,7 @@ class NbdLayer(Layer):
 
     kind = NbdSpec.kind
 
-    def attach(self, progress: Progress) -> LayerRecord:
+    def _attach(self, progress: Progress) -> LayerRecord:
         spec = NbdSpec.parse(self.identity)
         ensure_nbd_module()
         events = BlockEvents()
@@ -178,8 +178,7 @@ class NbdLayer(Layer):
             served = events.wait(lambda: has_exited(pidfd) or self._served(name), ATTACH_TIMEOUT, also=pidfd)
             if served and not has_exited(pidfd):
                 size = device_size(name)
-                identity = {**self.identity, "size": size}
-                return replace(self.record, state=LayerState.ATTACHED, identity=identity)
+                return replace(self.record, identity={**self.identity, "size": size})
             if served and not is_free(name):
                 raise _LostRace
             if not served:
@@ -213,22 +212,31 @@ class NbdLayer(Layer):
             self.record = replace(self.record, identity={**self.identity, "pid": pid, "start_time": started})
         return pidfd
 
-    def detach(self, *, force: bool = False) -> None:
+    def _present(self) -> bool:
+        """Our server still runs; else it never started, or has gone: the device (if taken) is someone
+        else's."""
+        pidfd = self._server() if self.node else None
+        if pidfd is not None:
+            os.close(pidfd)
+        return pidfd is not None
+
+    def _release(self, *, force: bool) -> None:
         """Disconnect and verify. ``force`` changes nothing: a held device is never pulled from under its
         user (that turns a busy mount into I/O errors); the holders are named instead."""
-        if not self.node:
-            return
         name = os.path.basename(self.node)
         pidfd = self._server()
-        if pidfd is not None:  # else never started, or gone: the device (if taken) is someone else's
-            try:
-                pid = int(self.identity["pid"])
-                if server_pid(name) != pid:  # ours, but never connected (a half-done attach)
-                    stop(pidfd, f"qemu-nbd (pid {pid})", force=True)
-                else:
-                    self._disconnect(self.node, name, pid, pidfd)
-            finally:
-                os.close(pidfd)
+        if pidfd is None:
+            return  # it exited meanwhile
+        try:
+            pid = int(self.identity["pid"])
+            if server_pid(name) != pid:  # ours, but never connected (a half-done attach)
+                stop(pidfd, f"qemu-nbd (pid {pid})", force=True)
+            else:
+                self._disconnect(self.node, name, pid, pidfd)
+        finally:
+            os.close(pidfd)
+
+    def _clean_up(self) -> None:
         if self.identity.get("pid_file"):
             _remove_files(Path(self.identity["pid_file"]))
 
@@ -337,7 +345,7 @@ class KernelPartitionLayer(Layer):
         return self._seen() == (self._spec.start, self._spec.size) and os.path.exists(
             f"/dev/{self._name}")
 
-    def attach(self, progress: Progress) -> LayerRecord:
+    def _attach(self, progress: Progress) -> LayerRecord:
         """Re-read the table only if the kernel's scan at connect time did not already get partition K right.
 
         Not ``partprobe``: it opens the disk read-write, and when it closes it udevd's watch re-reads the
@@ -362,11 +370,13 @@ class KernelPartitionLayer(Layer):
         finally:
             os.close(fd)
         node = f"/dev/{self._name}"
-        return replace(self.record, state=LayerState.ATTACHED, identity={**self.identity, "node": node})
+        return replace(self.record, identity={**self.identity, "node": node})
 
-    def detach(self, *, force: bool = False) -> None:
-        if not self.node or not (SYS_CLASS_BLOCK / self._name).exists():
-            return
+    def _present(self) -> bool:
+        return bool(self.node) and (SYS_CLASS_BLOCK / self._name).exists()
+
+    def _release(self, *, force: bool) -> None:
+        """Nothing to remove (the node comes and goes with its parent): only refuse while it is in use."""
         try:
             fd = os.open(self._spec.parent, os.O_RDONLY | os.O_CLOEXEC)
         except OSError:

@@ -42,7 +42,7 @@ from mountd.host.opener import Credentials, confined_argv
 from mountd.host.processes import is_alive, proc_state, stop_process
 from mountd.host.qemulocks import QEMU_LOCK_FAILURE, in_use_error
 from mountd.image.nbdclient import NbdProtocolError, NbdReader
-from mountd.layers.layer import Layer, LayerRecord, LayerState, Progress, Spec
+from mountd.layers.layer import Layer, LayerRecord, Progress, Spec
 
 log = logging.getLogger(__name__)
 
@@ -224,7 +224,7 @@ class ServerLayer(Layer):
 
     kind = ServerSpec.kind
 
-    def attach(self, progress: Progress) -> LayerRecord:
+    def _attach(self, progress: Progress) -> LayerRecord:
         spec = ServerSpec.parse(self.identity)
         if not self.fds:
             raise InvalidArgumentError("the caller's server needs the caller's open files")
@@ -236,20 +236,23 @@ class ServerLayer(Layer):
             progress(self.record)
 
         found = start(spec, self.fds, spawned)
-        self.record = replace(self.record, state=LayerState.ATTACHED, identity={
-            **self.identity, "pid": found.pid, "start_time": found.start_time, "size": found.size})
         log.info("serving %s as uid %d on %s (%s pid %d)", spec.image, spec.creds.uid, spec.socket, SERVER,
                  found.pid)
-        return self.record
+        return replace(self.record, identity={
+            **self.identity, "pid": found.pid, "start_time": found.start_time, "size": found.size})
 
     def verify(self) -> bool:
         pid, started = self.identity.get("pid"), self.identity.get("start_time")
         return isinstance(pid, int) and isinstance(started, int) and is_alive(pid, started)
 
-    def detach(self, *, force: bool = False) -> None:
+    def _present(self) -> bool:
         pid, started = self.identity.get("pid"), self.identity.get("start_time")
-        if isinstance(pid, int) and isinstance(started, int):
-            stop(pid, started, force=force)
+        return isinstance(pid, int) and isinstance(started, int)
+
+    def _release(self, *, force: bool) -> None:
+        stop(int(self.identity["pid"]), int(self.identity["start_time"]), force=force)
+
+    def _clean_up(self) -> None:
         sock = str(self.identity.get("socket", ""))
         if sock:
             remove_files(sock)
