@@ -20,6 +20,8 @@ from typing import Any
 
 from mountd.errors import FailedError, NotFoundError
 from mountd.layers.layer import LayerRecord, LayerState
+from mountd.layers.mount import MountSpec
+from mountd.layers.server import ServerSpec
 from mountd.model import ImageMount, MountedVolume, MountInfo, MountState
 from mountd.settings import DEFAULT_STATE_DIR
 
@@ -43,8 +45,9 @@ class MountRecord(ImageMount):
     def info(self) -> MountInfo:
         """What the API shows of this mount."""
         # The whole disk's device: not a caller's QEMU server, which is only its source.
-        disk = next((x for x in self.layers if x.volume == "" and x.kind not in ("mount", "server")), None)
-        mount_layers = [x for x in self.layers if x.kind == "mount"]
+        not_devices = (MountSpec.kind, ServerSpec.kind)
+        disk = next((x for x in self.layers if x.volume == "" and x.kind not in not_devices), None)
+        mount_layers = [x for x in self.layers if x.kind == MountSpec.kind]
         volumes = tuple(
             MountedVolume(m.volume, str(m.identity.get("device", "")), str(m.identity.get("fstype", "")),
                           str(m.identity.get("mountpoint", "")))
