@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from mountd.errors import InUseError, InvalidImageError, NotFoundError
-from mountd.host.processes import not_yet_execed_child, program_name
+from mountd.host.processes import entries, not_yet_execed_child, program_name
 
 FREE, READ_ONLY, READ_WRITE = "free", "read-only", "read-write"
 
@@ -227,13 +227,6 @@ def _statx_key(path: str, buf: ctypes.Array[ctypes.c_char]) -> Key | None:
 # ---- the /proc scan --------------------------------------------------------------------------------------
 
 
-def _listdir(path: str) -> list[str]:
-    try:
-        return os.listdir(path)
-    except OSError:  # the process is gone, or is not ours to look at
-        return []
-
-
 def _read(path: str) -> str | None:
     try:
         with open(path, encoding="utf-8", errors="replace") as f:
@@ -247,8 +240,8 @@ def _scan(keys: Collection[Key]) -> dict[Key, dict[int, list[FdInfo]]]:
     /proc/PID/fd, one statx per fd, fdinfo read only for matches; vanished processes and fds are skipped."""
     found: dict[Key, dict[int, list[FdInfo]]] = {}
     buf = ctypes.create_string_buffer(256)
-    for pid in filter(str.isdigit, _listdir("/proc")):
-        for fd in _listdir(f"/proc/{pid}/fd"):
+    for pid in filter(str.isdigit, entries("/proc")):
+        for fd in entries(f"/proc/{pid}/fd"):
             try:
                 key = _statx_key(f"/proc/{pid}/fd/{fd}", buf)
             except OSError:

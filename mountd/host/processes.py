@@ -35,6 +35,22 @@ def proc_state(pid: int) -> ProcState | None:
     return ProcState(int(fields[19]), fields[0], int(fields[1]))
 
 
+def entries(path: str) -> list[str]:
+    """``os.listdir``, or nothing once the process (or device) is gone or is not ours to look at."""
+    try:
+        return os.listdir(path)
+    except OSError:
+        return []
+
+
+def link_target(path: str) -> str:
+    """``os.readlink``, or "" once the process or fd is gone or is not ours to look at."""
+    try:
+        return os.readlink(path)
+    except OSError:
+        return ""
+
+
 def program_name(pid: int) -> str | None:
     """Basename of the executable (``comm`` is cut at 15 characters), or None once the process is gone."""
     try:

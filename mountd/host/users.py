@@ -17,7 +17,7 @@ from mountd.errors import MountdError
 from mountd.host.holders import Holder, files_usage
 from mountd.host.loopdev import backing_name, loops_backed_by
 from mountd.host.mountinfo import mountinfo
-from mountd.host.processes import program_name
+from mountd.host.processes import entries, link_target, program_name
 
 SYS_BLOCK = Path("/sys/block")
 SYS_CLASS_BLOCK = Path("/sys/class/block")
@@ -92,8 +92,8 @@ def openers_by_name(path: str) -> list[tuple[int, str]]:
     """(pid, program) of the processes with ``path`` open, by the fd link text alone: nothing is stat-ed,
     so a dead FUSE mount (ENOTCONN) does not stop the scan."""
     found = []
-    for pid in sorted(filter(str.isdigit, _listdir("/proc")), key=int):
-        if any(_readlink(f"/proc/{pid}/fd/{fd}") == path for fd in _listdir(f"/proc/{pid}/fd")):
+    for pid in sorted(filter(str.isdigit, entries("/proc")), key=int):
+        if any(link_target(f"/proc/{pid}/fd/{fd}") == path for fd in entries(f"/proc/{pid}/fd")):
             program = program_name(int(pid))
             if program is not None:
                 found.append((int(pid), program))
@@ -118,7 +118,7 @@ def mountpoint_users(path: str) -> list[MountUser]:
     mount namespace sees it). One pass over /proc."""
     top = os.path.normpath(path)
     users = []
-    for pid in sorted(filter(str.isdigit, _listdir("/proc")), key=int):
+    for pid in sorted(filter(str.isdigit, entries("/proc")), key=int):
         how = _how(pid, top)
         program = program_name(int(pid)) if how else None
         if how and program:
@@ -149,14 +149,14 @@ def _how(pid: str, top: str) -> str | None:
         return "working directory"
     if _link_under(f"/proc/{pid}/root", top):
         return "root directory"
-    fds = _listdir(f"/proc/{pid}/fd")[:MAX_FDS_SCANNED]
+    fds = entries(f"/proc/{pid}/fd")[:MAX_FDS_SCANNED]
     if any(_link_under(f"/proc/{pid}/fd/{fd}", top) for fd in fds):
         return "open file"
     return "mapped file" if _maps_under(pid, top) else None
 
 
 def _link_under(link: str, top: str) -> bool:
-    target = _readlink(link)  # "" once the process or fd is gone, or not ours to look at
+    target = link_target(link)  # "" once the process or fd is gone, or not ours to look at
     return bool(target) and under(target, top)
 
 
@@ -174,20 +174,6 @@ def _maps_under(pid: str, top: str) -> bool:
 
 
 # ---- /proc and sysfs, tolerant of what vanishes ----------------------------------------------------------
-
-
-def _listdir(path: str) -> list[str]:
-    try:
-        return os.listdir(path)
-    except OSError:
-        return []
-
-
-def _readlink(path: str) -> str:
-    try:
-        return os.readlink(path)
-    except OSError:
-        return ""
 
 
 def _read(path: Path) -> str:

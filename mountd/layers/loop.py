@@ -43,6 +43,7 @@ from mountd.host.loopdev import (
     same_binding,
     sysfs_view,
 )
+from mountd.host.processes import link_target
 from mountd.host.qemulocks import in_use_error, take_qemu_locks
 from mountd.host.users import BlockUsers, block_users
 from mountd.layers.layer import Layer, LayerRecord, Progress, Spec
@@ -360,7 +361,8 @@ def device_users(number: int, node: str, *, own_fd: int | None = None) -> list[s
     """Who holds ``loopN``, in the loop layer's words: mounts, kernel holders (dm, md), loop devices on it,
     processes with it open, this process through any fd but ``own_fd``."""
     users = _worded(block_users(f"loop{number}"))
-    if any(_link(f"/proc/self/fd/{fd}") == node for fd in os.listdir("/proc/self/fd") if fd != str(own_fd)):
+    ours = (fd for fd in os.listdir("/proc/self/fd") if fd != str(own_fd))
+    if any(link_target(f"/proc/self/fd/{fd}") == node for fd in ours):
         users.append(f"open by this process (pid {os.getpid()})")  # block_users never counts us
     return users
 
@@ -370,10 +372,3 @@ def _worded(users: BlockUsers) -> list[str]:
             *(f"held by {s.sysname}" for s in users.stacked),
             *(f"backing {loop}" for loop, _ in users.loops),
             *(f"open by {h}" for _, h in users.openers)]
-
-
-def _link(path: str) -> str:
-    try:
-        return os.readlink(path)
-    except OSError:
-        return ""
