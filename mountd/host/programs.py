@@ -21,6 +21,7 @@ PROGRAMS: tuple[Program, ...] = (
     Program("blkid", "util-linux", "every mount: it identifies filesystems"),
     Program("mount", "mount", "every mount"),
     Program("umount", "mount", "every unmount"),
+    Program("sync", "coreutils", "flushing a read-write filesystem before it is unmounted"),
     Program("setpriv", "util-linux", "mounts by other users than root: their QEMU runs as them"),
     Program("dmsetup", "dmsetup", "logical volumes through device-mapper"),
     Program("modprobe", "kmod", "loading the nbd module and filesystem modules"),

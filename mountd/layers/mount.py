@@ -7,7 +7,6 @@ Options come from :func:`mountd.host.filesystems.mount_options`; this module onl
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import logging
 import os
@@ -68,14 +67,15 @@ def unique_mountpoint(root: str, name: str) -> str:
 
 def _syncfs(path: str) -> None:
     """Write the filesystem's dirty data to its device: umount does too, but a lazy unmount leaves the
-    filesystem alive, and the layers below must not be detached with writes still in memory."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | os.O_NOFOLLOW)
-    try:
-        if ctypes.CDLL(None, use_errno=True).syncfs(fd) != 0:
-            err = ctypes.get_errno()
-            log.warning("syncfs %s failed: %s", path, os.strerror(err))
-    finally:
-        os.close(fd)
+    filesystem alive, and the layers below must not be detached with writes still in memory.
+
+    In a program of its own (``sync --file-system``, syncfs(2)): a descriptor of ours on the filesystem
+    would be copied into any program another thread starts meanwhile, and keep it busy (EBUSY) at the umount
+    that follows until that program's exec (seen in the boundary test's concurrent mounts). The path is
+    root's alone (:func:`_check_safe_parent`), so naming it again is safe."""
+    result = command.run(["sync", "--file-system", path], check=False, timeout=MOUNT_TIMEOUT)
+    if result.status != 0:
+        log.warning("syncfs %s failed: %s", path, result.stderr.strip())
 
 
 def _check_safe_parent(parent: str) -> None:
