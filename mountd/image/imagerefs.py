@@ -128,6 +128,9 @@ def _qed_references(f: BinaryIO, head: bytes) -> References:
 
 
 def _vmdk_sparse_references(f: BinaryIO, head: bytes) -> References:
+    """A sparse VMDK is its own one extent: QEMU reads only the parent from its embedded descriptor
+    (``vmdk_open_vmdk4`` never opens the extents it lists). Those still name the file the disk was written
+    as, which every OVA export renames, so they are not references."""
     if len(head) < 512:
         raise InvalidImageError("the VMDK header is truncated")
     desc_sector, desc_sectors = struct.unpack_from("<QQ", head, 28)
@@ -136,7 +139,8 @@ def _vmdk_sparse_references(f: BinaryIO, head: bytes) -> References:
     if desc_sectors * 512 > MAX_DESCRIPTOR:
         raise InvalidImageError("the VMDK embedded descriptor is implausibly large (corrupt header)")
     f.seek(desc_sector * 512)
-    return _vmdk_descriptor_references(f.read(desc_sectors * 512))
+    described = _vmdk_descriptor_references(f.read(desc_sectors * 512))
+    return References(backing=described.backing, backing_format=described.backing_format)
 
 
 _EXTENT_LINE = re.compile(r'^\s*(RW|RDONLY|NOACCESS)\s+\d+\s+(\w+)\s*(?:"([^"]*)")?')

@@ -104,6 +104,20 @@ def test_formats_through_fuse(engine: Engine, gpt: Guest, tmp_path: Path, fmt: s
     _assert_gone(info, engine)
 
 
+@pytest.mark.parametrize("subformat", ["streamOptimized", "monolithicSparse"])
+def test_a_renamed_sparse_vmdk_mounts(engine: Engine, gpt: Guest, tmp_path: Path, subformat: str) -> None:
+    """Every OVA export renames its disks: the descriptor embedded in a sparse VMDK still names the file it
+    was written as, and QEMU, which takes a sparse file as its own one extent, opens it anyway (issue 10)."""
+    written = images.convert(gpt.raw, tmp_path / "disk1.vmdk", "vmdk", f"subformat={subformat}")
+    renamed = written.rename(tmp_path / "appliance-disk1.vmdk")
+    assert b'"disk1.vmdk"' in renamed.read_bytes()[:65536]  # what the embedded descriptor still names
+    info = _mount(engine, renamed, tmp_path / "media")
+    assert (info.backend, info.format) == ("fuse", "vmdk")
+    _check_all(info, gpt)
+    engine.unmount(info.id)
+    _assert_gone(info, engine)
+
+
 def test_volume_selection_and_unknown_volume(engine: Engine, gpt: Guest, tmp_path: Path) -> None:
     info = _mount(engine, gpt.raw, tmp_path / "media", volumes=("guestvg/root",))
     assert [v.name for v in info.volumes] == ["guestvg/root"]

@@ -72,6 +72,20 @@ def test_vmdk_descriptor_extents_and_parent(tmp_path: Path) -> None:
     assert (refs.backing, refs.backing_format) == ("base.vmdk", "vmdk")
 
 
+def test_a_sparse_vmdk_is_its_own_extent_whatever_its_descriptor_names(tmp_path: Path) -> None:
+    # As an OVA export leaves it: renamed, its embedded descriptor still naming the file it was written as.
+    # QEMU takes a sparse file as its one extent and reads only the parent from that descriptor.
+    header = bytearray(512)
+    header[:4] = b"KDMV"
+    struct.pack_into("<QQ", header, 28, 1, 1)  # the descriptor: sector 1, one sector long
+    text = b'# Disk DescriptorFile\nparentFileNameHint="base.vmdk"\nRW 2048 SPARSE "disk1.vmdk"\n'
+    path = tmp_path / "appliance-disk1.vmdk"
+    path.write_bytes(bytes(header) + text.ljust(512, b"\0"))
+    refs = scan(path)
+    assert refs.extents == ()
+    assert (refs.backing, refs.backing_format) == ("base.vmdk", "vmdk")
+
+
 @pytest.mark.parametrize("name", ["json:{}", "nbd:host:1", "nbd+unix:///x", "file:/etc/passwd", "http://x/y"])
 def test_protocols_are_refused(tmp_path: Path, name: str) -> None:
     with pytest.raises(InvalidImageError, match="protocol"):
