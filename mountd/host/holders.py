@@ -303,13 +303,29 @@ def _usage(target: _Target, seen: dict[int, list[FdInfo]], ignored: frozenset[in
             ignored_bytes |= lock_bytes
             continue
         program = program_name(pid)
-        if program is not None:
-            holders.append(Holder(pid, program, any(i.writable for i in infos), lock_bytes))
+        if program is None or not _still_open(pid, target.key):
+            # Gone, or let go since the scan: a program of ours that was being started then held copies of our
+            # descriptors, and its exec has closed them (its exe no longer tells it apart by now).
+            ignored_bytes |= lock_bytes
+            continue
+        holders.append(Holder(pid, program, any(i.writable for i in infos), lock_bytes))
     holders.sort(key=lambda h: (not h.writer, h.pid))
     others = frozenset().union(*(h.lock_bytes for h in holders))
     lock_bytes = effective_lock_bytes(target.probed, others, ignored_bytes)
     state = decide_state(lock_bytes, holders)
     return FileUsage(target.path, state, bool(lock_bytes), tuple(holders), lock_bytes)
+
+
+def _still_open(pid: int, key: Key) -> bool:
+    """``pid`` has the file open now, not only when the scan looked."""
+    buf = ctypes.create_string_buffer(256)
+    for fd in entries(f"/proc/{pid}/fd"):
+        try:
+            if _statx_key(f"/proc/{pid}/fd/{fd}", buf) == key:
+                return True
+        except OSError:
+            continue
+    return False
 
 
 def files_usage(paths: Sequence[str], *, ignore_pids: Collection[int] = (),

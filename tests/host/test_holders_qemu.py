@@ -16,6 +16,7 @@ import pytest
 
 from imgmount_testkit import images
 from mountd.errors import InUseError, InvalidImageError, NotFoundError
+from mountd.host import holders
 from mountd.host.holders import (
     FREE,
     READ_ONLY,
@@ -225,3 +226,18 @@ def test_scan_tolerates_processes_coming_and_going(raw: Path) -> None:
         assert usage.state == READ_ONLY
         assert (vm.pid, QEMU, False) in who(usage)
         assert all(h.program == "head" and not h.writable for h in usage.holders if h.pid != vm.pid)
+
+
+def test_a_process_that_let_go_since_the_scan_is_no_holder(raw: Path) -> None:
+    """The scan saw a program we were starting hold a copy of one of our descriptors; by the time it is
+    named, its exec has closed the copy. An exec cannot be timed into that window on demand, so the scan's
+    result is given (a fake scan, named as such) about real processes: one that no longer has the file open,
+    and, as the control, one that has."""
+    target = holders._open_target(str(raw), {})
+    with subprocess.Popen(["sleep", "60"]) as let_go, process_holding(raw, ["O_RDWR"]) as holding:
+        try:
+            seen = {pid: [holders.FdInfo(os.O_RDWR, frozenset())] for pid in (let_go.pid, holding.pid)}
+            usage = holders._usage(target, seen, frozenset())
+            assert [h.pid for h in usage.holders] == [holding.pid] and usage.state == READ_WRITE
+        finally:
+            let_go.kill()
