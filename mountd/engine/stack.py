@@ -11,6 +11,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
+from typing import Any
 
 from mountd.engine.journal import Journal, MountRecord
 from mountd.errors import BusyError, MountdError, OperationTimeoutError
@@ -47,7 +48,7 @@ class MountStack:
         self.record = record
         self.journal.write(record)
 
-    def push(self, planned: LayerRecord, fds: tuple[int, ...] = ()) -> Layer:
+    def push(self, planned: LayerRecord, fds: tuple[int, ...] = ()) -> Layer[Any]:
         """Journal ``planned``, attach it (with ``fds``, the caller's open files it needs), journal the
         result; a failed attach is undone before raising."""
         where = f"{planned.kind} {planned.volume or 'disk'}".strip()
@@ -70,7 +71,7 @@ class MountStack:
         log.debug("attached %s", layer.describe())
         return layer
 
-    def _undo(self, layer: Layer) -> None:
+    def _undo(self, layer: Layer[Any]) -> None:
         """Detach a layer whose attach failed part-way; keep its record if even that fails."""
         try:
             layer.detach(force=True)

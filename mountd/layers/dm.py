@@ -104,7 +104,7 @@ class DmSpec(Spec):
         return {"name": self.name, "uuid": self.uuid, "read_only": self.read_only, "table": self.table}
 
 
-class DmLinearLayer(Layer):
+class DmLinearLayer(Layer[DmDevice]):
     """One LV as a device-mapper device.
 
     Identity in: ``name``, ``uuid``, ``table`` (rows from :func:`lv_table`), ``read_only``. Out: ``node``
@@ -158,26 +158,23 @@ class DmLinearLayer(Layer):
             return False
         return [line.split() for line in shown.splitlines() if line.strip()] == expected
 
-    def _present(self) -> bool:
-        return _find(self._uuid) is not None
+    def _present(self) -> DmDevice | None:
+        return _find(self._uuid)
 
-    def _release(self, *, force: bool) -> None:
+    def _release(self, device: DmDevice, *, force: bool) -> None:
         """Remove the device, found by uuid. ``force`` changes nothing: a device in use is never torn from
         under its user (``dmsetup remove --force`` would swap in an error table); the holders are named."""
-        device = _find(self._uuid)
-        if device is None:
-            return  # removed meanwhile
         env, extra = udev_mode()
         self._wait_for_udev(device)
-        device = _find(self._uuid)
-        if device is not None and device.open_count > 0:
-            raise self._busy(device)
-        if device is not None:
+        settled = _find(self._uuid)  # as udev left it: its open count
+        if settled is not None and settled.open_count > 0:
+            raise self._busy(settled)
+        if settled is not None:
             try:
-                command.run(["dmsetup", "remove", device.name, *extra], env=env, timeout=DM_TIMEOUT)
+                command.run(["dmsetup", "remove", settled.name, *extra], env=env, timeout=DM_TIMEOUT)
             except CommandError as exc:
                 if "busy" in exc.stderr.lower():
-                    raise self._busy(device) from None
+                    raise self._busy(settled) from None
                 raise
         if _find(self._uuid) is not None:
             raise FailedError(f"device-mapper device {self._name} is still there after dmsetup remove")

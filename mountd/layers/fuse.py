@@ -110,7 +110,7 @@ class ExportSpec(Spec):
                 "--export", f"{export},writable={rw},allow-other=off"]
 
 
-class FuseExportLayer(Layer):
+class FuseExportLayer(Layer[str]):
     """The image as a raw file at ``export``, served by a ``qemu-storage-daemon`` of its own.
 
     Left behind on failure: nothing; the daemon (found by pid, or by its command line if we died before
@@ -153,11 +153,10 @@ class FuseExportLayer(Layer):
     def _export(self) -> str:
         return str(self.identity.get("export", ""))
 
-    def _present(self) -> bool:
-        return bool(self._export)
+    def _present(self) -> str | None:
+        return self._export or None
 
-    def _release(self, *, force: bool) -> None:
-        export = self._export
+    def _release(self, export: str, *, force: bool) -> None:
         users = [f"loop device {x}" for x in loops_backed_by(export)]
         users += [f"{program}, pid {pid}" for pid, program in openers_by_name(export)]
         if users:

@@ -12,7 +12,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Generic, TypeVar
 
 from mountd.errors import FailedError
 
@@ -52,10 +52,12 @@ class Spec(ABC):
 
 
 Progress = Callable[[LayerRecord], None]
-REGISTRY: dict[str, type[Layer]] = {}
+REGISTRY: dict[str, type[Layer[Any]]] = {}
+#: What a kind's :meth:`Layer._present` finds of its object, handed to its :meth:`Layer._release`.
+Found = TypeVar("Found")
 
 
-class Layer(ABC):
+class Layer(ABC, Generic[Found]):
     """One step of a mount stack, a template as blivet's devices are (``setup`` -> ``_pre_setup``,
     ``_setup``, ``_post_setup``): each kind writes only its own steps.
 
@@ -96,8 +98,9 @@ class Layer(ABC):
         ours, which is never touched); :meth:`_release` takes it down, refusing while others use it, unless
         ``force`` lets the kind do what it safely can; :meth:`_clean_up` removes what the kind keeps beside
         it (pid files, sockets, directories, stale nodes), whether the object was there or not."""
-        if self._present():
-            self._release(force=force)
+        found = self._present()
+        if found is not None:
+            self._release(found, force=force)
         self._clean_up()
 
     @abstractmethod
@@ -107,19 +110,19 @@ class Layer(ABC):
     def _attach(self, progress: Progress) -> LayerRecord: ...
 
     @abstractmethod
-    def _present(self) -> bool: ...
+    def _present(self) -> Found | None: ...
 
     @abstractmethod
-    def _release(self, *, force: bool) -> None: ...
+    def _release(self, found: Found, *, force: bool) -> None: ...
 
-    def _clean_up(self) -> None:  # noqa: B027 - a hook, empty for kinds that keep nothing beside their object
+    def _clean_up(self) -> None:
         """What the kind keeps beside its object; nothing by default."""
 
     def describe(self) -> str:
         return f"{self.kind} {self.node or self.identity}"
 
 
-def layer_from_record(record: LayerRecord) -> Layer:
+def layer_from_record(record: LayerRecord) -> Layer[Any]:
     try:
         return REGISTRY[record.kind](record)
     except KeyError:

@@ -106,7 +106,7 @@ class LoopSpec(Spec):
         return spec
 
 
-class LoopLayer(Layer):
+class LoopLayer(Layer[int]):
     """A loop device on a file or block device, at an offset and size.
 
     Left behind on failure: nothing. The backing fd (and so its locks) is closed unless the kernel took it;
@@ -180,23 +180,23 @@ class LoopLayer(Layer):
         return _same_dev(status.device, ident["backing_dev"]) and status.inode == ident["backing_ino"] \
             and (status.offset, status.sizelimit) == (ident.get("offset"), ident.get("size"))
 
-    def _present(self) -> bool:
+    def _present(self) -> int | None:
+        """The device's number, while it is still bound to what we bound it to."""
         number = loop_number(self.node)
         if number is None or sysfs_view(number) is None:
-            return False  # never configured, or already gone
+            return None  # never configured, or already gone
         status = _status(self.node)
         if status == errno.ENXIO:
-            return False
+            return None
         # The kernel answers LOOP_GET_STATUS64 by stat-ing the backing file, which fails on a dead FUSE
         # export (ENOTCONN): then sysfs alone (path, offset, size, device number) must tell it is ours.
         ours = self._ours(status) if isinstance(status, LoopStatus) else self._sysfs_matches(number)
         if not ours:
             log.warning("%s now backs something else: leaving it alone", self.node)
-        return ours
+            return None
+        return number
 
-    def _release(self, *, force: bool) -> None:
-        number = loop_number(self.node)
-        assert number is not None  # _present said so
+    def _release(self, number: int, *, force: bool) -> None:
         fd = claim_exclusive(self.node)  # EBUSY: mounted or claimed by the kernel, even where we cannot see
         if fd is not None and not lock_out_udev(fd, SETTLE_TIMEOUT):
             os.close(fd)

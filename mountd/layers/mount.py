@@ -170,7 +170,7 @@ class MountSpec(Spec):
                 "options": list(self.options), "owner": self.owner, **optional}
 
 
-class MountLayer(Layer):
+class MountLayer(Layer[MountEntry]):
     """Mount ``device`` on ``mountpoint``.
 
     Planned identity: device, mountpoint (absolute), fstype (a ``mount -t`` type), options (the full list
@@ -263,17 +263,13 @@ class MountLayer(Layer):
     def verify(self) -> bool:
         return "mount_id" in self.identity and self._find(mountinfo()) is not None
 
-    def _present(self) -> bool:
-        return self._find(mountinfo(), adopt=True) is not None
+    def _present(self) -> MountEntry | None:
+        return self._find(mountinfo(), adopt=True)
 
-    def _release(self, *, force: bool) -> None:
+    def _release(self, entry: MountEntry, *, force: bool) -> None:
         """Unmount (syncing a read-write filesystem first). Busy: BusyError naming the processes, nothing
         changed; with ``force``, a lazy unmount after that."""
-        entries = mountinfo()
-        entry = self._find(entries, adopt=True)
-        if entry is None:
-            return  # unmounted meanwhile
-        self._check_on_top(entry, entries)
+        self._check_on_top(entry, mountinfo())
         if "rw" in entry.options:
             _syncfs(self.mountpoint)
         self._unmount(entry, force=force)

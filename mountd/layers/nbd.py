@@ -112,7 +112,7 @@ class NbdSpec(Spec):
         return spec
 
 
-class NbdLayer(Layer):
+class NbdLayer(Layer[int]):
     """A QEMU image served on ``/dev/nbdN`` by a ``qemu-nbd`` that outlives us.
 
     Identity in: ``image_opts`` (a pinned ``--image-opts`` string), ``read_only``, ``snapshot`` (an internal
@@ -212,23 +212,23 @@ class NbdLayer(Layer):
             self.record = replace(self.record, identity={**self.identity, "pid": pid, "start_time": started})
         return pidfd
 
-    def _present(self) -> bool:
-        """Our server still runs; else it never started, or has gone: the device (if taken) is someone
-        else's."""
+    def _present(self) -> int | None:
+        """The pid of our server while it runs; else it never started, or has gone: the device (if taken)
+        is someone else's."""
         pidfd = self._server() if self.node else None
-        if pidfd is not None:
-            os.close(pidfd)
-        return pidfd is not None
+        if pidfd is None:
+            return None
+        os.close(pidfd)
+        return int(self.identity["pid"])  # recorded by _server, if only its pid file named it
 
-    def _release(self, *, force: bool) -> None:
+    def _release(self, pid: int, *, force: bool) -> None:
         """Disconnect and verify. ``force`` changes nothing: a held device is never pulled from under its
         user (that turns a busy mount into I/O errors); the holders are named instead."""
         name = os.path.basename(self.node)
-        pidfd = self._server()
+        pidfd = open_process(pid, self.identity.get("start_time"))
         if pidfd is None:
             return  # it exited meanwhile
         try:
-            pid = int(self.identity["pid"])
             if server_pid(name) != pid:  # ours, but never connected (a half-done attach)
                 stop(pidfd, f"qemu-nbd (pid {pid})", force=True)
             else:
@@ -317,7 +317,7 @@ class PartitionSpec(Spec):
         return f"{os.path.basename(self.parent)}p{self.number}"
 
 
-class KernelPartitionLayer(Layer):
+class KernelPartitionLayer(Layer[PartitionSpec]):
     """The kernel's own node for partition K of an nbd device, checked against our parser's reading.
 
     Identity in: ``parent`` (``/dev/nbdN``), ``number``, ``start`` and ``size`` (bytes, from
@@ -372,18 +372,19 @@ class KernelPartitionLayer(Layer):
         node = f"/dev/{self._name}"
         return replace(self.record, identity={**self.identity, "node": node})
 
-    def _present(self) -> bool:
-        return bool(self.node) and (SYS_CLASS_BLOCK / self._name).exists()
+    def _present(self) -> PartitionSpec | None:
+        spec = self._spec
+        return spec if self.node and (SYS_CLASS_BLOCK / spec.name).exists() else None
 
-    def _release(self, *, force: bool) -> None:
+    def _release(self, spec: PartitionSpec, *, force: bool) -> None:
         """Nothing to remove (the node comes and goes with its parent): only refuse while it is in use."""
         try:
-            fd = os.open(self._spec.parent, os.O_RDONLY | os.O_CLOEXEC)
+            fd = os.open(spec.parent, os.O_RDONLY | os.O_CLOEXEC)
         except OSError:
             return  # the parent is gone, and its partitions with it
         try:
             holders = [] if lock_out_udev(fd) else ["udev is still processing it"]
-            holders += block_holders(self._name)
+            holders += block_holders(spec.name)
         finally:
             os.close(fd)
         if holders:

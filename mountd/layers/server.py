@@ -213,7 +213,7 @@ def _start_error(spec: ServerSpec, top_fd: int) -> MountdError:
     return FailedError(f"QEMU (as the caller) could not serve {spec.image}: {last}")
 
 
-class ServerLayer(Layer):
+class ServerLayer(Layer[tuple[int, int]]):
     """The caller's QEMU serving the image on ``socket``.
 
     Identity in: ``blockdev``, ``socket``, ``read_only``, ``uid``, ``gids``, ``image``; out: ``node`` (the
@@ -245,12 +245,13 @@ class ServerLayer(Layer):
         pid, started = self.identity.get("pid"), self.identity.get("start_time")
         return isinstance(pid, int) and isinstance(started, int) and is_alive(pid, started)
 
-    def _present(self) -> bool:
+    def _present(self) -> tuple[int, int] | None:
+        """The server's pid and start time, once they were recorded."""
         pid, started = self.identity.get("pid"), self.identity.get("start_time")
-        return isinstance(pid, int) and isinstance(started, int)
+        return (pid, started) if isinstance(pid, int) and isinstance(started, int) else None
 
-    def _release(self, *, force: bool) -> None:
-        stop(int(self.identity["pid"]), int(self.identity["start_time"]), force=force)
+    def _release(self, process: tuple[int, int], *, force: bool) -> None:
+        stop(*process, force=force)
 
     def _clean_up(self) -> None:
         sock = str(self.identity.get("socket", ""))
