@@ -8,6 +8,7 @@ made by one process is listed and unmounted by another, and a slow mount of one 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import pwd
@@ -42,11 +43,15 @@ class Engine:
                  host: HostSupport | None = None) -> None:
         """``settings``: what the entry point set up (the defaults when not given); ``journal``: where the
         mounts are recorded (``settings.state_dir`` when not given); ``host``: what this host can do (checked
-        here when not given)."""
+        at the first mount when not given: an unmount or a listing needs none of it)."""
         self.settings = settings or Settings()
-        self.host = host or check_host()
+        self._given_host = host
         self.journal = journal or Journal(self.settings.state_dir)
         self.deadline = self.settings.mount_deadline
+
+    @functools.cached_property
+    def host(self) -> HostSupport:
+        return self._given_host or check_host()
 
     # --- queries -----------------------------------------------------------------------------------------
 
