@@ -18,6 +18,7 @@ from pathlib import Path
 
 from mountd.errors import CommandError
 from mountd.host import command
+from mountd.host.processes import entries, text_of
 from mountd.host.users import SYS_CLASS_BLOCK
 
 log = logging.getLogger(__name__)
@@ -120,14 +121,8 @@ def _lvm_devices_on(ours: set[str]) -> list[str]:
 
 
 def _sys_list(sysname: str, entry: str) -> list[str]:
-    try:
-        return os.listdir(SYS_CLASS_BLOCK / sysname / entry)
-    except OSError:
-        return []
+    return entries(str(SYS_CLASS_BLOCK / sysname / entry))
 
 
 def _sys_read(sysname: str, entry: str) -> str:
-    try:
-        return (SYS_CLASS_BLOCK / sysname / entry).read_text().strip()
-    except OSError:
-        return ""
+    return text_of(str(SYS_CLASS_BLOCK / sysname / entry))

@@ -51,18 +51,18 @@ def link_target(path: str) -> str:
         return ""
 
 
+def text_of(path: str) -> str:
+    """A /proc or sysfs file's text, stripped, or "" once what it describes is gone."""
+    try:
+        return Path(path).read_text(encoding="utf-8", errors="replace").strip()
+    except OSError:
+        return ""
+
+
 def program_name(pid: int) -> str | None:
     """Basename of the executable (``comm`` is cut at 15 characters), or None once the process is gone."""
-    try:
-        name = os.path.basename(os.readlink(f"/proc/{pid}/exe").removesuffix(" (deleted)"))
-    except OSError:
-        name = ""
-    if not name:
-        try:
-            name = Path(f"/proc/{pid}/comm").read_text(encoding="utf-8", errors="replace").strip()
-        except OSError:
-            return None
-    return name or None
+    name = os.path.basename(link_target(f"/proc/{pid}/exe").removesuffix(" (deleted)"))
+    return name or text_of(f"/proc/{pid}/comm") or None
 
 
 def start_time(pid: int) -> int | None:

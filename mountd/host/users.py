@@ -17,7 +17,7 @@ from mountd.errors import MountdError
 from mountd.host.holders import Holder, files_usage
 from mountd.host.loopdev import backing_name, loops_backed_by
 from mountd.host.mountinfo import mountinfo
-from mountd.host.processes import entries, link_target, program_name
+from mountd.host.processes import entries, link_target, program_name, text_of
 
 SYS_BLOCK = Path("/sys/block")
 SYS_CLASS_BLOCK = Path("/sys/class/block")
@@ -70,7 +70,7 @@ def block_users(name: str, *, ignore_pids: Collection[int] = ()) -> BlockUsers:
         with contextlib.suppress(OSError):  # a partition removed while we look
             devnums[(SYS_CLASS_BLOCK / n / "dev").read_text().strip()] = n
     mounts = tuple((f"/dev/{devnums[m.dev]}", m.mountpoint) for m in mountinfo() if m.dev in devnums)
-    stacked = tuple(Stacked(h.name, _read(h / "dm" / "name"), f"/dev/{n}")
+    stacked = tuple(Stacked(h.name, text_of(str(h / "dm" / "name")), f"/dev/{n}")
                     for n in names for h in sorted((SYS_CLASS_BLOCK / n / "holders").glob("*")))
     nodes = {f"/dev/{n}" for n in names}
     loops = tuple((loop, on) for on in sorted(nodes) for loop in loops_backed_by(on))
@@ -171,13 +171,3 @@ def _maps_under(pid: str, top: str) -> bool:
         if len(parts) == 6 and under(os.fsdecode(parts[5]), top):
             return True
     return False
-
-
-# ---- /proc and sysfs, tolerant of what vanishes ----------------------------------------------------------
-
-
-def _read(path: Path) -> str:
-    try:
-        return path.read_text().strip()
-    except OSError:
-        return ""
