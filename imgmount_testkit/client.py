@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,10 +64,10 @@ class Client:
     def __post_init__(self) -> None:
         self.bus: MessageBus = self.run(connect(self.address))
         self.bus.add_message_handler(self._on_message)
-        self._waiters: list[tuple[Callable[[Message], bool], asyncio.Future[Message]]] = []
+        self._waiters: list[tuple[Callable[[Message], bool], asyncio.Future[Any]]] = []
 
-    def run(self, coro: Any) -> Any:
-        return self.loop.run_until_complete(asyncio.wait_for(coro, TIMEOUT))
+    def run(self, coro: Any, timeout: float = TIMEOUT) -> Any:
+        return self.loop.run_until_complete(asyncio.wait_for(coro, timeout))
 
     def close(self) -> None:
         self.bus.disconnect()
@@ -109,15 +110,25 @@ class Client:
         result: Message = self.run(future)
         return result
 
-    def wait_owner(self, name: str, *, owned: bool = True) -> None:
-        """Until ``name`` has an owner (or none): the readiness systemd's Type=dbus waits for."""
+    def wait_owner(self, name: str, *, owned: bool = True, timeout: float = TIMEOUT,
+                   unless_exits: int | None = None) -> bool:
+        """Until ``name`` has an owner (or none): the readiness systemd's Type=dbus waits for. With
+        ``unless_exits`` (a pid), the wait also ends when that process exits: False then."""
         self.driver("AddMatch", "s", f"type='signal',sender='org.freedesktop.DBus',member='NameOwnerChanged',"
                                      f"arg0='{name}'")
         if bool(self.driver("NameHasOwner", "s", name)) == owned:
-            return
-        future: asyncio.Future[Message] = self.loop.create_future()
+            return True
+        future: asyncio.Future[Message | None] = self.loop.create_future()
         self._waiters.append((lambda m: m.member == "NameOwnerChanged" and bool(m.body[2]) == owned, future))
-        self.run(future)
+        if unless_exits is None:
+            return self.run(future, timeout) is not None
+        pidfd = os.pidfd_open(unless_exits)
+        self.loop.add_reader(pidfd, _settle, future)
+        try:
+            return self.run(future, timeout) is not None
+        finally:
+            self.loop.remove_reader(pidfd)
+            os.close(pidfd)
 
     def _on_message(self, msg: Message) -> None:
         if msg.message_type is not MessageType.SIGNAL:
@@ -127,6 +138,11 @@ class Client:
             if not future.done() and match(msg):
                 future.set_result(msg)
                 self._waiters.remove((match, future))
+
+
+def _settle(future: asyncio.Future[Any]) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 @contextlib.contextmanager

@@ -298,6 +298,11 @@ async def serve(args: argparse.Namespace) -> int:
                     program.used_for)
     log.info("%s", host.summary())
     engine = Engine(settings=Settings.from_environment(), host=host)
+    try:
+        await asyncio.to_thread(engine.journal.ensure)
+    except OSError as exc:  # every mount would fail on it: say so once, and do not take the name
+        log.error("cannot use the state directory %s: %s", engine.journal.root, exc.strerror or exc)
+        return 1
     service = Service(bus, engine, Authority(bus), host.backends())
     dispatcher = Dispatcher(bus, service)
     bus.add_message_handler(dispatcher.on_message)

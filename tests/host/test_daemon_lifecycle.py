@@ -9,6 +9,8 @@ import os
 import signal
 from pathlib import Path
 
+import pytest
+
 from imgmount_testkit import images
 from imgmount_testkit.bus import Bus
 from imgmount_testkit.client import Client, client
@@ -16,7 +18,7 @@ from imgmount_testkit.daemon import Daemon
 from mountd.engine.engine import Engine
 from mountd.engine.journal import Journal
 from mountd.model import MountRequest
-from mountd.service.dbusapi import MOUNT_IFACE
+from mountd.service.dbusapi import BUS_NAME, MOUNT_IFACE
 from tests.support import guests, leftovers
 from tests.support.daemon_calls import copy, mountpoint, qcow2, v, wait_gone
 from tests.support.guests import Guest
@@ -114,3 +116,18 @@ def test_sigterm_unmounts_everything_and_flushes(bus: Bus, run: Path, tmp_path: 
             assert (Path(info.volumes[0].mountpoint) / "written.bin").read_bytes() == data
         finally:
             engine.unmount(info.id)
+
+
+def test_a_state_directory_it_cannot_make_stops_the_start_with_the_cause(bus: Bus, run: Path,
+                                                                          tmp_path: Path) -> None:
+    """Every mount would fail on it: the daemon says why once and does not take the name; the test kit
+    reports the exit at once (not after its start timeout) and leaves nothing running on ``run``."""
+    (tmp_path / "a-file").write_text("")
+    state = tmp_path / "a-file" / "state"
+    daemon = Daemon(bus, run, IMGMOUNT_STATE_DIR=str(state))
+    with pytest.raises(RuntimeError, match=r"exited \(status 1\) before taking its name") as failed:
+        daemon.start()
+    assert f"cannot use the state directory {state}: Not a directory" in str(failed.value)
+    assert daemon.exit_status == 1
+    with client(bus.address) as c:
+        assert not c.driver("NameHasOwner", "s", BUS_NAME)
