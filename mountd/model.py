@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 
 from mountd.errors import NotFoundError
+from mountd.keys import NO_KEYS, Keys
 
 BACKENDS = ("auto", "nbd", "loop", "fuse")
 
@@ -45,6 +46,7 @@ class MountRequest:
     backend: str = "auto"
     mount_options: tuple[str, ...] = ()
     owner: int = 0
+    keys: Keys = field(default=NO_KEYS, repr=False, compare=False)  # never journaled, logged or shown
 
 
 @dataclass(frozen=True)
