@@ -20,7 +20,7 @@ from mountd.errors import (
 )
 from mountd.host import command
 from mountd.host.opener import OpenedFile, Opener, confined_argv, fd_path, in_kernel_tree
-from mountd.image.imagerefs import has_vhd_footer, reference_path, scan_references
+from mountd.image.imagerefs import reference_path, scan_references, trailer_format
 
 FORMATS = ("raw", "qcow2", "qcow", "vmdk", "vdi", "vhdx", "vpc", "cloop", "dmg", "parallels", "bochs", "qed")
 READ_ONLY_FORMATS = ("cloop", "dmg", "bochs")
@@ -117,8 +117,9 @@ def _probe_file(f: OpenedFile, fmt: str | None, opener: Opener, *,
     extents = [_open_reference(opener, f, name, "VMDK extent", write) for name in refs.extents]
     external = tuple(e.name for e in extents if (e.dev, e.ino) != (f.dev, f.ino))
     info = _qemu_img_info(opener, f, fmt, data, by_name=bool(external))
-    if fmt is None and info.get("format") == "raw" and has_vhd_footer(f.fd):
-        info = _qemu_img_info(opener, f, "vpc", data, by_name=False)
+    pinned = trailer_format(f.fd) if fmt is None and info.get("format") == "raw" else None
+    if pinned:
+        info = _qemu_img_info(opener, f, pinned, data, by_name=False)
     found = str(info.get("format", ""))
     if found not in FORMATS:
         raise UnsupportedError(f"{f.name} is in format {found[:40]!r}, which imgmount does not support")

@@ -23,6 +23,7 @@ QED_MAGIC = b"QED\x00"
 VMDK_SPARSE_MAGIC = b"KDMV"
 VMDK_DESCRIPTOR = b"# Disk DescriptorFile"
 VHD_FOOTER_COOKIE = b"conectix"
+UDIF_TRAILER = b"koly" + struct.pack(">II", 4, 512)  # signature, version, header size
 QCOW2_EXT_DATA_FILE = 0x44415441
 QCOW2_EXT_BACKING_FORMAT = 0xE2792ACA
 HEADER_READ = 64 * 1024
@@ -68,10 +69,17 @@ def _scan(f: BinaryIO, path: str) -> References:
     return References()
 
 
-def has_vhd_footer(fd: int) -> bool:
-    """A fixed VHD is raw data plus a 512-byte footer ("conectix"): QEMU's probe sees only raw."""
+def trailer_format(fd: int) -> str | None:
+    """The format of an image that QEMU's probe takes for raw because its header is at the end: a fixed VHD
+    (raw data plus a 512-byte "conectix" footer) or an Apple DMG (UDIF: a 512-byte "koly" trailer, version
+    4; QEMU recognises DMG only by the file name's ".dmg", which ``/proc/self/fd/N`` does not have)."""
     size = os.fstat(fd).st_size
-    return size >= 512 and os.pread(fd, 8, size - 512) == VHD_FOOTER_COOKIE
+    tail = os.pread(fd, 12, size - 512) if size >= 512 else b""
+    if tail[:8] == VHD_FOOTER_COOKIE:
+        return "vpc"
+    if tail == UDIF_TRAILER:
+        return "dmg"
+    return None
 
 
 def _read_name(f: BinaryIO, offset: int, size: int, what: str) -> str:

@@ -2,7 +2,8 @@
 
 No kernel nbd device, loop device or mount is involved, so this works on every host and is safe for untrusted
 images. The server is started with ``--fork`` (its parent exits only once the socket listens: an event, not a
-guess) and without ``--persistent``, so it exits by itself when our connection closes, even if we die.
+guess; judged by its pid file, :mod:`mountd.host.forked`) and without ``--persistent``, so it exits by itself
+when our connection closes, even if we die.
 Protocol: fixed newstyle handshake, ``NBD_OPT_GO``, simple replies (docs: NBD protocol specification).
 """
 
@@ -17,7 +18,7 @@ import tempfile
 from collections.abc import Iterator
 
 from mountd.errors import CommandError, FailedError, InvalidImageError
-from mountd.host import command
+from mountd.host.forked import run_forked
 from mountd.host.processes import start_time, stop_process
 from mountd.image.imageinfo import ImageInfo, block_options
 
@@ -124,9 +125,9 @@ def open_image(info: ImageInfo) -> Iterator[NbdReader]:
     workdir = tempfile.mkdtemp(prefix="imgmount-nbd-")
     sock_path, pid_path = os.path.join(workdir, "sock"), os.path.join(workdir, "pid")
     try:
-        command.run(["qemu-nbd", "--fork", "--read-only", "--socket", sock_path, "--pid-file", pid_path,
-                     "--cache=none", "--aio=threads", "--image-opts", block_options(info, force_share=True)],
-                    timeout=HANDSHAKE_TIMEOUT)
+        run_forked(["qemu-nbd", "--fork", "--read-only", "--socket", sock_path, "--pid-file", pid_path,
+                    "--cache=none", "--aio=threads", "--image-opts", block_options(info, force_share=True)],
+                   pid_path, timeout=HANDSHAKE_TIMEOUT)
         reader = NbdReader(_connect(sock_path))
         try:
             yield reader

@@ -44,6 +44,7 @@ from mountd.errors import (
     UnsupportedError,
 )
 from mountd.host import command
+from mountd.host.forked import report_output
 from mountd.host.holders import FREE, file_usage
 from mountd.host.loopdev import loops_backed_by
 from mountd.host.mountinfo import mountinfo
@@ -128,14 +129,15 @@ class FuseExportLayer(Layer[str]):
         _create_export_file(spec.export)
         with overlay_file(spec.virtual_size) if spec.overlay else contextlib.nullcontext(-1) as fd:
             try:
-                command.run(spec.argv(fd_path(fd) if fd >= 0 else ""), timeout=START_TIMEOUT,
-                            pass_fds=(fd,) if fd >= 0 else ())
+                result = command.run(spec.argv(fd_path(fd) if fd >= 0 else ""), timeout=START_TIMEOUT,
+                                     pass_fds=(fd,) if fd >= 0 else ())
             except CommandError as exc:
                 raise _start_error(exc, spec) from None
         pid = _read_pid(spec.pidfile)
         found = proc_state(pid)
         if found is None:
             raise FailedError(f"{DAEMON} (pid {pid}) exited right after starting")
+        report_output(f"{DAEMON} (pid {pid})", result.stderr)  # its exit status is the verdict, not this
         self.record = replace(self.record, identity={
             **self.identity, "node": spec.export, "pid": pid, "start_time": found.start_time})
         progress(self.record)

@@ -19,7 +19,6 @@ Facts this code relies on, checked on Debian 12 (QEMU 7.2, kernel 6.1):
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import logging
 import os
@@ -41,6 +40,7 @@ from mountd.errors import (
 )
 from mountd.host import command
 from mountd.host.blockdev import BlockEvents, claim_exclusive, lock_out_udev
+from mountd.host.forked import holds_open, run_forked
 from mountd.host.nbddev import (
     SECTOR,
     device_size,
@@ -161,8 +161,8 @@ class NbdLayer(Layer[int]):
 
     def _connect(self, spec: NbdSpec, name: str, pid_file: Path, events: BlockEvents,
                  progress: Progress) -> LayerRecord:
-        try:
-            result = command.run(self._argv(spec, name, pid_file), timeout=ATTACH_TIMEOUT)
+        try:  # warnings on stderr (Debian's DMG modules) make qemu-nbd exit 1 though its server runs
+            result = run_forked(self._argv(spec, name, pid_file), pid_file, timeout=ATTACH_TIMEOUT)
         except CommandError as exc:
             raise _qemu_nbd_error(exc, name) from None
         pid = read_int(pid_file, -1)
@@ -205,7 +205,7 @@ class NbdLayer(Layer[int]):
             return None
         started = start_time(pid)
         pidfd = open_process(pid, started)
-        if pidfd is not None and not _has_open(pid, pid_file):
+        if pidfd is not None and not holds_open(pid, pid_file):
             os.close(pidfd)
             return None
         if pidfd is not None:
@@ -272,13 +272,6 @@ def _remove_files(pid_file: Path) -> None:
     """A server's pid file, and its socket (which it removes itself, unless it was killed)."""
     for path in (pid_file, pid_file.with_suffix(".sock")):
         path.unlink(missing_ok=True)
-
-
-def _has_open(pid: int, path: str) -> bool:
-    fd_dir = Path(f"/proc/{pid}/fd")
-    with contextlib.suppress(OSError):
-        return any(os.readlink(fd_dir / fd) == path for fd in os.listdir(fd_dir))
-    return False
 
 
 def _qemu_nbd_error(exc: CommandError, name: str) -> Exception:

@@ -38,6 +38,7 @@ from mountd.errors import (
     OperationTimeoutError,
 )
 from mountd.host import command
+from mountd.host.forked import report_output
 from mountd.host.opener import Credentials, confined_argv
 from mountd.host.processes import is_alive, proc_state, stop_process
 from mountd.host.qemulocks import QEMU_LOCK_FAILURE, in_use_error
@@ -138,6 +139,8 @@ def start(spec: ServerSpec, fds: Sequence[int], spawned: Callable[[int, int], No
         with contextlib.suppress(MountdError):
             stop(proc.pid, started, force=True)
         raise
+    with contextlib.suppress(OSError):  # it serves: what it said (Debian's DMG modules) is for the log
+        report_output(f"{SERVER} (pid {proc.pid}, as uid {spec.creds.uid})", Path(spec.log_path).read_text())
     return Started(proc.pid, started, size)
 
 
