@@ -24,6 +24,7 @@ from mountd.engine.inspection import DiskLayout, Volume, VolumeKind
 from mountd.engine.stack import MountStack
 from mountd.errors import MountdError, UnsupportedError
 from mountd.host.filesystems import NO_REPLAY, check_mountable, mount_options, mount_type, replay_refused
+from mountd.host.nbddev import logical_block_size
 from mountd.host.support import HostSupport
 from mountd.image.recovery import ELSEWHERE, log_name
 from mountd.layers.dm import DmSpec, lv_table
@@ -118,11 +119,21 @@ class VolumeAttacher:
             return self._lv_node(volume)
         if volume.kind == VolumeKind.DISK and disk.backend != "fuse":  # an export is a file: it needs a loop
             return disk.node
-        if volume.kind == VolumeKind.PARTITION and disk.kernel_partitions and volume.partition is not None \
-                and volume.offset is not None:
+        if volume.kind == VolumeKind.PARTITION and volume.partition is not None \
+                and volume.offset is not None and self._kernel_reads_table():
             spec = PartitionSpec(disk.node, volume.partition.number, volume.offset, volume.size)
             return self.stack.push(spec.plan(volume.name)).node
         return self._loop(volume)
+
+    def _kernel_reads_table(self) -> bool:
+        """Whether the kernel's partition nodes can serve. The kernel counts a table's LBAs in the device's
+        logical sectors, and ``qemu-nbd -c`` makes those 512 bytes for an image file, so a GPT written for
+        4096-byte sectors shows it no partition at all. Then the parser's offsets go on loop devices, as on
+        the loop and fuse backends, rather than NBD_SET_BLKSIZE under a device qemu-nbd connected: the table
+        is read only after the connect, and every other reader of the whole disk would see it change shape."""
+        table = self.layout.table
+        return self.disk.kernel_partitions and table is not None and \
+            table.sector_size == logical_block_size(os.path.basename(self.disk.node))
 
     def _lv_node(self, volume: Volume) -> str:
         if not self.disk.device_mapper:

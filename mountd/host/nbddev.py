@@ -59,6 +59,11 @@ def device_size(name: str) -> int:
     return read_int(SYS_CLASS_BLOCK / name / "size") * SECTOR
 
 
+def logical_block_size(name: str) -> int:
+    """The device's logical sector size: what the kernel's partition scan counts LBAs in."""
+    return read_int(SYS_BLOCK / name / "queue" / "logical_block_size", SECTOR)
+
+
 def is_free(name: str) -> bool:
     """Free as the design defines it: no server attached (no ``pid``) and a size of 0."""
     return not (SYS_BLOCK / name / "pid").exists() and device_size(name) == 0

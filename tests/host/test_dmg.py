@@ -9,6 +9,7 @@ import os
 import struct
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ from imgmount_testkit import images, udif
 from imgmount_testkit.bus import Bus
 from imgmount_testkit.client import Client
 from imgmount_testkit.daemon import Daemon
+from imgmount_testkit.users import OtherUser, servers_of
 from mountd.errors import CommandError, InvalidImageError
 from mountd.host.forked import run_forked, serving_pid
 from mountd.host.processes import is_alive, start_time, stop_process
@@ -137,6 +139,22 @@ def test_the_commands_mount_a_plain_dmg(bus: Bus, daemon: Daemon, plain: MacDisk
     check_files(Path(volume["mountpoint"]), plain.guest.files["disk"])
     assert _command(bus, "imgumount", str(plain.dmg)).returncode == 0
     assert not Path(volume["mountpoint"]).exists()
+
+
+def test_a_callers_dmg_is_served_by_a_qemu_running_as_the_caller(
+        c: Client, daemon: Daemon, other: Callable[..., OtherUser], users: dict[str, tuple[int, int]],
+        group: int, mac: MacDisk) -> None:
+    """Her QEMU (qemu-storage-daemon as her uid) prints the module notes too, to its log: it serves all the same."""
+    uid = users["daemon"][0]
+    member = other(*users["daemon"], groups=(group,))
+    path = member.mount(mac.dmg).value()
+    assert len(servers_of(uid)) == 1
+    for name, _dev, _fs, where in c.prop(path, MOUNT_IFACE, "Volumes"):
+        check_files(Path(where), mac.guest.files[name])
+    assert member.unmount(path).value() is None
+    assert servers_of(uid) == [] and "Traceback" not in daemon.log()
+    said = f"as uid {uid}) started, and said: qemu: {MODULE_NOTE}"
+    assert said in daemon.log() or MODULE_NOTE not in _qemu_img_stderr(mac.dmg)
 
 
 def test_a_broken_dmg_is_refused_in_one_sentence(c: Client, mac: MacDisk, tmp_path: Path) -> None:
