@@ -4,41 +4,22 @@ kernel's scan finds no partition: the parser's offsets go on loop devices)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
-
-import pytest
 
 from imgmount_testkit import images
 from mountd.engine.engine import Engine
-from mountd.engine.journal import Journal
 from mountd.model import MountInfo, MountRequest
-from tests.support import guests, leftovers
-from tests.support.guests import Guest
+from tests.support import leftovers
 from tests.support.macdisk import gpt_dmg
 from tests.support.wide_sectors import gpt4k_guest
+from tests.vm import test_engine_vm
+from tests.vm.test_engine_vm import _check, _kinds
 
-
-@pytest.fixture
-def engine(scratch: Path) -> Iterator[Engine]:
-    eng = Engine(Journal(str(scratch / "state")))
-    yield eng
-    for m in eng.mounts():
-        eng.unmount(m.id, force=True)
+engine = test_engine_vm.engine  # the same fixture: an engine whose mounts are undone after each test
 
 
 def _mount_nbd(engine: Engine, image: Path, root: Path) -> MountInfo:
     return engine.mount(MountRequest(image=str(image), mount_root=str(root), backend="nbd"))
-
-
-def _check(info: MountInfo, guest: Guest) -> None:
-    assert {v.name: v.filesystem for v in info.volumes} == dict(guest.fstypes)
-    for v in info.volumes:
-        guests.check_files(Path(v.mountpoint), guest.files[v.name])
-
-
-def _kinds(engine: Engine, info: MountInfo) -> dict[str, str]:
-    return {r.volume: r.kind for r in engine.journal.read(info.id).layers if r.kind != "mount" and r.volume}
 
 
 def test_the_nbd_backend_mounts_a_dmg(engine: Engine, scratch: Path) -> None:
