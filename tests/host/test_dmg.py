@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import json
 import os
+import plistlib
 import struct
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -188,3 +190,28 @@ def _stop(pid_file: Path) -> None:
     if pid and started is not None and is_alive(pid, started):
         stop_process(pid, started, "qemu-nbd", force=True)
     pid_file.unlink(missing_ok=True)
+
+
+def _with_a_huge_chunk(dmg: Path, to: Path) -> Path:
+    """The DMG with its first block table's first chunk claiming 2^40 sectors (8 TiB to inflate at once)."""
+    data = bytearray(dmg.read_bytes())
+    trailer = len(data) - 512
+    xml_at, xml_len = struct.unpack_from(">QQ", data, trailer + 0xD8)
+    tables = plistlib.loads(bytes(data[xml_at:xml_at + xml_len]))
+    first = bytearray(tables["resource-fork"]["blkx"][0]["Data"])
+    struct.pack_into(">I", first, udif.MISH.size, udif.UDZO)
+    struct.pack_into(">Q", first, udif.MISH.size + 16, 1 << 40)
+    tables["resource-fork"]["blkx"][0]["Data"] = bytes(first)
+    xml = plistlib.dumps(tables)
+    koly = bytearray(data[trailer:])
+    struct.pack_into(">Q", koly, 0xE0, len(xml))
+    to.write_bytes(bytes(data[:xml_at]) + xml + bytes(koly))
+    return to
+
+
+def test_a_crafted_chunk_size_is_refused_quickly(c: Client, mac: MacDisk, tmp_path: Path) -> None:
+    crafted = _with_a_huge_chunk(mac.dmg, tmp_path / "crafted.dmg")
+    started = time.monotonic()
+    text = error(c.mount(crafted), "InvalidImage")
+    assert time.monotonic() - started < 10
+    assert text.startswith(f"QEMU cannot open {crafted}") and text.endswith("Invalid argument") and "\n" not in text
