@@ -59,13 +59,13 @@ def read_members(reader: BlockReader) -> list[Member]:
             pending.update(_extended(reader, data, size, kind, pos))
         elif kind in REGULAR:
             members.append(_member(header, data, size, pending, reader.size))
-            pending = {}
+            size, pending = members[-1].size, {}
             if len(members) > MAX_MEMBERS:
                 raise InvalidImageError(f"the archive holds more than {MAX_MEMBERS} files: not an OVA")
         elif kind not in SKIPPED and kind != PAX_GLOBAL:
             raise InvalidImageError(f"the tar member at offset {pos} is of a kind imgmount does not read "
                                     f"({kind!r}: sparse or multi-volume archives are not OVAs)")
-        pos = data + _padded(int(pending.get("size", size)) if kind in REGULAR else size)
+        pos = data + _padded(size)
     raise InvalidImageError(f"the archive holds more than {MAX_MEMBERS} files: not an OVA")
 
 
@@ -115,7 +115,10 @@ def _pax_records(raw: bytes, pos: int) -> dict[str, str]:
             raise InvalidImageError(f"the pax header at offset {pos} has a malformed record (corrupt "
                                     "archive)")
         record = raw[at + len(length_text) + 1:at + int(length_text)].rstrip(b"\n")
-        key, _, value = record.partition(b"=")
+        key, equals, value = record.partition(b"=")
+        if not equals:
+            raise InvalidImageError(f"the pax header at offset {pos} has a record without a value (corrupt "
+                                    "archive)")
         if key == b"path":
             found["path"] = _name(value, pos)
         elif key == b"size":
