@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from imgmount_testkit import images
 from imgmount_testkit.bus import world_dir
 from imgmount_testkit.ova import build_ova, vmdk_name
 from mountd.engine.engine import Engine
@@ -201,3 +202,15 @@ def test_truncated_and_compressed_ovas_say_why(engine: Engine, appliance: Applia
     with pytest.raises(UnsupportedError, match="gzip-compressed, and imgmount reads disks in place only"):
         mount(engine, compressed, tmp_path / "media")
     assert engine.mounts() == []
+
+
+@pytest.mark.parametrize("subformat", ["monolithicFlat", "twoGbMaxExtentSparse", "twoGbMaxExtentFlat"])
+def test_split_and_flat_vmdks_keep_working(engine: Engine, appliance: Appliance, tmp_path: Path,
+                                           subformat: str) -> None:
+    """A descriptor with extent files beside it: QEMU finds them by name, relative to the descriptor."""
+    mbr = appliance.disks[0]
+    image = images.convert(mbr.raw, tmp_path / "split.vmdk", "vmdk", f"subformat={subformat}")
+    assert len(list(tmp_path.glob("split*.vmdk"))) >= 2  # the descriptor and its extent(s)
+    info = mount(engine, image, tmp_path / "media")
+    check_files(info, {v: dict(f) for v, f in mbr.files.items()})
+    engine.unmount(info.id)
