@@ -17,6 +17,7 @@ from mountd.image.blockio import BlockReader
 from mountd.image.tarheaders import Member, is_tar, read_members
 
 MAX_OVF = 1 << 20
+MAX_DISKS = 64  # each disk costs a QEMU to probe and one to serve; VMware's largest VM has 60 SCSI disks
 
 
 @dataclass(frozen=True)
@@ -66,8 +67,11 @@ def _ovf_disks(text: bytes) -> list[_OvfDisk]:
     except ElementTree.ParseError as exc:
         raise InvalidImageError(f"the OVF descriptor is not well-formed XML: {exc}") from None
     files = {_attr(f, "id"): f for f in root.iter() if _local(f.tag) == "File"}
-    found = []
+    found: list[_OvfDisk] = []
     for disk in (d for d in root.iter() if _local(d.tag) == "Disk"):
+        if len(found) == MAX_DISKS:
+            raise UnsupportedError(f"the OVF descriptor lists more than {MAX_DISKS} disks, the most imgmount "
+                                   "opens in one OVA")
         file = files.get(_attr(disk, "fileRef"))
         if file is None:
             continue  # a disk the VM creates empty at import: nothing to mount

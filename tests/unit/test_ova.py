@@ -9,7 +9,7 @@ import pytest
 
 from mountd.errors import InvalidImageError, UnsupportedError
 from mountd.image.blockio import BytesReader
-from mountd.image.ova import MAX_OVF, ova_disks
+from mountd.image.ova import MAX_DISKS, MAX_OVF, ova_disks
 
 ENVELOPE = """<?xml version="1.0"?>
 <Envelope ovf:version="1.0" xmlns="http://schemas.dmtf.org/ovf/envelope/1"
@@ -61,7 +61,8 @@ def test_not_an_ova(data: bytes) -> None:
     (ovf({"f": "d.vmdk"}, [("d", "f")], ' ovf:compression="gzip"'), UnsupportedError, "gzip-compressed"),
     (ovf({"f": "d.vmdk"}, [("d", "f")], ' ovf:chunkSize="1024"'), UnsupportedError, "split into chunks"),
     (b" " * (MAX_OVF + 1), InvalidImageError, "more than the 1048576"),
-], ids=["missing-file", "no-disks", "bad-xml", "entities", "compressed", "chunked", "huge-ovf"])
+    (ovf({"f": "d.vmdk"}, [("d", "f")] * (MAX_DISKS + 1)), UnsupportedError, "more than 64 disks"),
+], ids=["missing-file", "no-disks", "bad-xml", "entities", "compressed", "chunked", "huge-ovf", "many-disks"])
 def test_bad_descriptors(descriptor: bytes, error: type[Exception], message: str) -> None:
     with pytest.raises(error, match=message):
         ova_disks(BytesReader(ova(descriptor, "d.vmdk")), "vm.ova")

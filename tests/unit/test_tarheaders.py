@@ -12,6 +12,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from imgmount_testkit.ova import octal
+from imgmount_testkit.ova import tar_header as header
 from mountd.errors import InvalidImageError
 from mountd.image.blockio import BytesReader
 from mountd.image.tarheaders import BLOCK, MAX_EXTENDED, MAX_MEMBERS, Member, is_tar, read_members
@@ -27,24 +29,6 @@ def archive(files: dict[str, bytes], fmt: int = tarfile.USTAR_FORMAT) -> bytes:
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
     return out.getvalue()
-
-
-def header(name: bytes, size_field: bytes, kind: bytes = b"0", *, checksum: int | None = None) -> bytes:
-    """One ustar header with a raw size field (12 bytes) and the right checksum (unless given)."""
-    h = bytearray(BLOCK)
-    h[0:len(name)] = name
-    h[100:108], h[108:116], h[116:124] = b"0000644\0", b"0000000\0", b"0000000\0"
-    h[124:136] = size_field.ljust(12, b"\0")
-    h[136:148] = b"00000000000\0"
-    h[156:157] = kind
-    h[257:265] = b"ustar\x0000"
-    total = sum(h[:148]) + 8 * 32 + sum(h[156:]) if checksum is None else checksum
-    h[148:156] = f"{total:06o}\0 ".encode()
-    return bytes(h)
-
-
-def octal(n: int) -> bytes:
-    return f"{n:011o}\0".encode()
 
 
 def pax(records: dict[str, str]) -> bytes:
