@@ -61,11 +61,8 @@ def ovf_descriptor(name: str, files: Sequence[str], disks: Sequence[tuple[int, i
 
 
 def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
     with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def tar_header(name: bytes, size_field: bytes, kind: bytes = b"0", *, checksum: int | None = None) -> bytes:

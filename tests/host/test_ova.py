@@ -21,13 +21,13 @@ from imgmount_testkit.bus import world_dir
 from imgmount_testkit.ova import build_ova, vmdk_name
 from mountd.engine.engine import Engine
 from mountd.engine.inspection import inspect_image
-from mountd.engine.journal import Journal
 from mountd.errors import InvalidImageError, NotFoundError, UnsupportedError
 from mountd.host.opener import Credentials
 from mountd.layers.layer import InjectedFault
 from mountd.model import MountInfo, MountRequest
 from mountd.settings import Settings
 from tests.support import guests, leftovers
+from tests.support.engines import private_engine
 from tests.support.guests import Guest
 
 CALLER = "daemon"  # an existing unprivileged account
@@ -53,10 +53,8 @@ def appliance(tmp_path_factory: pytest.TempPathFactory) -> Appliance:
 
 @pytest.fixture
 def engine(tmp_path: Path) -> Iterator[Engine]:
-    eng = Engine(Journal(str(tmp_path / "state")))
-    yield eng
-    for m in eng.mounts():
-        eng.unmount(m.id, force=True)
+    with private_engine(tmp_path / "state") as eng:
+        yield eng
 
 
 def mount(engine: Engine, image: Path, root: Path, **kw: object) -> MountInfo:
