@@ -106,16 +106,17 @@ def probe_image(path: str, *, fmt: str | None = None, opener: Opener | None = No
     each file. The descriptors stay with ``opener`` (each :class:`ImageFile` names its own); without one,
     root opens them and they are closed on return."""
     if fmt is not None and fmt not in (*FORMATS, OVA):
-        raise InvalidArgumentError(f"unknown format {fmt[:40]!r}: use one of {', '.join(FORMATS)}")
+        raise InvalidArgumentError(f"unknown format {fmt[:40]!r}: use one of {', '.join((*FORMATS, OVA))}")
     if opener is None:
         with Opener() as own:
             return probe_image(path, fmt=fmt, opener=own, write=write)
     chain: list[ImageFile] = []
     seen: set[tuple[int, int]] = set()
-    current: OpenedFile | None = opener.open(path, write=write)
-    assert current is not None
-    if fmt in (None, OVA) and (ova := _probe_ova(current, opener, required=fmt == OVA)) is not None:
+    top = opener.open(path, write=write)
+    ova = _probe_ova(top, opener, required=fmt == OVA, write=write) if fmt in (None, OVA) else None
+    if ova is not None:
         return ova
+    current: OpenedFile | None = top
     while current is not None:
         if (current.dev, current.ino) in seen:
             raise InvalidImageError(f"the backing chain of {path} loops back to {current.name}")
@@ -172,13 +173,16 @@ def _supported_format(info: dict[str, Any], name: str) -> str:
     return found
 
 
-def _probe_ova(f: OpenedFile, opener: Opener, *, required: bool) -> ImageInfo | None:
+def _probe_ova(f: OpenedFile, opener: Opener, *, required: bool, write: bool) -> ImageInfo | None:
     """``f`` as an OVA, each disk probed in place; None if it is not one (an error if ``required``)."""
     disks = ova_disks(FileReader(f.fd), f.name)
     if disks is None:
         if required:
             raise InvalidImageError(f"{f.name} is not an OVA (a tar archive whose first file is the .ovf)")
         return None
+    if write:
+        raise UnsupportedError(f"{f.name} is an OVA, which imgmount mounts read-only: its disks cannot "
+                               "grow inside the archive (extract one with tar -x to write to it)")
     contained = tuple(ContainedDisk(d.name, d.label, _probe_member(f, d, opener)) for d in disks)
     top = ImageFile(path=f.name, format=OVA, virtual_size=sum(d.info.virtual_size for d in contained),
                     actual_size=os.fstat(f.fd).st_size, fd=f.fd, identity=f"{f.dev}:{f.ino}")

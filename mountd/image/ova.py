@@ -14,7 +14,7 @@ from xml.etree import ElementTree
 
 from mountd.errors import InvalidImageError, UnsupportedError
 from mountd.image.blockio import BlockReader
-from mountd.image.tarheaders import Member, is_tar, read_members
+from mountd.image.tarheaders import Member, is_tar, members_of
 
 MAX_OVF = 1 << 20
 MAX_DISKS = 64  # each disk costs a QEMU to probe and one to serve; VMware's largest VM has 60 SCSI disks
@@ -40,9 +40,11 @@ def ova_disks(reader: BlockReader, image: str) -> list[OvaDisk] | None:
     tar whose first member is no ``.ovf``)."""
     if not is_tar(reader):
         return None
-    members = read_members(reader)
-    if not members or not members[0].name.lower().endswith(".ovf"):
-        return None
+    found = members_of(reader)
+    first = next(found, None)
+    if first is None or not first.name.lower().endswith(".ovf"):
+        return None  # some other tar (or a disk that merely looks like one): not ours to judge
+    members = [first, *found]
     by_name: dict[str, Member] = {}
     for m in members:
         by_name.setdefault(m.name, m)

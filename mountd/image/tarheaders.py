@@ -10,6 +10,7 @@ pax (``path`` and ``size`` records), which is what VirtualBox, VMware's ovftool 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from mountd.errors import InvalidImageError
@@ -42,13 +43,18 @@ def is_tar(reader: BlockReader) -> bool:
 def read_members(reader: BlockReader) -> list[Member]:
     """Every regular file of the archive, in order; an :class:`InvalidImageError` naming the first header
     that is not sound (bad checksum or number, a name or member that runs past its bounds, too many)."""
-    members: list[Member] = []
+    return list(members_of(reader))
+
+
+def members_of(reader: BlockReader) -> Iterator[Member]:
+    """The regular files of the archive as their headers are read (the first without reading the rest)."""
+    count = 0
     pending: dict[str, str] = {}  # what extended headers say of the next member: "path", "size"
     pos = 0
     for _ in range(MAX_MEMBERS * 2 + 2):  # each member may come with one extended header
         header = reader.read(pos, BLOCK)
         if len(header) < BLOCK or header == bytes(BLOCK):
-            return members  # end of archive (two zero blocks, or a missing end marker)
+            return  # end of archive (two zero blocks, or a missing end marker)
         size = _checked(header, pos)
         data = pos + BLOCK
         if size > reader.size - data:
@@ -58,10 +64,12 @@ def read_members(reader: BlockReader) -> list[Member]:
         if kind in (PAX_LOCAL, GNU_LONG_NAME):
             pending.update(_extended(reader, data, size, kind, pos))
         elif kind in REGULAR:
-            members.append(_member(header, data, size, pending, reader.size))
-            size, pending = members[-1].size, {}
-            if len(members) > MAX_MEMBERS:
+            count += 1
+            if count > MAX_MEMBERS:
                 raise InvalidImageError(f"the archive holds more than {MAX_MEMBERS} files: not an OVA")
+            member = _member(header, data, size, pending, reader.size)
+            size, pending = member.size, {}
+            yield member
         elif kind not in SKIPPED and kind != PAX_GLOBAL:
             raise InvalidImageError(f"the tar member at offset {pos} is of a kind imgmount does not read "
                                     f"({kind!r}: sparse or multi-volume archives are not OVAs)")

@@ -212,3 +212,17 @@ def test_split_and_flat_vmdks_keep_working(engine: Engine, appliance: Appliance,
     info = mount(engine, image, tmp_path / "media")
     check_files(info, {v: dict(f) for v, f in mbr.files.items()})
     engine.unmount(info.id)
+
+
+def test_an_ova_is_read_only_and_a_tar_without_ovf_is_no_ova(engine: Engine, appliance: Appliance,
+                                                              tmp_path: Path) -> None:
+    with pytest.raises(UnsupportedError, match="is an OVA, which imgmount mounts read-only"):
+        mount(engine, appliance.ova, tmp_path / "media", read_only=False)
+    assert engine.mounts() == []
+    whole = appliance.disks[1].raw
+    subprocess.run(["tar", "--format=ustar", "-cf", str(tmp_path / "plain.tar"), "-C", str(whole.parent),
+                    whole.name], check=True)
+    assert inspect_image(str(tmp_path / "plain.tar")).image.format == "raw"
+    with pytest.raises(InvalidImageError, match=r"plain.tar is not an OVA \(a tar archive whose first file"):
+        inspect_image(str(tmp_path / "plain.tar"), fmt="ova")
+    assert [d.name for d in inspect_image(str(appliance.ova), fmt="ova").disks] == ["disk1", "disk2"]
