@@ -185,7 +185,7 @@ def _volume_rows(ins: Inspection) -> list[tuple[str, ...]]:
         last = i == len(top) - 1
         prefix = "" if v.kind == VolumeKind.DISK else ("└─" if last else "├─")
         rows.append(_row(prefix + v.name, v, _part_type(ins, v)))
-        children = [lv for lv in lvs if v.pv and lv.vg == v.vg
+        children = [lv for lv in lvs if v.pv and lv.vg == v.vg and _disk_of(ins, lv) == _disk_of(ins, v)
                     and _belongs(lv, v, top)]
         for j, lv in enumerate(children):
             indent = "" if v.kind == VolumeKind.DISK else ("  " if last else "│ ")
@@ -201,8 +201,14 @@ def _belongs(lv: Volume, region: Volume, regions: list[Volume]) -> bool:
     return first is region
 
 
+def _disk_of(ins: Inspection, v: Volume) -> InspectedDisk | None:
+    """The disk of an OVA that holds ``v`` (None for an image of one disk)."""
+    return next((d for d in ins.disks if v.name == d.name or v.name.startswith(f"{d.name}/")), None)
+
+
 def _part_type(ins: Inspection, v: Volume) -> str:
-    table = ins.table or next((d.layout.table for d in ins.disks if v.name.startswith(f"{d.name}/")), None)
+    disk = _disk_of(ins, v)
+    table = disk.layout.table if disk else ins.table
     if v.partition is None or table is None:
         return "disk"
     return type_name(table.label, v.partition.type)
