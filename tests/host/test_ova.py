@@ -18,7 +18,7 @@ import pytest
 
 from imgmount_testkit import images
 from imgmount_testkit.bus import world_dir
-from imgmount_testkit.ova import build_ova, vmdk_name
+from imgmount_testkit.ova import build_ova, ovf_descriptor, vmdk_name
 from mountd.engine.engine import Engine
 from mountd.engine.inspection import inspect_image
 from mountd.errors import InvalidImageError, NotFoundError, UnsupportedError
@@ -226,3 +226,19 @@ def test_an_ova_is_read_only_and_a_tar_without_ovf_is_no_ova(engine: Engine, app
     with pytest.raises(InvalidImageError, match=r"plain.tar is not an OVA \(a tar archive whose first file"):
         inspect_image(str(tmp_path / "plain.tar"), fmt="ova")
     assert [d.name for d in inspect_image(str(appliance.ova), fmt="ova").disks] == ["disk1", "disk2"]
+
+
+def test_disks_in_other_formats(engine: Engine, appliance: Appliance, tmp_path: Path) -> None:
+    """The OVF does not have to name VMDKs: a raw and a qcow2 disk, each probed in place and pinned."""
+    mbr, whole = appliance.disks
+    shutil.copyfile(whole.raw, tmp_path / "vm-disk1.img")
+    images.convert(mbr.raw, tmp_path / "vm-disk2.qcow2", "qcow2")
+    (tmp_path / "vm.ovf").write_text(ovf_descriptor("vm", ["vm-disk1.img", "vm-disk2.qcow2"],
+                                                    [(1, 64 << 20), (2, 160 << 20)]))
+    subprocess.run(["tar", "--format=ustar", "-cf", str(tmp_path / "vm.ova"), "-C", str(tmp_path), "vm.ovf",
+                    "vm-disk1.img", "vm-disk2.qcow2"], check=True)
+    ins = inspect_image(str(tmp_path / "vm.ova"))
+    assert [(d.name, d.image.format) for d in ins.disks] == [("disk1", "raw"), ("disk2", "qcow2")]
+    info = mount(engine, tmp_path / "vm.ova", tmp_path / "media")
+    check_files(info, {"disk1": dict(whole.files["disk"]), **{f"disk2/{v}": dict(f) for v, f in mbr.files.items()}})
+    engine.unmount(info.id)
