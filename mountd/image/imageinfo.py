@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,6 +18,7 @@ from mountd.errors import (
     InvalidArgumentError,
     InvalidImageError,
     NotFoundError,
+    OperationTimeoutError,
     UnsupportedError,
 )
 from mountd.host import command
@@ -183,19 +185,23 @@ def _probe_ova(f: OpenedFile, opener: Opener, *, required: bool, write: bool) ->
     if write:
         raise UnsupportedError(f"{f.name} is an OVA, which imgmount mounts read-only: its disks cannot "
                                "grow inside the archive (extract one with tar -x to write to it)")
-    contained = tuple(ContainedDisk(d.name, d.label, _probe_member(f, d, opener)) for d in disks)
+    deadline = time.monotonic() + INFO_TIMEOUT  # for all disks together: at most 64 of them, each a QEMU
+    contained = tuple(ContainedDisk(d.name, d.label, _probe_member(f, d, opener, deadline)) for d in disks)
     top = ImageFile(path=f.name, format=OVA, virtual_size=sum(d.info.virtual_size for d in contained),
                     actual_size=os.fstat(f.fd).st_size, fd=f.fd, identity=f"{f.dev}:{f.ino}")
     return ImageInfo((top,), contained)
 
 
-def _probe_member(f: OpenedFile, disk: OvaDisk, opener: Opener) -> ImageInfo:
+def _probe_member(f: OpenedFile, disk: OvaDisk, opener: Opener, deadline: float) -> ImageInfo:
     """One disk of an OVA, which must be whole in the archive: it may name no other file."""
     member, label = disk.member, f"disk {disk.name} ({disk.member.name[:200]}) of {f.name}"
     if scan_head(os.pread(f.fd, min(member.size, HEAD_READ), member.offset), label) != References():
         raise InvalidImageError(f"{label} names other files (a backing file, data file or extent): an "
                                 "OVA's disks must be whole inside it")
-    info = _qemu_img_info(opener, f, None, None, by_name=False, member=member)
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise OperationTimeoutError(f"QEMU took more than {INFO_TIMEOUT:g} s to open the disks of {f.name}")
+    info = _qemu_img_info(opener, f, None, None, by_name=False, member=member, timeout=left)
     if info.get("backing-filename"):
         raise InvalidImageError(f"{label} names a backing file: an OVA's disks must be whole inside it")
     specific = info.get("format-specific", {}).get("data", {})
@@ -224,7 +230,8 @@ def _open_reference(opener: Opener, image: OpenedFile, name: str, what: str, wri
 
 
 def _qemu_img_info(opener: Opener, f: OpenedFile, fmt: str | None, data: OpenedFile | None, *,
-                   by_name: bool, member: Member | None = None) -> dict[str, Any]:
+                   by_name: bool, member: Member | None = None,
+                   timeout: float = INFO_TIMEOUT) -> dict[str, Any]:
     """``qemu-img info`` on the open file (run as the caller when ``opener`` is confined). A VMDK descriptor
     that names other extents is given by name: QEMU finds the extents relative to it."""
     opts = [f"driver={fmt}"] if fmt else []
@@ -235,7 +242,7 @@ def _qemu_img_info(opener: Opener, f: OpenedFile, fmt: str | None, data: OpenedF
     argv = [*prefix, "qemu-img", "info", "--output=json", "--force-share", "--image-opts", ",".join(opts)]
     fds = [f.fd, *([data.fd] if data else [])]
     try:
-        out = command.run(argv, timeout=INFO_TIMEOUT, pass_fds=fds).stdout
+        out = command.run(argv, timeout=timeout, pass_fds=fds).stdout
     except CommandError as exc:
         reason = exc.stderr.strip().splitlines()[-1:] or ["unknown error"]
         why = reason[0].removeprefix("qemu-img: ").replace(f.proc_path, f.name)
