@@ -97,6 +97,8 @@ def test_mounting_an_ova_mounts_every_disk_in_place(engine: Engine, appliance: A
     check_files(info, appliance.files())
     exports = [x for x in engine.journal.read(info.id).layers if x.kind == "fuse"]
     assert [x.identity["blockdev"].split(",")[:2] for x in exports] == [["driver=vmdk", "file.driver=raw"]] * 2
+    restarted = Engine(engine.journal)  # what a daemon started anew finds: both disks' layers, verified
+    assert restarted.verify(info.id) == [] and restarted.clean_up(info.id) == info
     engine.unmount(info.id)
     assert mine(before, tmp_path) == [] and engine.mounts() == []
     assert not (tmp_path / "media").exists() or list((tmp_path / "media").iterdir()) == []
