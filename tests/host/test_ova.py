@@ -126,8 +126,10 @@ def test_a_callers_ova_is_served_by_her_own_qemus(engine: Engine, appliance: App
         image = home / "appliance.ova"
         shutil.copyfile(appliance.ova, image)
         os.chown(image, user.pw_uid, user.pw_gid)
+        hers = Credentials(user.pw_uid, (user.pw_gid,))
+        assert [d.name for d in inspect_image(str(image), confined=hers).disks] == ["disk1", "disk2"]
         info = engine.mount(MountRequest(image=str(image), mount_root=str(home / "media"), owner=user.pw_uid),
-                            confined=Credentials(user.pw_uid, (user.pw_gid,)))
+                            confined=hers)
         servers = [x for x in engine.journal.read(info.id).layers if x.kind == "server"]
         assert [x.identity["uid"] for x in servers] == [user.pw_uid] * 2
         check_files(info, appliance.files())
