@@ -182,7 +182,7 @@ def _volume_rows(ins: Inspection) -> list[tuple[str, ...]]:
     lvs = [v for v in ins.volumes if v.kind == VolumeKind.LV]
     rows: list[tuple[str, ...]] = []
     for i, v in enumerate(top):
-        last = i == len(top) - 1
+        last = i == len(top) - 1 or _disk_of(ins, top[i + 1]) != _disk_of(ins, v)  # of its disk, in an OVA
         prefix = "" if v.kind == VolumeKind.DISK else ("└─" if last else "├─")
         rows.append(_row(prefix + v.name, v, _part_type(ins, v)))
         children = [lv for lv in lvs if v.pv and lv.vg == v.vg and _disk_of(ins, lv) == _disk_of(ins, v)
