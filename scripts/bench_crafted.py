@@ -32,8 +32,10 @@ from imgmount_testkit.lvm_synth import (  # noqa: E402
     pv_file,
     write_pv,
 )
+from imgmount_testkit.ova import octal, ovf_descriptor, tar_header  # noqa: E402
 from mountd.image.lvmconfig import MAX_ITEMS, MAX_LVS  # noqa: E402
 from mountd.image.lvmlabel import MAX_TEXT_SIZE  # noqa: E402
+from mountd.image.ova import MAX_DISKS  # noqa: E402
 
 # The child: ``imgmount`` with its arguments read from stdin (a 1 MiB path is longer than an argument may be).
 CHILD = ("import json, sys; from mountd.cli.main import imgmount_main; "
@@ -96,9 +98,35 @@ TEXTS: dict[str, Callable[[], bytes]] = {
     # blkid probes each linear LV (thin ones are not probed): the cost per LV that is not the parser's
     f"{LINEAR_LVS} linear LVs": lambda: crafted_vg(lvs=LINEAR_LVS, thin=False),
 }
+def _ova(work: Path, ovf: str, disk: bytes = b"") -> str:
+    """An OVA of ``ovf`` and, if given, ``disk`` as ``d.vmdk`` (ustar, the descriptor first)."""
+    (work / "a.ovf").write_text(ovf)
+    (work / "d.vmdk").write_bytes(disk)
+    images.run(["tar", "--format=ustar", "-cf", str(work / "crafted.ova"), "-C", str(work), "a.ovf",
+                "d.vmdk"])
+    return str(work / "crafted.ova")
+
+
+def _ova_of_disks(work: Path, count: int) -> str:
+    """An OVA whose OVF lists ``count`` disks, each the same small streamOptimized VMDK."""
+    images.run(["qemu-img", "create", "-q", "-f", "vmdk", "-o", "subformat=streamOptimized",
+                str(work / "small.vmdk"), "64M"])
+    return _ova(work, ovf_descriptor("a", ["d.vmdk"], [(1, 64 << 20)] * count),
+                (work / "small.vmdk").read_bytes())
+
+
+def _raw_tar(work: Path, data: bytes) -> str:
+    (work / "crafted.ova").write_bytes(data)
+    return str(work / "crafted.ova")
+
+
 PATHS: dict[str, Callable[[Path], str]] = {
     "path of 4096 slashes": lambda _: "/" * 4096,
     "path of 1 MiB": lambda work: str(work) + "/x" * (1 << 19),
+    "OVA of 10^5 tar members": lambda work: _raw_tar(work, tar_header(b"a.ovf", octal(0)) * 100_000),
+    "OVA member of 2^88 bytes": lambda work: _raw_tar(work, tar_header(b"a.ovf", b"\x80" + b"\xff" * 11)),
+    "OVA, OVF of 5000 disks": lambda work: _ova(work, ovf_descriptor("a", ["d.vmdk"], [(1, 1)] * 5000)),
+    f"OVA of {MAX_DISKS} disks (bound)": lambda work: _ova_of_disks(work, MAX_DISKS),
 }
 
 

@@ -65,8 +65,8 @@ class _Formats:
     parser.)"""
 
     def __iter__(self) -> Iterator[str]:  # also what ``in`` uses
-        from mountd.image.imageinfo import FORMATS  # noqa: PLC0415 - deferred, as the class says
-        return iter(FORMATS)
+        from mountd.image.imageinfo import FORMATS, OVA  # noqa: PLC0415 - deferred, as the class says
+        return iter((*FORMATS, OVA))
 
 
 def imgumount_parser() -> argparse.ArgumentParser:

@@ -40,7 +40,8 @@ class Disk:
 
 
 def is_plain_raw(info: ImageInfo) -> bool:
-    return info.format == "raw" and len(info.chain) == 1 and info.top.data_file is None
+    return info.format == "raw" and len(info.chain) == 1 and info.top.data_file is None \
+        and info.top.member is None
 
 
 def choose(requested: str, info: ImageInfo, host: HostSupport) -> str:
@@ -65,10 +66,10 @@ def choose(requested: str, info: ImageInfo, host: HostSupport) -> str:
 
 
 def attach_disk(stack: MountStack, backend: str, info: ImageInfo, *, read_only: bool, snapshot: str | None,
-                host: HostSupport, confined: Credentials | None = None) -> Disk:
+                host: HostSupport, confined: Credentials | None = None, name: str = "") -> Disk:
     """The whole disk, from the files the probe opened (``info``'s descriptors). For a ``confined`` caller
     every QEMU that parses the image runs as that caller (:mod:`mountd.layers.server`); root's side only
-    reads NBD.
+    reads NBD. ``name``: which disk of several (an OVA's ``disk2``), for the names of its export and socket.
     """
     dm, state_dir = host.lv_mapping, stack.journal.root
     if backend == "loop":
@@ -77,10 +78,11 @@ def attach_disk(stack: MountStack, backend: str, info: ImageInfo, *, read_only: 
         layer = stack.push(spec.plan(), fds=top)
         return Disk(backend, layer.node, info.top.path, False, dm, top)
     source = block_options(info)
+    own = f"{stack.record.id}-{name}" if name else stack.record.id
     if confined is not None:
-        source = _caller_server(stack, info, read_only=read_only, snapshot=snapshot, creds=confined)
+        source = _caller_server(stack, info, read_only=read_only, snapshot=snapshot, creds=confined, own=own)
     if backend == "fuse":
-        layer = stack.push(ExportSpec(source, export_path(state_dir, stack.record.id), read_only,
+        layer = stack.push(ExportSpec(source, export_path(state_dir, own), read_only,
                                       snapshot or "", info.virtual_size).plan())
         return Disk(backend, layer.node, layer.node, False, dm)
     module = ensure_nbd_module()
@@ -96,12 +98,12 @@ def export_path(state_dir: Path, name: str) -> str:
 
 
 def _caller_server(stack: MountStack, info: ImageInfo, *, read_only: bool, snapshot: str | None,
-                   creds: Credentials) -> str:
+                   creds: Credentials, own: str) -> str:
     """Serve the image with a QEMU running as the caller; the block options that read it."""
     if snapshot:
         raise UnsupportedError("only root can mount an internal snapshot for now: QEMU running as you "
                                "(qemu-storage-daemon) has no way to open one")
-    sock = run_dir(stack.journal.root, "servers") / f"{stack.record.id}.sock"
+    sock = run_dir(stack.journal.root, "servers") / f"{own}.sock"
     spec = ServerSpec(block_options(info, by_fd=True), str(sock), read_only, creds, info.top.path)
     layer = stack.push(spec.plan(), fds=tuple(chain_fds(info)))
     return client_options(layer.node)

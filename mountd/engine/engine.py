@@ -17,6 +17,7 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 from mountd.engine import backends
+from mountd.engine.disks import attacher_of, wanted_disks
 from mountd.engine.inspection import DiskLayout, Volume
 from mountd.engine.journal import Journal, MountRecord
 from mountd.engine.stack import MountStack
@@ -27,7 +28,7 @@ from mountd.host.holders import check_not_in_use
 from mountd.host.mediaroot import ensure_private_root
 from mountd.host.opener import Credentials, Opener
 from mountd.host.support import HostSupport, check_host
-from mountd.image.imageinfo import ImageInfo, probe_image
+from mountd.image.imageinfo import ContainedDisk, ImageInfo, probe_image
 from mountd.layers import dm, fuse, loop, mount, nbd, server  # noqa: F401
 from mountd.layers.layer import FaultPoints, layer_from_record
 from mountd.model import BACKENDS, MountInfo, MountRequest, MountState, find_mount
@@ -89,15 +90,21 @@ class Engine:
                              options=_options(req), image_id=info.top.identity)
         stack = MountStack(self.journal, record, FaultPoints(self.settings.fault_at, self.settings.crash_at))
         with stack.building(self.deadline):
-            disk = backends.attach_disk(stack, backend, info, read_only=req.read_only,
-                                        snapshot=req.snapshot, host=self.host,
-                                        confined=opener.creds)
-            layout = backends.analyse(disk)
-            attacher = VolumeAttacher(stack, disk, layout, req, self._mount_root(req), self.host)
-            for volume in _selected(layout, req.volumes, disk.device_mapper):
-                attacher.mount(volume)
+            attachers = [self._attach(stack, backend, part, req, opener.creds)
+                         for part in wanted_disks(info, req.volumes)]
+            layout = DiskLayout.merged([a.layout for a in attachers])
+            for volume in _selected(layout, req.volumes, all(a.disk.device_mapper for a in attachers)):
+                attacher_of(attachers, volume.name).mount(volume)
         log.info("mounted %s (%s, %s) as %s", image, info.format, backend, record.id)
         return stack.record.info()
+
+    def _attach(self, stack: MountStack, backend: str, part: ContainedDisk, req: MountRequest,
+                confined: Credentials | None) -> VolumeAttacher:
+        """Attach one disk (of several, for an OVA) and find what it holds, its volumes named after it."""
+        disk = backends.attach_disk(stack, backend, part.info, read_only=req.read_only, snapshot=req.snapshot,
+                                    host=self.host, confined=confined, name=part.name)
+        layout = backends.analyse(disk).named(part.name)
+        return VolumeAttacher(stack, disk, layout, req, self._mount_root(req), self.host)
 
     @staticmethod
     def _mount_root(req: MountRequest) -> str:

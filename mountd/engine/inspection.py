@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import StrEnum
 
 from mountd.host.holders import FileUsage, files_usage
@@ -16,7 +16,7 @@ from mountd.host.opener import Credentials, Opener
 from mountd.host.support import HostSupport
 from mountd.image.blockio import BlockReader, FileReader, SliceReader
 from mountd.image.fsprobe import Signature, probe
-from mountd.image.imageinfo import ImageInfo, block_options, chain_fds, probe_image
+from mountd.image.imageinfo import ContainedDisk, ImageInfo, block_options, chain_fds, probe_image
 from mountd.image.lvmlabel import MetadataTexts, PhysicalVolume, read_pv
 from mountd.image.lvmmeta import VolumeGroup
 from mountd.image.nbdclient import open_image
@@ -66,6 +66,33 @@ class DiskLayout:
     def volume(self, name: str) -> Volume | None:
         return next((v for v in self.volumes if v.name == name), None)
 
+    def named(self, disk: str) -> DiskLayout:
+        """This layout with its volumes' names under ``disk`` (one disk of several: ``disk1/p1``, or
+        ``disk1`` for the whole disk); unchanged for ``""``, the one disk of an image."""
+        if not disk:
+            return self
+        volumes = tuple(replace(v, name=disk if v.name == WHOLE_DISK else f"{disk}/{v.name}")
+                        for v in self.volumes)
+        return replace(self, volumes=volumes)
+
+    @staticmethod
+    def merged(layouts: list[DiskLayout]) -> DiskLayout:
+        """The volumes of several named disks as one list (their partition tables stay with each disk)."""
+        if len(layouts) == 1:
+            return layouts[0]
+        return DiskLayout(None, tuple(g for x in layouts for g in x.volume_groups),
+                          tuple(v for x in layouts for v in x.volumes))
+
+
+@dataclass(frozen=True)
+class InspectedDisk:
+    """One disk of an image that holds several (an OVA)."""
+
+    name: str
+    label: str
+    image: ImageInfo
+    layout: DiskLayout  # its volumes named ``<name>/...``
+
 
 @dataclass(frozen=True)
 class Inspection:
@@ -73,6 +100,7 @@ class Inspection:
     usage: tuple[FileUsage, ...]  # one per file of image.files()
     layout: DiskLayout
     host: HostSupport | None = None  # what the host that inspected it can do
+    disks: tuple[InspectedDisk, ...] = ()  # an OVA's disks (``layout`` then holds all their volumes)
 
     @property
     def table(self) -> PartitionTable | None:
@@ -105,8 +133,16 @@ def inspect_image(path: str, *, fmt: str | None = None, confined: Credentials | 
     with Opener(confined) as opener:
         image = probe_image(path, fmt=fmt, opener=opener)
         usage = files_usage(image.files(), opened=opener.by_name())
+        if image.disks:
+            disks = tuple(_inspect_disk(d, confined) for d in image.disks)
+            return Inspection(image, usage, DiskLayout.merged([d.layout for d in disks]), host, disks)
         with open_reader(image, confined) as disk:
             return Inspection(image, usage, analyse_disk(disk), host)
+
+
+def _inspect_disk(disk: ContainedDisk, confined: Credentials | None) -> InspectedDisk:
+    with open_reader(disk.info, confined) as reader:
+        return InspectedDisk(disk.name, disk.label, disk.info, analyse_disk(reader).named(disk.name))
 
 
 def analyse_disk(disk: BlockReader) -> DiskLayout:
@@ -139,7 +175,7 @@ class _Probes:
 def open_reader(image: ImageInfo, confined: Credentials | None = None) -> Iterator[BlockReader]:
     """Raw single files are read directly from the descriptor the probe opened; every other format through
     QEMU's block layer (a QEMU of the caller's, for a ``confined`` caller)."""
-    if image.format == "raw" and len(image.chain) == 1 and image.top.fd >= 0:
+    if image.format == "raw" and len(image.chain) == 1 and image.top.fd >= 0 and image.top.member is None:
         yield FileReader(image.top.fd)
     elif confined is not None:
         opts = block_options(image, force_share=True, by_fd=True)

@@ -7,10 +7,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from mountd.engine.inspection import Inspection, Volume, VolumeKind
+from mountd.engine.inspection import InspectedDisk, Inspection, Volume, VolumeKind
 from mountd.host.holders import FileUsage
 from mountd.host.support import HostSupport
 from mountd.image.imageinfo import ImageFile
+from mountd.image.partitions import PartitionTable
 from mountd.image.recovery import describe
 
 GPT_TYPES = {
@@ -52,25 +53,14 @@ def type_name(table_label: str, type_id: str) -> str:
 
 def inspection_to_dict(ins: Inspection) -> dict[str, Any]:
     usage = {u.path: u for u in ins.usage}
-    table = ins.table
     return {
         "image": ins.image.top.path,
         "format": ins.image.format,
         "virtual-size": ins.image.virtual_size,
         "chain": [_file_dict(f, usage) for f in ins.image.chain],
         "in-use": _worst(ins.usage),
-        "partition-table": None if table is None else {
-            "label": table.label,
-            "sector-size": table.sector_size,
-            "disk-id": table.disk_id,
-            "warnings": list(table.warnings),
-            "partitions": [
-                {"number": p.number, "start": p.start, "size": p.size, "type": p.type,
-                 "type-name": type_name(table.label, p.type), "uuid": p.uuid, "name": p.name,
-                 "bootable": p.bootable, "container": p.container}
-                for p in table.partitions
-            ],
-        },
+        "partition-table": _table_dict(ins.table),
+        "disks": [_disk_dict(d) for d in ins.disks],
         "volume-groups": [
             {"name": vg.name, "uuid": vg.uuid, "seqno": vg.seqno, "extent-size": vg.extent_size,
              "physical-volumes": [pv.uuid for pv in vg.pvs],
@@ -80,6 +70,30 @@ def inspection_to_dict(ins: Inspection) -> dict[str, Any]:
         "volumes": [_volume_dict(v) for v in ins.volumes],
         "host": None if ins.host is None else _host_dict(ins.host),
     }
+
+
+def _table_dict(table: PartitionTable | None) -> dict[str, Any] | None:
+    return None if table is None else {
+        "label": table.label,
+        "sector-size": table.sector_size,
+        "disk-id": table.disk_id,
+        "warnings": list(table.warnings),
+        "partitions": [
+            {"number": p.number, "start": p.start, "size": p.size, "type": p.type,
+             "type-name": type_name(table.label, p.type), "uuid": p.uuid, "name": p.name,
+             "bootable": p.bootable, "container": p.container}
+            for p in table.partitions
+        ],
+    }
+
+
+def _disk_dict(d: InspectedDisk) -> dict[str, Any]:
+    """One disk of an OVA: where its bytes are in the archive, and its own partition table."""
+    member = d.image.top.member
+    return {"name": d.name, "label": d.label, "file": member.name if member else None,
+            "offset": member.offset if member else None, "size": member.size if member else None,
+            "format": d.image.format, "virtual-size": d.image.virtual_size,
+            "partition-table": _table_dict(d.layout.table)}
 
 
 def _host_dict(host: HostSupport) -> dict[str, Any]:
@@ -125,11 +139,10 @@ def _volume_dict(v: Volume) -> dict[str, Any]:
 def render_tree(ins: Inspection) -> str:
     usage = {u.path: u for u in ins.usage}
     lines = [_file_line(f, usage, i) for i, f in enumerate(ins.image.chain)]
-    if ins.table is not None:
-        t = ins.table
-        lines.append(f"{t.label.upper() if t.label == 'gpt' else 'MBR (dos)'} partition table, "
-                     f"{t.sector_size}-byte sectors, disk id {t.disk_id}")
-        lines += [f"  warning: {w}" for w in t.warnings]
+    lines += _table_lines(ins.table, "")
+    for d in ins.disks:
+        lines.append(_disk_line(d))
+        lines += _table_lines(d.layout.table, "    ")
     rows: list[tuple[str, ...]] = [("NAME", "OFFSET", "SIZE", "TYPE", "FSTYPE", "LABEL", "UUID / NOTE")]
     rows += _volume_rows(ins)
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
@@ -139,6 +152,20 @@ def render_tree(ins: Inspection) -> str:
     if ins.host is not None:
         lines.append(ins.host.summary())
     return "\n".join(lines)
+
+
+def _table_lines(t: PartitionTable | None, indent: str) -> list[str]:
+    if t is None:
+        return []
+    return [f"{indent}{t.label.upper() if t.label == 'gpt' else 'MBR (dos)'} partition table, "
+            f"{t.sector_size}-byte sectors, disk id {t.disk_id}",
+            *(f"{indent}  warning: {w}" for w in t.warnings)]
+
+
+def _disk_line(d: InspectedDisk) -> str:
+    member = d.image.top.member
+    where = f", file {member.name} ({human_size(member.size)}) in the archive" if member else ""
+    return f"  {d.name} ({d.label}{where}): {d.image.format}, {human_size(d.image.virtual_size)} virtual"
 
 
 def _file_line(f: ImageFile, usage: dict[str, FileUsage], depth: int) -> str:
@@ -155,10 +182,10 @@ def _volume_rows(ins: Inspection) -> list[tuple[str, ...]]:
     lvs = [v for v in ins.volumes if v.kind == VolumeKind.LV]
     rows: list[tuple[str, ...]] = []
     for i, v in enumerate(top):
-        last = i == len(top) - 1
+        last = i == len(top) - 1 or _disk_of(ins, top[i + 1]) != _disk_of(ins, v)  # of its disk, in an OVA
         prefix = "" if v.kind == VolumeKind.DISK else ("└─" if last else "├─")
         rows.append(_row(prefix + v.name, v, _part_type(ins, v)))
-        children = [lv for lv in lvs if v.pv and lv.vg == v.vg
+        children = [lv for lv in lvs if v.pv and lv.vg == v.vg and _disk_of(ins, lv) == _disk_of(ins, v)
                     and _belongs(lv, v, top)]
         for j, lv in enumerate(children):
             indent = "" if v.kind == VolumeKind.DISK else ("  " if last else "│ ")
@@ -174,10 +201,17 @@ def _belongs(lv: Volume, region: Volume, regions: list[Volume]) -> bool:
     return first is region
 
 
+def _disk_of(ins: Inspection, v: Volume) -> InspectedDisk | None:
+    """The disk of an OVA that holds ``v`` (None for an image of one disk)."""
+    return next((d for d in ins.disks if v.name == d.name or v.name.startswith(f"{d.name}/")), None)
+
+
 def _part_type(ins: Inspection, v: Volume) -> str:
-    if v.partition is None or ins.table is None:
+    disk = _disk_of(ins, v)
+    table = disk.layout.table if disk else ins.table
+    if v.partition is None or table is None:
         return "disk"
-    return type_name(ins.table.label, v.partition.type)
+    return type_name(table.label, v.partition.type)
 
 
 def _row(name: str, v: Volume, kind: str) -> tuple[str, ...]:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from mountd.engine.backends import Disk, export_path
-from mountd.engine.inspection import DiskLayout, Volume, VolumeKind
+from mountd.engine.inspection import WHOLE_DISK, DiskLayout, Volume, VolumeKind
 from mountd.engine.stack import MountStack
 from mountd.errors import MountdError, UnsupportedError
 from mountd.host.filesystems import NO_REPLAY, check_mountable, mount_options, mount_type, replay_refused
@@ -65,7 +65,7 @@ class VolumeAttacher:
         req = self.request
         os.makedirs(self.root, mode=0o755, exist_ok=True)
         stem = _stem(self.stack.record.image)
-        name = stem if volume.kind == VolumeKind.DISK else f"{stem}-{volume.name}"
+        name = stem if volume.name == WHOLE_DISK else f"{stem}-{volume.name}"
         try:
             options = mount_options(fstype, read_only=req.read_only, requested=req.mount_options,
                                     owner_uid=req.owner, replay=replay)
@@ -147,7 +147,7 @@ class VolumeAttacher:
             for region in self.layout.volumes
             if region.vg == vg.name and region.kind != VolumeKind.LV and region.signature is not None
         }
-        lv_name = volume.name.split("/", 1)[1]
+        lv_name = volume.name.rsplit("/", 1)[1]  # "vg/lv", or "disk2/vg/lv" on a disk of an OVA
         lv = vg.lv(lv_name)
         mount_id = self.stack.record.id
         return self.stack.push(DmSpec(_dm_name(f"imgmount-{mount_id}-{vg.name}-{lv_name}"),

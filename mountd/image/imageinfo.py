@@ -8,6 +8,8 @@ attach (design: "Images are untrusted input").
 from __future__ import annotations
 
 import json
+import os
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,16 +18,22 @@ from mountd.errors import (
     InvalidArgumentError,
     InvalidImageError,
     NotFoundError,
+    OperationTimeoutError,
     UnsupportedError,
 )
 from mountd.host import command
 from mountd.host.opener import OpenedFile, Opener, confined_argv, fd_path, in_kernel_tree
-from mountd.image.imagerefs import reference_path, scan_references, trailer_format
+from mountd.image.blockio import FileReader
+from mountd.image.imagerefs import References, reference_path, scan_head, scan_references, trailer_format
+from mountd.image.ova import OvaDisk, ova_disks
+from mountd.image.tarheaders import Member
 
 FORMATS = ("raw", "qcow2", "qcow", "vmdk", "vdi", "vhdx", "vpc", "cloop", "dmg", "parallels", "bochs", "qed")
 READ_ONLY_FORMATS = ("cloop", "dmg", "bochs")
+OVA = "ova"  # not a QEMU format: a tar of disks, each opened in place (:mod:`mountd.image.ova`)
 MAX_CHAIN = 64
 INFO_TIMEOUT = 30.0
+HEAD_READ = 1 << 20  # of an OVA's disk, for the names it holds (a VMDK's descriptor is in its first sectors)
 
 
 @dataclass(frozen=True)
@@ -50,11 +58,13 @@ class ImageFile:
     fd: int = field(default=-1, compare=False, repr=False)  # open while the probe's Opener is
     data_fd: int = field(default=-1, compare=False, repr=False)
     identity: str = field(default="", compare=False)  # "st_dev:st_ino" of the file opened: what it *is*
+    member: Member | None = None  # the bytes of ``path`` that hold this image (a disk in an OVA)
 
 
 @dataclass(frozen=True)
 class ImageInfo:
     chain: tuple[ImageFile, ...]  # chain[0] is the image itself, then its backing files in order
+    disks: tuple[ContainedDisk, ...] = ()  # an OVA's disks (chain[0] is then the OVA, format "ova")
 
     @property
     def top(self) -> ImageFile:
@@ -76,6 +86,15 @@ class ImageInfo:
         return list(dict.fromkeys(out))
 
 
+@dataclass(frozen=True)
+class ContainedDisk:
+    """One disk of an OVA: ``name`` is what its volumes' names start with (``disk1/p1``)."""
+
+    name: str
+    label: str  # the OVF's name for it
+    info: ImageInfo
+
+
 def image_path(path: str) -> str:
     """The absolute, resolved path of an image root names (root's own files only: a caller's are opened by
     :class:`~mountd.host.opener.Opener` as the caller), or a clear error."""
@@ -88,14 +107,18 @@ def probe_image(path: str, *, fmt: str | None = None, opener: Opener | None = No
     """Open ``path`` and its whole backing chain with ``opener`` (as the caller it stands for) and describe
     each file. The descriptors stay with ``opener`` (each :class:`ImageFile` names its own); without one,
     root opens them and they are closed on return."""
-    if fmt is not None and fmt not in FORMATS:
-        raise InvalidArgumentError(f"unknown format {fmt[:40]!r}: use one of {', '.join(FORMATS)}")
+    if fmt is not None and fmt not in (*FORMATS, OVA):
+        raise InvalidArgumentError(f"unknown format {fmt[:40]!r}: use one of {', '.join((*FORMATS, OVA))}")
     if opener is None:
         with Opener() as own:
             return probe_image(path, fmt=fmt, opener=own, write=write)
     chain: list[ImageFile] = []
     seen: set[tuple[int, int]] = set()
-    current: OpenedFile | None = opener.open(path, write=write)
+    top = opener.open(path, write=write)
+    ova = _probe_ova(top, opener, required=fmt == OVA, write=write) if fmt in (None, OVA) else None
+    if ova is not None:
+        return ova
+    current: OpenedFile | None = top
     while current is not None:
         if (current.dev, current.ino) in seen:
             raise InvalidImageError(f"the backing chain of {path} loops back to {current.name}")
@@ -120,11 +143,7 @@ def _probe_file(f: OpenedFile, fmt: str | None, opener: Opener, *,
     pinned = trailer_format(f.fd) if fmt is None and info.get("format") == "raw" else None
     if pinned:
         info = _qemu_img_info(opener, f, pinned, data, by_name=False)
-    found = str(info.get("format", ""))
-    if found not in FORMATS:
-        raise UnsupportedError(f"{f.name} is in format {found[:40]!r}, which imgmount does not support")
-    if info.get("encrypted"):
-        raise UnsupportedError(f"{f.name} is encrypted: imgmount cannot mount encrypted images")
+    found = _supported_format(info, f.name)
     backing_name = refs.backing or info.get("backing-filename")
     backing = _open_reference(opener, f, str(backing_name), "backing file", False) if backing_name else None
     specific = info.get("format-specific", {}).get("data", {})
@@ -148,6 +167,51 @@ def _probe_file(f: OpenedFile, fmt: str | None, opener: Opener, *,
     ), backing
 
 
+def _supported_format(info: dict[str, Any], name: str) -> str:
+    found = str(info.get("format", ""))
+    if found not in FORMATS:
+        raise UnsupportedError(f"{name} is in format {found[:40]!r}, which imgmount does not support")
+    if info.get("encrypted"):
+        raise UnsupportedError(f"{name} is encrypted: imgmount cannot mount encrypted images")
+    return found
+
+
+def _probe_ova(f: OpenedFile, opener: Opener, *, required: bool, write: bool) -> ImageInfo | None:
+    """``f`` as an OVA, each disk probed in place; None if it is not one (an error if ``required``)."""
+    disks = ova_disks(FileReader(f.fd), f.name)
+    if disks is None:
+        if required:
+            raise InvalidImageError(f"{f.name} is not an OVA (a tar archive whose first file is the .ovf)")
+        return None
+    if write:
+        raise UnsupportedError(f"{f.name} is an OVA, which imgmount mounts read-only: its disks cannot "
+                               "grow inside the archive (extract one with tar -x to write to it)")
+    deadline = time.monotonic() + INFO_TIMEOUT  # for all disks together: at most 64 of them, each a QEMU
+    contained = tuple(ContainedDisk(d.name, d.label, _probe_member(f, d, opener, deadline)) for d in disks)
+    top = ImageFile(path=f.name, format=OVA, virtual_size=sum(d.info.virtual_size for d in contained),
+                    actual_size=os.fstat(f.fd).st_size, fd=f.fd, identity=f"{f.dev}:{f.ino}")
+    return ImageInfo((top,), contained)
+
+
+def _probe_member(f: OpenedFile, disk: OvaDisk, opener: Opener, deadline: float) -> ImageInfo:
+    """One disk of an OVA, which must be whole in the archive: it may name no other file."""
+    member, label = disk.member, f"disk {disk.name} ({disk.member.name[:200]}) of {f.name}"
+    if scan_head(os.pread(f.fd, min(member.size, HEAD_READ), member.offset), label) != References():
+        raise InvalidImageError(f"{label} names other files (a backing file, data file or extent): an "
+                                "OVA's disks must be whole inside it")
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise OperationTimeoutError(f"QEMU took more than {INFO_TIMEOUT:g} s to open the disks of {f.name}")
+    info = _qemu_img_info(opener, f, None, None, by_name=False, member=member, timeout=left)
+    if info.get("backing-filename"):
+        raise InvalidImageError(f"{label} names a backing file: an OVA's disks must be whole inside it")
+    specific = info.get("format-specific", {}).get("data", {})
+    return ImageInfo((ImageFile(
+        path=f.name, format=_supported_format(info, label), virtual_size=int(info["virtual-size"]),
+        actual_size=member.size, dirty=bool(info.get("dirty-flag") or specific.get("corrupt")), fd=f.fd,
+        identity=f"{f.dev}:{f.ino}", member=member),))
+
+
 def _open_reference(opener: Opener, image: OpenedFile, name: str, what: str, write: bool) -> OpenedFile:
     """Open a file that ``image``'s header names, as the caller; only a plain regular file will do."""
     path = reference_path(image.name, name, what)
@@ -167,18 +231,19 @@ def _open_reference(opener: Opener, image: OpenedFile, name: str, what: str, wri
 
 
 def _qemu_img_info(opener: Opener, f: OpenedFile, fmt: str | None, data: OpenedFile | None, *,
-                   by_name: bool) -> dict[str, Any]:
+                   by_name: bool, member: Member | None = None,
+                   timeout: float = INFO_TIMEOUT) -> dict[str, Any]:
     """``qemu-img info`` on the open file (run as the caller when ``opener`` is confined). A VMDK descriptor
     that names other extents is given by name: QEMU finds the extents relative to it."""
     opts = [f"driver={fmt}"] if fmt else []
-    opts += ["file.driver=file", f"file.filename={_escape(f.name if by_name else f.proc_path)}"]
+    opts += _file_options("", f.name if by_name else f.proc_path, member)
     if data is not None:
         opts += ["data-file.driver=file", f"data-file.filename={data.proc_path}"]
     prefix = confined_argv(opener.creds) if opener.creds else []
     argv = [*prefix, "qemu-img", "info", "--output=json", "--force-share", "--image-opts", ",".join(opts)]
     fds = [f.fd, *([data.fd] if data else [])]
     try:
-        out = command.run(argv, timeout=INFO_TIMEOUT, pass_fds=fds).stdout
+        out = command.run(argv, timeout=timeout, pass_fds=fds).stdout
     except CommandError as exc:
         reason = exc.stderr.strip().splitlines()[-1:] or ["unknown error"]
         why = reason[0].removeprefix("qemu-img: ").replace(f.proc_path, f.name)
@@ -203,8 +268,7 @@ def block_options(info: ImageInfo, *, force_share: bool = False, by_fd: bool = F
     for image in info.chain:
         by_name = not by_fd or image.fd < 0 or bool(image.extents)
         path = image.path if by_name else fd_path(image.fd)
-        opts += [f"{prefix}driver={image.format}", f"{prefix}file.driver=file",
-                 f"{prefix}file.filename={_escape(path)}"]
+        opts += [f"{prefix}driver={image.format}", *_file_options(prefix, path, image.member)]
         if image.data_file:
             data = image.data_file if not by_fd or image.data_fd < 0 else fd_path(image.data_fd)
             opts += [f"{prefix}data-file.driver=file", f"{prefix}data-file.filename={_escape(data)}"]
@@ -217,6 +281,16 @@ def block_options(info: ImageInfo, *, force_share: bool = False, by_fd: bool = F
 def chain_fds(info: ImageInfo) -> list[int]:
     """The descriptors :func:`block_options` ``by_fd`` names."""
     return [fd for image in info.chain for fd in (image.fd, image.data_fd) if fd >= 0]
+
+
+def _file_options(prefix: str, path: str, member: Member | None) -> list[str]:
+    """The ``file`` child: the file itself, or only a member's bytes of it, through a raw child pinned to
+    their offset and size (QEMU 7.2's raw driver), so nothing is extracted or copied."""
+    if member is None:
+        return [f"{prefix}file.driver=file", f"{prefix}file.filename={_escape(path)}"]
+    return [f"{prefix}file.driver=raw", f"{prefix}file.offset={member.offset}",
+            f"{prefix}file.size={member.size}", f"{prefix}file.file.driver=file",
+            f"{prefix}file.file.filename={_escape(path)}"]
 
 
 def _escape(value: str) -> str:

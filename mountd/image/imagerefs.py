@@ -9,6 +9,7 @@ too, so the whole chain is known without letting QEMU follow it.
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import struct
@@ -47,6 +48,15 @@ def scan_references(fd: int, name: str) -> References:
         with open(os.dup(fd), "rb") as f:
             f.seek(0)
             return _scan(f, name)
+    except InvalidImageError as exc:
+        raise InvalidImageError(f"{name} is corrupt: {exc.message}") from None
+
+
+def scan_head(head: bytes, name: str) -> References:
+    """The external names in an image whose first bytes are ``head`` (an OVA's disk: names past them are
+    refused as corrupt, which is what a disk that must name nothing deserves)."""
+    try:
+        return _scan(io.BytesIO(head), name)
     except InvalidImageError as exc:
         raise InvalidImageError(f"{name} is corrupt: {exc.message}") from None
 

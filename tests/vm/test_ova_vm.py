@@ -1,0 +1,43 @@
+"""An OVA on a real kernel: each disk on an nbd device of its own, the kernel's partition nodes, and an LV of
+one disk through our own device-mapper table (issue 10, item 3)."""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from imgmount_testkit.ova import build_ova
+from mountd.engine.engine import Engine
+from mountd.model import MountRequest
+from tests.support import guests
+from tests.support.engines import private_engine
+
+
+@pytest.fixture
+def engine(scratch: Path) -> Iterator[Engine]:
+    with private_engine(scratch / "state") as eng:
+        yield eng
+
+
+def test_an_ova_on_the_nbd_backend(engine: Engine, scratch: Path) -> None:
+    gpt, whole = guests.gpt_guest(scratch / "one.raw"), guests.whole_disk_guest(scratch / "two.raw")
+    ova = build_ova(scratch, "appliance", [gpt.raw, whole.raw])
+    info = engine.mount(MountRequest(image=str(ova), mount_root=str(scratch / "media"), backend="nbd"))
+    expected = {**{f"disk1/{v}": f for v, f in gpt.files.items()}, "disk2": whole.files["disk"]}
+    assert sorted(v.name for v in info.volumes) == sorted(expected)
+    for v in info.volumes:
+        guests.check_files(Path(v.mountpoint), expected[v.name])
+    layers = engine.journal.read(info.id).layers
+    nbds = [str(x.identity["node"]) for x in layers if x.kind == "nbd"]
+    assert len(set(nbds)) == 2
+    kinds = {x.volume: x.kind for x in layers if x.kind != "mount" and x.volume}
+    assert kinds == {"disk1/p1": "partition", "disk1/p2": "partition", "disk1/p3": "partition",
+                     "disk1/p4": "partition", "disk1/guestvg/root": "dm"}
+    engine.unmount(info.id)
+    for node in nbds:
+        assert not (Path("/sys/block") / Path(node).name / "pid").exists()
+    dm = subprocess.run(["dmsetup", "ls"], capture_output=True, text=True, check=True).stdout
+    assert f"imgmount-{info.id}" not in dm
