@@ -33,7 +33,8 @@ def ntfs_note(volume: str, node: str, fstype: str, *, read_only: bool) -> str:
     if not why:
         return ""
     if not read_only:
-        raise InvalidArgumentError(f"volume {volume} cannot be mounted read-write: {why} (read-only works)")
+        raise InvalidArgumentError(
+            f"volume {volume} cannot be mounted read-write (mount it read-only): {why}")
     return f"read-write is refused: {why}"
 
 
