@@ -63,11 +63,9 @@ def contents(c_extra: Mapping[str, bytes] | None = None) -> dict[str, dict[str, 
     }
 
 
-def windows_guest(path: Path, *, variant: str = "", c_size: int = 0) -> WindowsGuest:
-    """A raw Windows disk at ``path`` (``variant``: "", "hibernated" or "dirty"; ``c_size``: C: in MiB)."""
-    layout = dict(LAYOUT)
-    if c_size:
-        layout["p3"] = (*layout["p3"][:3], c_size)
+def windows_guest(path: Path, *, variant: str = "") -> WindowsGuest:
+    """A raw Windows disk at ``path`` (``variant``: "", "hibernated" or "dirty")."""
+    layout = LAYOUT
     raw = blank(path, (sum(v[3] for v in layout.values()) + 2) * MiB)
     partition(raw, "label: gpt\n" + "".join(
         f"size={size}MiB, type={kind}" + (f', name="{name}"' if name else "") + "\n"
@@ -77,17 +75,24 @@ def windows_guest(path: Path, *, variant: str = "", c_size: int = 0) -> WindowsG
     fstypes = {name: spec[2] for name, spec in layout.items() if spec[2]}
     for name, fstype in fstypes.items():
         start, size = parts[name]["start"] * 512, parts[name]["size"] * 512
-        with loop(raw, start, size) as dev:
-            _format(dev, fstype, files[name])
-            if variant == "dirty" and name == "p3":
-                run(["ntfsfix", dev])  # checks the volume, then marks it for chkdsk: the dirty flag
-        if fstype == "vfat":  # mtools takes no loop device (no geometry): the image file, once it is flushed
-            _mcopy(f"{raw}@@{start}", files[name])
+        format_volume(raw, start, size, fstype, files[name], dirty=variant == "dirty" and name == "p3")
     return WindowsGuest(raw, files, fstypes)
 
 
 def vhdx(guest: WindowsGuest, path: Path) -> Path:
     return convert(guest.raw, path, "vhdx")
+
+
+def format_volume(raw: Path, start: int, size: int, fstype: str, files: Mapping[str, bytes], *,
+                  dirty: bool = False) -> None:
+    """Make a ``fstype`` (vfat, ntfs or exfat) filesystem at ``[start, start+size)`` of ``raw`` holding
+    ``files``; ``dirty``: then set the NTFS dirty flag."""
+    with loop(raw, start, size) as dev:
+        _format(dev, fstype, files)
+        if dirty:
+            run(["ntfsfix", dev])  # checks the volume, then marks it for chkdsk: the dirty flag
+    if fstype == "vfat":  # mtools takes no loop device (no geometry): the image file, once it is flushed
+        _mcopy(f"{raw}@@{start}", files)
 
 
 def _format(dev: str, fstype: str, files: Mapping[str, bytes]) -> None:
