@@ -23,6 +23,7 @@ from mountd.layers.layer import InjectedFault
 from mountd.model import MountInfo, MountRequest
 from mountd.settings import Settings
 from tests.support import leftovers
+from tests.support.engines import engine_in
 
 DRIVERS = {"p1": "fusefat", "p3": "ntfs-3g", "p4": "ntfs-3g", "p5": "mount.exfat-fuse"}
 SHOWN_AS = {"fusefat": "fuse.fusefat", "ntfs-3g": "fuseblk", "mount.exfat-fuse": "fuseblk"}
@@ -33,10 +34,8 @@ pytestmark = pytest.mark.skipif(bool({"ntfs3", "vfat", "exfat"} & mountable_type
 
 @pytest.fixture
 def engine(tmp_path: Path) -> Iterator[Engine]:
-    eng = Engine(Journal(str(tmp_path / "state")))
-    yield eng
-    for m in eng.mounts():
-        eng.unmount(m.id, force=True)
+    with engine_in(tmp_path / "state") as eng:
+        yield eng
 
 
 @pytest.fixture(scope="module")
