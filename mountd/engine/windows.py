@@ -14,7 +14,7 @@ import os
 
 from mountd.errors import InvalidArgumentError
 from mountd.image import ntfs
-from mountd.image.blockio import FileReader
+from mountd.image.blockio import BlockReader, FileReader
 
 NTFS_TYPES = ("ntfs", "ntfs3")
 
@@ -26,16 +26,24 @@ def ntfs_note(volume: str, node: str, fstype: str, *, read_only: bool) -> str:
         return ""
     fd = os.open(node, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        found = ntfs.state(FileReader(fd))
+        why = _why(ntfs.state(FileReader(fd)))
     finally:
         os.close(fd)
-    why = _why(found)
     if not why:
         return ""
     if not read_only:
         raise InvalidArgumentError(
             f"volume {volume} cannot be mounted read-write (mount it read-only): {why}")
     return f"read-write is refused: {why}"
+
+
+def info_note(fstype: str, reader: BlockReader) -> str:
+    """What ``--info`` says of an NTFS volume that Windows left unsafe to write ("" for any other)."""
+    if fstype not in NTFS_TYPES:
+        return ""
+    found = ntfs.state(reader)
+    what = "hibernated Windows (or Fast Startup)" if found.hibernated else "dirty" if found.dirty else ""
+    return f"{what}: mounts read-only only" if what else ""
 
 
 def _why(found: ntfs.NtfsState) -> str:

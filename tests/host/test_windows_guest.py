@@ -15,6 +15,7 @@ from imgmount_testkit import windows
 from imgmount_testkit.users import as_user
 from imgmount_testkit.windows import WindowsGuest
 from mountd.engine.engine import Engine
+from mountd.engine.inspection import inspect_image
 from mountd.engine.journal import Journal
 from mountd.errors import InvalidArgumentError, UnsupportedError
 from mountd.host.filesystems import mountable_types
@@ -144,6 +145,9 @@ def test_fat_is_read_only_through_fusefat(engine: Engine, guest: WindowsGuest, t
 def test_a_hibernated_or_dirty_windows_mounts_read_only_with_a_note(engine: Engine, tmp_path: Path,
                                                                     variant: str, why: str) -> None:
     unsafe = windows.windows_guest(tmp_path / f"{variant}.raw", variant=variant)
+    said = {v.name: v.note for v in inspect_image(str(unsafe.raw)).volumes}  # what --info shows
+    assert said["p3"] == f"{'hibernated Windows (or Fast Startup)' if variant == 'hibernated' else 'dirty'}: " \
+        "mounts read-only only" and said["p4"] == ""
     before = leftovers.snapshot()
     refused = rf"volume p3 cannot be mounted read-write \(mount it read-only\): {why}"
     with pytest.raises(InvalidArgumentError, match=refused):
