@@ -32,6 +32,7 @@ LAYOUT = {
     "p4": (RECOVERY, "", "ntfs", 24),
     "p5": (BASIC, "Basic data partition", "exfat", 16),
 }
+LABELS = {"p1": "SYSTEM", "p3": "Windows", "p4": "Recovery", "p5": "Data"}
 MTOOLS = {"MTOOLS_SKIP_CHECK": "1"}
 HIBERNATION_HEADER = b"HIBR" + bytes(4092)
 
@@ -75,7 +76,8 @@ def windows_guest(path: Path, *, variant: str = "") -> WindowsGuest:
     fstypes = {name: spec[2] for name, spec in layout.items() if spec[2]}
     for name, fstype in fstypes.items():
         start, size = parts[name]["start"] * 512, parts[name]["size"] * 512
-        format_volume(raw, start, size, fstype, files[name], dirty=variant == "dirty" and name == "p3")
+        format_volume(raw, start, size, fstype, files[name], label=LABELS[name],
+                      dirty=variant == "dirty" and name == "p3")
     return WindowsGuest(raw, files, fstypes)
 
 
@@ -84,26 +86,27 @@ def vhdx(guest: WindowsGuest, path: Path) -> Path:
 
 
 def format_volume(raw: Path, start: int, size: int, fstype: str, files: Mapping[str, bytes], *,
-                  dirty: bool = False) -> None:
+                  label: str = "", dirty: bool = False) -> None:
     """Make a ``fstype`` (vfat, ntfs or exfat) filesystem at ``[start, start+size)`` of ``raw`` holding
     ``files``; ``dirty``: then set the NTFS dirty flag."""
     with loop(raw, start, size) as dev:
-        _format(dev, fstype, files)
+        _format(dev, fstype, files, label)
         if dirty:
             run(["ntfsfix", dev])  # checks the volume, then marks it for chkdsk: the dirty flag
     if fstype == "vfat":  # mtools takes no loop device (no geometry): the image file, once it is flushed
         _mcopy(f"{raw}@@{start}", files)
 
 
-def _format(dev: str, fstype: str, files: Mapping[str, bytes]) -> None:
+def _format(dev: str, fstype: str, files: Mapping[str, bytes], label: str) -> None:
+    named = ["-n" if fstype == "vfat" else "-L", label] if label else []
     if fstype == "vfat":
-        run(["mkfs.vfat", "-F", "32", "-n", "SYSTEM", dev])
+        run(["mkfs.vfat", "-F", "32", *named, dev])
     elif fstype == "ntfs":
-        run(["mkntfs", "-Q", "-F", "-q", "-L", "Windows", dev])
+        run(["mkntfs", "-Q", "-F", "-q", *named, dev])
         with _fuse_mounted(["ntfs-3g", dev]) as mnt:
             _write(mnt, files)
     else:
-        run(["mkfs.exfat", "-L", "Data", dev])
+        run(["mkfs.exfat", *named, dev])
         with _fuse_mounted(["mount.exfat-fuse", dev]) as mnt:
             _write(mnt, files)
 
