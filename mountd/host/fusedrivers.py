@@ -44,15 +44,18 @@ class FuseDriver:
     accepts: frozenset[str]  # filesystem options a caller may give it, beyond the generic ones
     writes: bool = True  # False: its write support is experimental, and read-write is refused
     names_source: bool = False  # needs ``fsname=DEVICE`` for mountinfo to show the device as the source
+    check: str = ""  # how to check a damaged one
 
     def describe(self) -> str:
         return f"{self.program} (FUSE)"
 
 
 DRIVERS: dict[str, FuseDriver] = {d.fstype: d for d in (
-    FuseDriver("ntfs-3g", "ntfs", "fuseblk", frozenset({*MASKS, "hide_dot_files", "windows_names"})),
-    FuseDriver("mount.exfat-fuse", "exfat", "fuseblk", frozenset(MASKS)),
-    FuseDriver("fusefat", "vfat", "fuse.fusefat", frozenset({"umask"}), writes=False, names_source=True),
+    FuseDriver("ntfs-3g", "ntfs", "fuseblk", frozenset({*MASKS, "hide_dot_files", "windows_names"}),
+               check="chkdsk /f in Windows, or ntfsfix -n on a copy of the image"),
+    FuseDriver("mount.exfat-fuse", "exfat", "fuseblk", frozenset(MASKS), check="fsck.exfat -n on a copy"),
+    FuseDriver("fusefat", "vfat", "fuse.fusefat", frozenset({"umask"}), writes=False, names_source=True,
+               check="fsck.vfat -n on a copy"),
 )}
 #: Options libfuse takes for every FUSE filesystem (fuse(8)); kernel-only generic options are refused.
 FUSE_GENERIC = frozenset({"ro", "rw", "nosuid", "nodev", "noexec", "noatime", "atime", "relatime",
@@ -126,13 +129,20 @@ def find_driver(driver: FuseDriver, mountpoint: str) -> tuple[int, int] | None:
 
 
 def refusal(exc: CommandError, what: str, driver: FuseDriver) -> MountdError:
-    """A FUSE driver's refusal: its own last line says why (ntfs-3g explains hibernation and dirty logs)."""
-    lines = [line.strip() for line in exc.stderr.splitlines() if line.strip()]
-    why = " ".join(lines[-2:])[:300] or f"exit status {exc.status}"
+    """A FUSE driver's refusal, in its own words (ntfs-3g explains hibernation and unclean logs)."""
+    why = _cause(exc.stderr)[:300] or f"exit status {exc.status}"
     if any(s in exc.stderr.lower() for s in ("hibernat", "unclean", "fast restart")):
         return InvalidArgumentError(f"{driver.program} refuses to mount {what} read-write: {why} "
                                     "(mount it read-only)")
-    return InvalidImageError(f"{driver.program} cannot mount {what}: {why}")
+    return InvalidImageError(f"{driver.program} cannot mount {what}: {why} (check it with {driver.check})")
+
+
+def _cause(stderr: str) -> str:
+    """ntfs-3g says "Failed to mount '...': <errno text>" after the line that names the cause, then prints
+    advice; other drivers end with their cause."""
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    at = next((i for i, line in enumerate(lines) if line.startswith("Failed to mount")), None)
+    return "; ".join(lines[-2:] if at is None else lines[max(0, at - 1):at + 1])
 
 
 def await_exit(pid: int, started: int, program: str, *, force: bool) -> None:

@@ -5,19 +5,20 @@ from __future__ import annotations
 
 import os
 import signal
+import struct
 import subprocess
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import pytest
 
-from imgmount_testkit import windows
+from imgmount_testkit import images, windows
 from imgmount_testkit.users import as_user
 from imgmount_testkit.windows import WindowsGuest
 from mountd.engine.engine import Engine
 from mountd.engine.inspection import inspect_image
 from mountd.engine.journal import Journal
-from mountd.errors import InvalidArgumentError, UnsupportedError
+from mountd.errors import InvalidArgumentError, InvalidImageError, UnsupportedError
 from mountd.host.filesystems import mountable_types
 from mountd.host.processes import is_alive
 from mountd.layers.layer import InjectedFault
@@ -201,3 +202,19 @@ def test_a_fault_at_each_step_leaves_no_driver_behind(engine: Engine, guest: Win
             mount(faulty, guest.raw, tmp_path / "media", volumes=("p3", "p5"))
         assert left_by(tmp_path, before) == [], f"leftovers after a fault at step {step}"
     assert engine.mounts() == []
+
+
+def test_a_damaged_ntfs_is_refused_in_ntfs3gs_words_and_nothing_stays(engine: Engine, guest: WindowsGuest,
+                                                                       tmp_path: Path) -> None:
+    image = tmp_path / "damaged.raw"
+    subprocess.run(["cp", "--sparse=always", str(guest.raw), str(image)], check=True)
+    c_drive = next(p for p in images.sfdisk_json(image)["partitions"] if p["node"].endswith("3"))["start"] * 512
+    with open(image, "r+b") as f:
+        boot = os.pread(f.fileno(), 512, c_drive)
+        mirror = c_drive + struct.unpack_from("<Q", boot, 0x38)[0] * 4096
+        os.pwrite(f.fileno(), bytes(4096), mirror)  # $MFTMirr no longer matches $MFT: blkid still sees NTFS
+    before = leftovers.snapshot()
+    with pytest.raises(InvalidImageError, match=r"^ntfs-3g cannot mount the ntfs filesystem on /dev/loop\d+ "
+                                                r"\(volume p3\): Record 0 has no FILE magic"):
+        mount(engine, image, tmp_path / "media", volumes=("p3",))
+    assert left_by(tmp_path, before) == [] and engine.mounts() == []

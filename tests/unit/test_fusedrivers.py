@@ -80,8 +80,12 @@ def test_a_drivers_refusal_says_why_in_its_own_words() -> None:
     hibernated = CommandError(["ntfs-3g"], 14, "Windows is hibernated, refused to mount.\n"
                               "Falling back to read-only mount because the NTFS partition is in an\nunsafe state.")
     assert isinstance(fusedrivers.refusal(hibernated, "C:", fusedrivers.DRIVERS["ntfs"]), InvalidArgumentError)
-    broken = CommandError(["ntfs-3g"], 13, "NTFS signature is missing.\nFailed to mount '/dev/loop0': Invalid argument")
+    broken = CommandError(["ntfs-3g"], 13, "ntfs_mst_post_read_fixup_warn: magic: 0x00000000\n"
+                          "Record 0 has no FILE magic (0x0)\nFailed to mount '/dev/loop0': Input/output error\n"
+                          "NTFS is either inconsistent, or there is a hardware fault, or it's a\n"
+                          "for more details.\n")
     error = fusedrivers.refusal(broken, "the ntfs filesystem on /dev/loop0", fusedrivers.DRIVERS["ntfs"])
     assert isinstance(error, InvalidImageError)
-    assert str(error) == ("ntfs-3g cannot mount the ntfs filesystem on /dev/loop0: NTFS signature is missing. "
-                          "Failed to mount '/dev/loop0': Invalid argument")
+    assert str(error) == ("ntfs-3g cannot mount the ntfs filesystem on /dev/loop0: Record 0 has no FILE magic "
+                          "(0x0); Failed to mount '/dev/loop0': Input/output error (check it with chkdsk /f in "
+                          "Windows, or ntfsfix -n on a copy of the image)")
