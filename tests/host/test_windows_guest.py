@@ -84,8 +84,24 @@ def shown_types(info: MountInfo) -> dict[str, str]:
 
 def left_by(tmp_path: Path, before: leftovers.Snapshot) -> list[str]:
     """What is new since ``before`` and ours (other developers' tests run beside these): every image,
-    export, mountpoint and driver command line of these tests is under ``tmp_path``."""
-    return [x for x in leftovers.snapshot().new_since(before) if str(tmp_path) in x]
+    export, mountpoint and driver command line of these tests is under ``tmp_path`` (the snapshot shows a
+    command line cut short: drivers are looked for in full)."""
+    new = [x for x in leftovers.snapshot().new_since(before) if str(tmp_path) in x]
+    return new + [f"FUSE driver pid {pid}" for pid in drivers_under(tmp_path)]
+
+
+def drivers_under(path: Path) -> list[int]:
+    """Live FUSE driver processes whose command line names something under ``path``."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if os.path.basename(argv[0]).decode(errors="replace") in DRIVERS.values() \
+                and any(a.startswith(os.fsencode(f"{path}/")) for a in argv):
+            found.append(int(pid))
+    return found
 
 
 def assert_gone(engine: Engine, info: MountInfo, drivers: Mapping[str, tuple[str, int, int]]) -> None:
