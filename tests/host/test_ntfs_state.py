@@ -21,9 +21,9 @@ MiB = images.MiB
 MANY = {f"Program Files {i:03d} with a long name.txt": b"x" for i in range(200)}  # root index in INDX blocks
 
 
-def volume(path: Path, files: Mapping[str, bytes], *, dirty: bool = False) -> bytes:
+def volume(path: Path, files: Mapping[str, bytes], *, dirty: bool = False, mkntfs: tuple[str, ...] = ()) -> bytes:
     images.blank(path, 16 * MiB)
-    images.run(["mkntfs", "-Q", "-F", "-q", str(path)])
+    images.run(["mkntfs", "-Q", "-F", "-q", *mkntfs, str(path)])
     mnt = path.with_suffix(".mnt")
     mnt.mkdir()
     images.run(["ntfs-3g", str(path), str(mnt)])
@@ -51,6 +51,14 @@ def test_state_of_real_volumes(tmp_path: Path, files: dict[str, bytes], dirty: b
                                expected: ntfs.NtfsState) -> None:
     data = volume(tmp_path / "v.img", files, dirty=dirty)
     assert ntfs.state(BytesReader(data)) == expected
+
+
+@pytest.mark.parametrize("geometry", [("-c", "512"), ("-c", "65536"), ("-s", "4096", "-c", "8192")],
+                         ids=["512-byte clusters", "64k clusters", "4k sectors"])
+def test_other_geometries(tmp_path: Path, geometry: tuple[str, ...]) -> None:
+    """Index blocks smaller than a cluster are addressed in 512-byte units, larger ones in clusters."""
+    data = volume(tmp_path / "v.img", {**MANY, "hiberfil.sys": HIBERNATION_HEADER}, mkntfs=geometry)
+    assert ntfs.state(BytesReader(data)) == ntfs.NtfsState(hibernated=True)
 
 
 def test_the_large_root_really_uses_index_blocks(tmp_path: Path) -> None:
