@@ -26,6 +26,7 @@ from mountd.layers.layer import InjectedFault, LayerState
 from mountd.model import MountInfo, MountRequest, MountState
 from mountd.settings import Settings
 from tests.support import leftovers
+from tests.support.daemon_calls import wait_gone
 from tests.support.engines import engine_in
 
 DRIVERS = {"p1": "fusefat", "p3": "ntfs-3g", "p4": "ntfs-3g", "p5": "mount.exfat-fuse"}
@@ -204,6 +205,7 @@ def test_a_restart_adopts_a_running_driver_and_cleans_up_a_dead_one(engine: Engi
     drivers = drivers_of(engine, info)
     _, pid, _ = drivers["p3"]
     os.kill(pid, signal.SIGKILL)  # the driver dies: its mount stays, dead ("Transport endpoint ...")
+    wait_gone(pid)
     assert restarted.verify(info.id) != []
     assert restarted.clean_up(info.id) is None
     assert_gone(restarted, info, drivers)
