@@ -26,6 +26,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench_crafted import crafted_info  # scripts/, beside this file
+from bench_ntfs import rows as ntfs_rows
 from dbus_fast import Variant
 
 from imgmount_testkit import images
@@ -81,6 +82,11 @@ def timed(action: Callable[[], object], repeats: int) -> float:
 def drop_caches() -> None:
     os.sync()
     Path("/proc/sys/vm/drop_caches").write_text("3\n")
+
+
+def cold_read(read: Callable[[], object]) -> float:
+    drop_caches()
+    return timed(read, 1)
 
 
 def imgmount(*args: str, env: dict[str, str] = ENV) -> str:
@@ -319,10 +325,6 @@ def throughput(
             for _ in range(256):
                 f.read(MiB)
 
-    def cold(read: Callable[[], object]) -> float:
-        drop_caches()
-        return timed(read, 1)
-
     rows = []
     backends = [("loop", "ext4.raw"), ("fuse", "ext4.qcow2")] + (
         [("nbd", "ext4.qcow2")] if where == "vm" else []
@@ -332,7 +334,7 @@ def throughput(
             imgmount(str(found[key]), "--backend", backend, "--mount-root", str(work / "media"))
         )
         big = Path(info["volumes"][0]["mountpoint"]) / "big.bin"
-        pairs = [(cold(direct), cold(big.read_bytes)) for _ in range(repeats)]
+        pairs = [(cold_read(direct), cold_read(big.read_bytes)) for _ in range(repeats)]
         imgumount(str(found[key]))
         direct_s = statistics.median(d for d, _ in pairs)
         ours_s = statistics.median(o for _, o in pairs)
@@ -486,6 +488,11 @@ def main() -> None:
             rows = daemon_concurrency(found, work, args.repeats)
             for n, per in rows:
                 print(f"{n:>3} {per:17.3f}s {per / rows[0][1]:13.2f}")
+            print(f"\n## host: cold-cache read of a 256 MiB file through ntfs-3g, median of {args.repeats}")
+            print("(ext4 = the same bytes on an ext4 volume of the same image, alternated with each read)")
+            print(f"{'driver':<22} {'MiB/s':>8} {'ext4':>8} {'ratio':>6}")
+            for name, mbs, ext4 in ntfs_rows(work, args.repeats, imgmount, imgumount, cold_read):
+                print(f"{name:<22} {mbs:8.0f} {ext4:8.0f} {mbs / ext4:6.2f}")
             print("\n## host: --info of crafted inputs at each bound (time, peak RSS)")
             for name, seconds, peak in crafted_info():
                 print(f"{name:<48} {seconds:7.3f}s {peak // 1024:7d} MiB")

@@ -23,6 +23,7 @@ from mountd.engine.journal import Journal, MountRecord
 from mountd.engine.stack import MountStack
 from mountd.engine.volumes import VolumeAttacher
 from mountd.errors import InUseError, InvalidArgumentError, NotFoundError, UnsupportedError, echo
+from mountd.host import fusedrivers
 from mountd.host.filesystems import mount_type, mountable_types
 from mountd.host.holders import check_not_in_use
 from mountd.host.mediaroot import ensure_private_root
@@ -93,7 +94,8 @@ class Engine:
             attachers = [self._attach(stack, backend, part, req, opener.creds)
                          for part in wanted_disks(info, req.volumes)]
             layout = DiskLayout.merged([a.layout for a in attachers])
-            for volume in _selected(layout, req.volumes, all(a.disk.device_mapper for a in attachers)):
+            mappable = all(a.disk.device_mapper for a in attachers)
+            for volume in _selected(layout, req.volumes, mappable, self.host):
                 attacher_of(attachers, volume.name).mount(volume)
         log.info("mounted %s (%s, %s) as %s", image, info.format, backend, record.id)
         return stack.record.info()
@@ -195,7 +197,8 @@ def _options(req: MountRequest) -> dict[str, Any]:
             "requested-backend": req.backend, "mount-options": list(req.mount_options)}
 
 
-def _selected(layout: DiskLayout, names: tuple[str, ...], device_mapper: bool) -> list[Volume]:
+def _selected(layout: DiskLayout, names: tuple[str, ...], device_mapper: bool,
+              host: HostSupport) -> list[Volume]:
     """The volumes asked for, or every volume that holds a mountable filesystem and can be reached."""
     if names:
         names = tuple(dict.fromkeys(names))  # each volume once, however often it is named
@@ -204,7 +207,7 @@ def _selected(layout: DiskLayout, names: tuple[str, ...], device_mapper: bool) -
             known = _some(v.name for v in layout.volumes) or "none"
             raise NotFoundError(f"no volume named {echo(', '.join(missing))} in this image (it has: {known})")
         return [v for n in names if (v := layout.volume(n)) is not None]
-    types = mountable_types()
+    types = fusedrivers.mountable_types(mountable_types(), host)
     chosen = [v for v in layout.volumes if v.filesystem and mount_type(v.filesystem, types) in types
               and (v.offset is not None or device_mapper)]
     if not chosen:

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from enum import StrEnum
 
+from mountd.engine.windows import info_note
 from mountd.host.holders import FileUsage, files_usage
 from mountd.host.opener import Credentials, Opener
 from mountd.host.support import HostSupport
@@ -168,7 +169,10 @@ class _Probes:
         if self.left <= 0:
             return None, f"not probed: imgmount probes at most {MAX_PROBED} volumes of an image"
         self.left -= 1
-        return probe(SliceReader(self.disk, offset, size)), note
+        volume = SliceReader(self.disk, offset, size)
+        signature = probe(volume)
+        windows = info_note(signature.type, volume) if signature else ""
+        return signature, "; ".join(filter(None, (note, windows)))
 
 
 @contextlib.contextmanager

@@ -22,8 +22,17 @@ from typing import TYPE_CHECKING
 from mountd.engine.backends import Disk, export_path
 from mountd.engine.inspection import WHOLE_DISK, DiskLayout, Volume, VolumeKind
 from mountd.engine.stack import MountStack
+from mountd.engine.windows import ntfs_note
 from mountd.errors import MountdError, UnsupportedError
-from mountd.host.filesystems import NO_REPLAY, check_mountable, mount_options, mount_type, replay_refused
+from mountd.host import fusedrivers
+from mountd.host.filesystems import (
+    NO_REPLAY,
+    check_mountable,
+    mount_options,
+    mount_type,
+    mountable_types,
+    replay_refused,
+)
 from mountd.host.nbddev import logical_block_size
 from mountd.host.support import HostSupport
 from mountd.image.recovery import ELSEWHERE, log_name
@@ -56,21 +65,28 @@ class VolumeAttacher:
         if not volume.filesystem:
             what = volume.signature.type if volume.signature else "no filesystem"
             raise UnsupportedError(f"volume {volume.name} holds {what}, not a filesystem imgmount can mount")
-        check_mountable(volume.filesystem)
-        fstype = mount_type(volume.filesystem)
+        kernel = mountable_types()
+        available = fusedrivers.mountable_types(kernel, self.host)
+        check_mountable(volume.filesystem, available)
+        fstype = mount_type(volume.filesystem, available)
+        driver = fusedrivers.driver_for(fstype, kernel, self.host)
         node = self.node(volume)
+        req = self.request
         replay, note = self._recovery(volume, fstype)
+        note = "; ".join(filter(None, (note, ntfs_note(volume.name, node, fstype, read_only=req.read_only))))
         if replay:
             node = self._overlay(volume, node)
-        req = self.request
         os.makedirs(self.root, mode=0o755, exist_ok=True)
         stem = _stem(self.stack.record.image)
         name = stem if volume.name == WHOLE_DISK else f"{stem}-{volume.name}"
         try:
             options = mount_options(fstype, read_only=req.read_only, requested=req.mount_options,
                                     owner_uid=req.owner, replay=replay)
+            if driver is not None:
+                options = fusedrivers.driver_options(driver, options, req.mount_options, node)
             mountpoint = unique_mountpoint(self.root, name)
-            spec = MountSpec(node, mountpoint, fstype, tuple(options), req.owner, name, note or None)
+            spec = MountSpec(node, mountpoint, fstype, tuple(options), req.owner, name, note or None,
+                             driver.program if driver else "")
             self.stack.push(spec.plan(volume.name))
         except MountdError as exc:
             if replay:

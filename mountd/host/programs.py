@@ -25,6 +25,9 @@ PROGRAMS: tuple[Program, ...] = (
     Program("setpriv", "util-linux", "mounts by other users than root: their QEMU runs as them"),
     Program("dmsetup", "dmsetup", "logical volumes through device-mapper"),
     Program("modprobe", "kmod", "loading the nbd module and filesystem modules"),
+    Program("ntfs-3g", "ntfs-3g", "NTFS volumes where the kernel has no ntfs3"),
+    Program("mount.exfat-fuse", "exfat-fuse", "exFAT volumes where the kernel has no exfat"),
+    Program("fusefat", "fusefat", "FAT volumes (read-only) where the kernel has no vfat"),
 )
 #: Other programs whose package a message may name (the tests' tools, the VM lane's).
 OTHER_PACKAGES = {"qemu-system-x86_64": "qemu-system-x86", "losetup": "mount", "sfdisk": "fdisk",

@@ -23,8 +23,10 @@ from mountd.errors import (
     MountdError,
     NotFoundError,
 )
-from mountd.host import command, filesystems
+from mountd.host import command, filesystems, fusedrivers
+from mountd.host.fusedrivers import FuseDriver
 from mountd.host.mountinfo import MountEntry, mounted_at, mountinfo
+from mountd.host.processes import is_alive
 from mountd.host.users import kernel_users_under, mountpoint_users
 from mountd.layers.layer import Layer, LayerRecord, Progress, Spec
 
@@ -128,10 +130,13 @@ def _chown_mountpoint(mountpoint: str, owner: int) -> None:
         os.close(fd)
 
 
-def _mount_error(exc: CommandError, record: LayerRecord, read_only: bool) -> MountdError:
+def _mount_error(exc: CommandError, record: LayerRecord, read_only: bool,
+                 driver: FuseDriver | None = None) -> MountdError:
     text, ident = exc.stderr.lower(), record.identity
     device, fstype = ident["device"], ident["fstype"]
     what = f"the {fstype} filesystem on {device}" + (f" (volume {record.volume})" if record.volume else "")
+    if driver is not None:
+        return fusedrivers.refusal(exc, what, driver)
     if "unknown filesystem type" in text:
         try:
             filesystems.check_mountable(fstype)
@@ -163,9 +168,10 @@ class MountSpec(Spec):
     owner: int
     name: str | None = None  # what the mountpoint was named from
     note: str | None = None  # what the mount does not show (shown with the mount)
+    driver: str = ""  # the FUSE program that mounts it (:mod:`mountd.host.fusedrivers`); "": the kernel
 
     def identity(self) -> dict[str, Any]:
-        optional = {k: v for k, v in (("name", self.name), ("note", self.note)) if v}
+        optional = {k: v for k, v in (("name", self.name), ("note", self.note), ("driver", self.driver)) if v}
         return {"device": self.device, "mountpoint": self.mountpoint, "fstype": self.fstype,
                 "options": list(self.options), "owner": self.owner, **optional}
 
@@ -181,6 +187,11 @@ class MountLayer(Layer[MountEntry]):
 
     Left behind if attach fails: nothing (the directory is removed again); after a crash between mkdir and
     mount, the record says ``created`` and :meth:`detach` removes it.
+
+    With a ``driver`` (:mod:`mountd.host.fusedrivers`), a FUSE driver process mounts it instead of the kernel:
+    its pid and start time join the identity, :meth:`verify` checks it still runs, and :meth:`detach`
+    unmounts and then waits for it to exit (it writes back on its way out), found by its command line if a
+    crash came before it was recorded.
     """
 
     kind = MountSpec.kind
@@ -209,7 +220,8 @@ class MountLayer(Layer[MountEntry]):
 
     def _attach(self, progress: Progress) -> LayerRecord:
         ident = self._planned()
-        filesystems.check_mountable(ident["fstype"])
+        if self._driver is None:
+            filesystems.check_mountable(ident["fstype"])
         ident["mountpoint"], created = _make_mountpoint(self.mountpoint, ident.get("name"))
         ident["created"] = created
         self.record = replace(self.record, identity=ident)
@@ -223,18 +235,26 @@ class MountLayer(Layer[MountEntry]):
                 self._remove_mountpoint()
             raise
         log.info("mounted %s (%s) on %s", ident["device"], ident["fstype"], self.mountpoint)
-        ident.update(node=self.mountpoint, dev=entry.dev, mount_id=entry.mount_id)
+        ident.update(node=self.mountpoint, dev=entry.dev, mount_id=entry.mount_id, **self._driver_process())
         return replace(self.record, identity=ident)
+
+    @property
+    def _driver(self) -> FuseDriver | None:
+        program = self.identity.get("driver")
+        return fusedrivers.by_program(str(program)) if program else None
 
     def _mount(self, ident: dict[str, Any]) -> MountEntry:
         # -i: no /sbin/mount.TYPE helper (mount.ntfs would be ntfs-3g); -r/-w: mount(8) never falls back
         # from an explicit read-write to a read-only mount on a write-protected device.
         argv = ["mount", "-i", "-r" if self.read_only else "-w", "-t", ident["fstype"],
                 "-o", ",".join(ident["options"]), ident["device"], self.mountpoint]
+        driver = self._driver
+        if driver is not None:
+            argv = fusedrivers.argv(driver, ident["options"], ident["device"], self.mountpoint)
         try:
             command.run(argv, timeout=MOUNT_TIMEOUT)
         except CommandError as exc:
-            raise _mount_error(exc, self.record, self.read_only) from None
+            raise _mount_error(exc, self.record, self.read_only, driver) from None
         entry = self._find(mountinfo(), adopt=True)
         if entry is None:
             raise FailedError(f"mount reported success but mountinfo shows no {ident['fstype']} mount of "
@@ -244,6 +264,10 @@ class MountLayer(Layer[MountEntry]):
             self._umount(lazy=False)
             raise FailedError(f"{ident['device']} was mounted on {self.mountpoint} but mountinfo does not "
                               f"show it {mode},nosuid,nodev: unmounted it again")
+        if driver is not None and not self._driver_process():
+            self._umount(lazy=False)
+            raise FailedError(f"{driver.program} mounted {ident['device']} on {self.mountpoint} but no "
+                              "process of it serves the mount: unmounted it again")
         return entry
 
     def _find(self, entries: list[MountEntry], *, adopt: bool = False) -> MountEntry | None:
@@ -256,12 +280,31 @@ class MountLayer(Layer[MountEntry]):
             if "mount_id" in ident:
                 if entry.mount_id == ident["mount_id"] and entry.dev == ident.get("dev"):
                     return entry
-            elif adopt and entry.fstype == ident["fstype"]:
+            elif adopt and entry.fstype == self._shown_type:
                 return entry
         return None
 
+    @property
+    def _shown_type(self) -> str:
+        """The type mountinfo shows for our mount."""
+        driver = self._driver
+        return driver.mounted_as if driver is not None else str(self.identity["fstype"])
+
+    def _driver_process(self) -> dict[str, int]:
+        """The running driver's pid and start time: recorded, or found by its command line; {} for none."""
+        driver, ident = self._driver, self.identity
+        if driver is None:
+            return {}
+        pid, start = ident.get("pid"), ident.get("start_time")
+        if isinstance(pid, int) and isinstance(start, int):
+            return {"pid": pid, "start_time": start} if is_alive(pid, start) else {}
+        found = fusedrivers.find_driver(driver, self.mountpoint)
+        return {"pid": found[0], "start_time": found[1]} if found else {}
+
     def verify(self) -> bool:
-        return "mount_id" in self.identity and self._find(mountinfo()) is not None
+        if "mount_id" not in self.identity or self._find(mountinfo()) is None:
+            return False
+        return self._driver is None or bool(self._driver_process())
 
     def _present(self) -> MountEntry | None:
         return self._find(mountinfo(), adopt=True)
@@ -272,7 +315,11 @@ class MountLayer(Layer[MountEntry]):
         self._check_on_top(entry, mountinfo())
         if "rw" in entry.options:
             _syncfs(self.mountpoint)
+        process = self._driver_process()
         self._unmount(entry, force=force)
+        if process:
+            program = str(self.identity["driver"])
+            fusedrivers.await_exit(process["pid"], process["start_time"], program, force=force)
 
     def _clean_up(self) -> None:
         """The directory, if we made it."""

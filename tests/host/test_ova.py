@@ -27,7 +27,7 @@ from mountd.layers.layer import InjectedFault
 from mountd.model import MountInfo, MountRequest
 from mountd.settings import Settings
 from tests.support import guests, leftovers
-from tests.support.engines import private_engine
+from tests.support.engines import engine_in
 from tests.support.guests import Guest
 
 CALLER = "daemon"  # an existing unprivileged account
@@ -53,7 +53,7 @@ def appliance(tmp_path_factory: pytest.TempPathFactory) -> Appliance:
 
 @pytest.fixture
 def engine(tmp_path: Path) -> Iterator[Engine]:
-    with private_engine(tmp_path / "state") as eng:
+    with engine_in(tmp_path / "state") as eng:
         yield eng
 
 

@@ -1,4 +1,4 @@
-"""An in-process engine with a state directory of its own, for host tests."""
+"""An in-process engine with a journal of its own, for the host lane's engine tests."""
 
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ from mountd.engine.journal import Journal
 
 
 @contextlib.contextmanager
-def private_engine(state: Path) -> Iterator[Engine]:
-    """An engine journalling under ``state``; a test that fails does not leave its mounts to the next."""
+def engine_in(state: Path) -> Iterator[Engine]:
+    """An engine journalling under ``state``; what a failing test left mounted is unmounted after it (so the
+    leftover check reports only real leaks)."""
     eng = Engine(Journal(str(state)))
     try:
         yield eng

@@ -1,4 +1,5 @@
-"""What a test run can leave behind: loop and nbd devices, device-mapper tables, mounts, QEMU processes."""
+"""What a test run can leave behind: loop and nbd devices, device-mapper tables, mounts, QEMU processes and
+FUSE filesystem drivers."""
 
 from __future__ import annotations
 
@@ -52,6 +53,9 @@ def _mounts() -> set[str]:
     return found
 
 
+SERVERS = ("qemu-nbd", "qemu-storage-daemon", "qemu-system", "ntfs-3g", "mount.exfat-fuse", "fusefat")
+
+
 def _qemu_processes() -> set[str]:
     found = set()
     for pid in filter(str.isdigit, os.listdir("/proc")):
@@ -60,6 +64,6 @@ def _qemu_processes() -> set[str]:
         except OSError:
             continue
         name = os.path.basename(cmd[0].decode(errors="replace")) if cmd and cmd[0] else ""
-        if name.startswith(("qemu-nbd", "qemu-storage-daemon", "qemu-system")):
+        if name.startswith(SERVERS):
             found.add(f"process {name} pid {pid}: {b' '.join(cmd).decode(errors='replace')[:160]}")
     return found

@@ -13,12 +13,12 @@ from imgmount_testkit.ova import build_ova
 from mountd.engine.engine import Engine
 from mountd.model import MountRequest
 from tests.support import guests
-from tests.support.engines import private_engine
+from tests.support.engines import engine_in
 
 
 @pytest.fixture
 def engine(scratch: Path) -> Iterator[Engine]:
-    with private_engine(scratch / "state") as eng:
+    with engine_in(scratch / "state") as eng:
         yield eng
 
 
