@@ -20,6 +20,7 @@ from mountd.engine import backends
 from mountd.engine.inspection import DiskLayout, Volume
 from mountd.engine.journal import Journal, MountRecord
 from mountd.engine.stack import MountStack
+from mountd.engine.unlocking import unlock
 from mountd.engine.volumes import VolumeAttacher
 from mountd.errors import InUseError, InvalidArgumentError, NotFoundError, UnsupportedError, echo
 from mountd.host.filesystems import mount_type, mountable_types
@@ -28,7 +29,7 @@ from mountd.host.mediaroot import ensure_private_root
 from mountd.host.opener import Credentials, Opener
 from mountd.host.support import HostSupport, check_host
 from mountd.image.imageinfo import ImageInfo, probe_image
-from mountd.layers import dm, fuse, loop, mount, nbd, server  # noqa: F401
+from mountd.layers import crypt, dm, fuse, loop, mount, nbd, server  # noqa: F401
 from mountd.layers.layer import FaultPoints, layer_from_record
 from mountd.model import BACKENDS, MountInfo, MountRequest, MountState, find_mount
 from mountd.settings import Settings
@@ -94,7 +95,8 @@ class Engine:
                                         confined=opener.creds)
             layout = backends.analyse(disk)
             attacher = VolumeAttacher(stack, disk, layout, req, self._mount_root(req), self.host)
-            for volume in _selected(layout, req.volumes, disk.device_mapper):
+            attacher = unlock(attacher, req.volumes)  # locked volumes opened: what they hold joins in
+            for volume in _selected(attacher.layout, req.volumes, disk.device_mapper):
                 attacher.mount(volume)
         log.info("mounted %s (%s, %s) as %s", image, info.format, backend, record.id)
         return stack.record.info()

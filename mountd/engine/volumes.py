@@ -150,9 +150,11 @@ class VolumeAttacher:
         return self.stack.push(spec.plan(volume.name), fds=self.disk.offset_fds).node
 
     def _node_of(self, volume: str) -> str:
+        """The topmost device made for ``volume``: an unlocked volume's crypt device, not its partition."""
         layers = self.stack.record.layers
-        attached = (x for x in layers if x.volume == volume and x.state == LayerState.ATTACHED)
-        return next((str(x.identity.get("node", "")) for x in attached if x.kind != MountSpec.kind), "")
+        attached = [x for x in layers if x.volume == volume and x.state == LayerState.ATTACHED]
+        return next((str(x.identity.get("node", "")) for x in reversed(attached) if x.kind != MountSpec.kind),
+                    "")
 
 
 def _device_size(node: str) -> int:
