@@ -75,12 +75,19 @@ def ubuntu_encrypted(path: Path, passphrase: bytes, *, size: int = 256 * MiB,
         run(["mkfs.vfat", "-F", "32", "-n", "ESP", dev])
     format_region(raw, *parts[1], "ext4", label="boot", files=content("p2"))
     files = {"p2": content("p2"), "vgubuntu/root": {**content("vgubuntu/root"), **(root_files or {})}}
-    with loop(raw, *parts[2]) as dev:
-        luks_format(dev, passphrase, 2)
-        if with_content:
-            with luks_opened(dev, passphrase, f"build-{path.stem}") as inside:
-                _vgubuntu(inside, files["vgubuntu/root"])
+    luks2_lvm(raw, *parts[2], passphrase, files["vgubuntu/root"] if with_content else None)
     return CryptGuest(raw, passphrase, files, {"p2": "ext4", "vgubuntu/root": "ext4"})
+
+
+def luks2_lvm(raw: Path, offset: int, size: int, passphrase: bytes,
+              files: Mapping[str, bytes] | None) -> None:
+    """LUKS2 in ``[offset, offset+size)`` of ``raw``, holding ``vgubuntu`` with ``swap_1`` and an ext4
+    ``root`` that holds ``files`` (None: the LUKS2 header only, which needs no device-mapper)."""
+    with loop(raw, offset, size) as dev:
+        luks_format(dev, passphrase, 2)
+        if files is not None:
+            with luks_opened(dev, passphrase, f"build-{raw.stem}") as inside:
+                _vgubuntu(inside, files)
 
 
 def _vgubuntu(pv: str, files: Mapping[str, bytes]) -> None:

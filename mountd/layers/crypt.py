@@ -23,7 +23,7 @@ from typing import Any, ClassVar
 from mountd.errors import BusyError, CommandError, FailedError, InvalidArgumentError
 from mountd.host import command
 from mountd.host.blockdev import lock_out_udev
-from mountd.host.dmsetup import DM_TIMEOUT, DmDevice, dm_devices, udev_mode
+from mountd.host.dmsetup import DM_TIMEOUT, DmDevice, dm_devices, release_host_activations, udev_mode
 from mountd.host.processes import entries, text_of
 from mountd.host.users import SYS_CLASS_BLOCK, block_users
 from mountd.layers.layer import Layer, LayerRecord, Progress, Spec
@@ -85,6 +85,7 @@ class CryptLayer(Layer[DmDevice]):
             raise FailedError(f"cryptsetup opened {self._name}, yet no device has uuid {self._dm_uuid}")
         node = f"/dev/mapper/{self._name}"
         _ensure_node(self._name, node, found.devnum)
+        _keep_host_lvm_off(found)
         return replace(self.record, identity={**self.identity, "node": node, "devnum": found.devnum,
                                               "lower": _devnum(device)})
 
@@ -124,7 +125,7 @@ class CryptLayer(Layer[DmDevice]):
     def _release(self, device: DmDevice, *, force: bool) -> None:
         """Close the volume. ``force`` changes nothing: a device in use is never torn from its user."""
         env, _ = udev_mode()
-        _wait_for_udev(device)
+        _keep_host_lvm_off(device)
         settled = self._present()
         if settled is not None and settled.open_count > 0:
             raise _busy(settled)
@@ -165,14 +166,17 @@ def _ensure_node(name: str, node: str, devnum: str) -> None:
         raise FailedError(f"{node} is not the device cryptsetup opened")
 
 
-def _wait_for_udev(device: DmDevice) -> None:
-    """udev probes a new device with it open: take and drop udev's lock before counting its users."""
+def _keep_host_lvm_off(device: DmDevice) -> None:
+    """Remove the LVs a host's LVM auto-activation (Debian's 69-lvm.rules, where 60-imgmount.rules is not
+    installed) mapped on the unlocked volume: udev runs it while it processes the device's event, holding
+    the device's lock, so take and drop that lock first."""
     with contextlib.suppress(OSError):
         fd = os.open(f"/dev/{device.sysname}", os.O_RDONLY | os.O_CLOEXEC)
         try:
             lock_out_udev(fd)
         finally:
             os.close(fd)
+    release_host_activations([f"/dev/{device.sysname}"])
 
 
 def _busy(device: DmDevice) -> BusyError:
