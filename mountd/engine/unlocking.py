@@ -12,20 +12,29 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import replace
 
 from mountd.engine.inspection import DiskLayout, Volume, VolumeKind, analyse_disk
 from mountd.engine.volumes import VolumeAttacher, _dm_name
-from mountd.errors import UnsupportedError
+from mountd.errors import UnsupportedError, WrongKeyError
 from mountd.image.blockio import FileReader
-from mountd.layers.crypt import CryptSpec, WrongKeyError
+from mountd.layers.bitlocker import BitLockerSpec
+from mountd.layers.crypt import CryptSpec
+from mountd.layers.loop import LoopSpec
 
-LUKS = "crypto_LUKS"
+LUKS, BITLOCKER = "crypto_LUKS", "BitLocker"
+#: A BitLocker recovery password: eight groups of six digits.
+RECOVERY_PASSWORD = re.compile(rb"[0-9]{6}(-[0-9]{6}){7}")
 
 
 def is_locked(volume: Volume) -> bool:
-    return volume.signature is not None and volume.signature.type == LUKS
+    return volume.signature is not None and volume.signature.type in (LUKS, BITLOCKER)
+
+
+def _is_bitlocker(volume: Volume) -> bool:
+    return volume.signature is not None and volume.signature.type == BITLOCKER
 
 
 def unlock(attacher: VolumeAttacher, names: tuple[str, ...]) -> VolumeAttacher:
@@ -46,7 +55,7 @@ def _to_unlock(attacher: VolumeAttacher, names: tuple[str, ...]) -> list[Volume]
         named = [v for v in locked if v.name in names]
         for v in named:
             if not keys.for_volume(v.name):
-                raise WrongKeyError(f"volume {v.name} is encrypted ({_luks(v)}): give its passphrase "
+                raise WrongKeyError(f"volume {v.name} is encrypted ({_kind(v)}): give its passphrase "
                                     "(imgmount asks for it, or takes --passphrase-stdin or --key-file)")
         return named
     return [v for v in locked if keys.for_volume(v.name)]
@@ -54,21 +63,45 @@ def _to_unlock(attacher: VolumeAttacher, names: tuple[str, ...]) -> list[Volume]
 
 def _inside(attacher: VolumeAttacher, volume: Volume) -> DiskLayout:
     """Open ``volume`` with the caller's keys and read what it holds."""
+    secrets = attacher.request.keys.for_volume(volume.name)
+    opener = _bitlocker if _is_bitlocker(volume) else _luks
+    node = opener(attacher, volume, secrets)
+    fd = os.open(node, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return analyse_disk(FileReader(fd))
+    finally:
+        os.close(fd)
+
+
+def _luks(attacher: VolumeAttacher, volume: Volume, secrets: list[bytes]) -> str:
+    """The opened LUKS volume's device-mapper node."""
     if not attacher.disk.device_mapper:
-        raise UnsupportedError(f"volume {volume.name} is encrypted with {_luks(volume)}, which imgmount "
+        raise UnsupportedError(f"volume {volume.name} is encrypted with {_kind(volume)}, which imgmount "
                                "opens through device-mapper (dm-crypt), and this kernel has no "
                                "device-mapper: mount the image on a host whose kernel has it (Debian's has)")
     assert volume.signature is not None
     stack = attacher.stack
     spec = CryptSpec(attacher.node(volume), _dm_name(f"imgmount-{stack.record.id}-{volume.name}"),
                      volume.signature.version, volume.signature.uuid, attacher.request.read_only)
-    with _secret_files(attacher.request.keys.for_volume(volume.name)) as fds:
-        node = stack.push(spec.plan(volume.name), fds=fds).node
-    fd = os.open(node, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        return analyse_disk(FileReader(fd))
-    finally:
-        os.close(fd)
+    with _secret_files(secrets) as fds:
+        return stack.push(spec.plan(volume.name), fds=fds).node
+
+
+def _bitlocker(attacher: VolumeAttacher, volume: Volume, secrets: list[bytes]) -> str:
+    """A loop device on the decrypted file that dislocker-fuse serves (no device-mapper needed)."""
+    passwords = [s for s in secrets if not RECOVERY_PASSWORD.fullmatch(s)]
+    if not passwords:
+        raise UnsupportedError(f"volume {volume.name} is BitLocker, and imgmount opens it with its user "
+                               "password only: dislocker reads a recovery password from a terminal or an "
+                               "argument, and an argument is visible to every user")
+    stack, read_only = attacher.stack, attacher.request.read_only
+    where = stack.journal.root / "bitlocker"
+    where.mkdir(mode=0o700, parents=True, exist_ok=True)
+    spec = BitLockerSpec(attacher.node(volume), str(where / _dm_name(f"{stack.record.id}-{volume.name}")),
+                         read_only)
+    with _secret_files([p + b"\n" for p in passwords]) as fds:  # dislocker reads one line
+        decrypted = stack.push(spec.plan(volume.name), fds=fds).node
+    return stack.push(LoopSpec(decrypted, 0, 0, read_only=read_only, qemu_locks=False).plan(volume.name)).node
 
 
 @contextlib.contextmanager
@@ -99,12 +132,15 @@ def _with_inside(layout: DiskLayout, volume: Volume, inside: DiskLayout) -> Disk
 
 
 def _unlocked_note(volume: Volume, inside: DiskLayout, top: Volume | None) -> str:
-    what = f"unlocked {_luks(volume)}"
+    what = f"unlocked {_kind(volume)}"
     if inside.table is not None:
         return f"{what}; it holds a partition table, which imgmount does not read inside encrypted volumes"
     return f"{what}; {top.note}" if top is not None and top.note else what
 
 
-def _luks(volume: Volume) -> str:
+def _kind(volume: Volume) -> str:
+    """"LUKS2", "LUKS1" or "BitLocker"."""
+    if _is_bitlocker(volume):
+        return BITLOCKER
     version = volume.signature.version if volume.signature else ""
     return f"LUKS{version}" if version in ("1", "2") else "LUKS"

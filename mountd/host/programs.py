@@ -26,6 +26,7 @@ PROGRAMS: tuple[Program, ...] = (
     Program("dmsetup", "dmsetup", "logical volumes through device-mapper"),
     Program("modprobe", "kmod", "loading the nbd module and filesystem modules"),
     Program("cryptsetup", "cryptsetup-bin", "unlocking LUKS volumes (through device-mapper)"),
+    Program("dislocker-fuse", "dislocker", "unlocking BitLocker volumes"),
 )
 #: Other programs whose package a message may name (the tests' tools, the VM lane's).
 OTHER_PACKAGES = {"qemu-system-x86_64": "qemu-system-x86", "losetup": "mount", "sfdisk": "fdisk",

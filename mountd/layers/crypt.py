@@ -20,7 +20,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
-from mountd.errors import BusyError, CommandError, FailedError, InvalidArgumentError
+from mountd.errors import BusyError, CommandError, FailedError, InvalidArgumentError, WrongKeyError
 from mountd.host import command
 from mountd.host.blockdev import lock_out_udev
 from mountd.host.dmsetup import DM_TIMEOUT, DmDevice, dm_devices, release_host_activations, udev_mode
@@ -34,10 +34,6 @@ WRONG_KEY = 2
 OPEN_TIMEOUT = 60.0
 _NAME = re.compile(r"[A-Za-z0-9_+.-]{1,127}")
 _LUKS_UUID = re.compile(r"[0-9A-Fa-f-]{1,40}")
-
-
-class WrongKeyError(InvalidArgumentError):
-    """None of the secrets given opens the volume."""
 
 
 @dataclass(frozen=True)

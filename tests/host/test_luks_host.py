@@ -32,11 +32,6 @@ def ubuntu(tmp_path_factory: pytest.TempPathFactory) -> CryptGuest:
                             with_content=False)
 
 
-def left_by(before: leftovers.Snapshot, *paths: Path) -> list[str]:
-    """What is new since ``before`` and names one of ``paths`` (other developers' tests run beside ours)."""
-    return [x for x in leftovers.snapshot().new_since(before) if any(str(p) in x for p in paths)]
-
-
 @pytest.fixture
 def engine(tmp_path: Path) -> Iterator[Engine]:
     assert not check_host().device_mapper, "this test is about a host without device-mapper"
@@ -67,7 +62,7 @@ def test_naming_the_locked_volume_without_a_key_says_to_give_one(engine: Engine,
     before = leftovers.snapshot()
     with pytest.raises(InvalidArgumentError, match=r"^volume p3 is encrypted \(LUKS2\): give its passphrase"):
         engine.mount(MountRequest(str(ubuntu.raw), mount_root=str(tmp_path / "media"), volumes=("p3",)))
-    assert engine.mounts() == [] and left_by(before, ubuntu.raw.parent, tmp_path) == []
+    assert engine.mounts() == [] and leftovers.new_naming(before, ubuntu.raw.parent, tmp_path) == []
 
 
 @pytest.mark.parametrize("volumes", [(), ("vgubuntu/root",), ("p3",)])
@@ -82,5 +77,5 @@ def test_luks2_without_device_mapper_is_a_clear_error(engine: Engine, ubuntu: Cr
         "volume p3 is encrypted with LUKS2, which imgmount opens through device-mapper (dm-crypt), and this "
         "kernel has no device-mapper: mount the image on a host whose kernel has it (Debian's has)")
     assert SECRET.decode() not in str(caught.value)
-    assert engine.mounts() == [] and left_by(before, ubuntu.raw.parent, tmp_path) == []
+    assert engine.mounts() == [] and leftovers.new_naming(before, ubuntu.raw.parent, tmp_path) == []
     assert not any((tmp_path / "media").iterdir()) if (tmp_path / "media").exists() else True

@@ -16,6 +16,11 @@ class Snapshot:
         return sorted(self.items - before.items)
 
 
+def new_naming(before: Snapshot, *paths: object) -> list[str]:
+    """What is new since ``before`` and names one of ``paths``: other developers' tests run beside ours."""
+    return [x for x in snapshot().new_since(before) if any(str(p) in x for p in paths)]
+
+
 def snapshot() -> Snapshot:
     return Snapshot(frozenset(_loops() | _nbds() | _dm_tables() | _mounts() | _qemu_processes()))
 
