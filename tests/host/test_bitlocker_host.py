@@ -19,11 +19,11 @@ from imgmount_testkit import images
 from imgmount_testkit.crypt_layouts import LINUX_FS, content
 from mountd.engine.engine import Engine
 from mountd.engine.inspection import inspect_image
-from mountd.engine.journal import Journal
 from mountd.errors import InvalidImageError, UnsupportedError
 from mountd.keys import Keys
 from mountd.model import MountRequest
 from tests.support import guests, leftovers
+from tests.support.engines import engine_at
 from tests.support.secret_watch import watching_cmdlines
 
 PASSWORD = b"BitLocker user password 42"
@@ -55,10 +55,7 @@ def stub(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def engine(tmp_path: Path) -> Iterator[Engine]:
-    eng = Engine(Journal(str(tmp_path / "state")))
-    yield eng
-    for m in eng.mounts():
-        eng.unmount(m.id, force=True)
+    yield from engine_at(tmp_path / "state")
 
 
 def test_inspection_shows_bitlocker_locked(stub: Path) -> None:

@@ -15,13 +15,13 @@ import pytest
 from imgmount_testkit.crypt_layouts import CryptGuest, ubuntu_encrypted
 from mountd.engine.engine import Engine
 from mountd.engine.inspection import inspect_image
-from mountd.engine.journal import Journal
 from mountd.engine.render import inspection_to_dict
 from mountd.errors import InvalidArgumentError, UnsupportedError
 from mountd.host.support import check_host
 from mountd.keys import Keys
 from mountd.model import MountRequest
 from tests.support import guests, leftovers
+from tests.support.engines import engine_at
 
 SECRET = b"correct horse battery staple"
 
@@ -35,10 +35,7 @@ def ubuntu(tmp_path_factory: pytest.TempPathFactory) -> CryptGuest:
 @pytest.fixture
 def engine(tmp_path: Path) -> Iterator[Engine]:
     assert not check_host().device_mapper, "this test is about a host without device-mapper"
-    eng = Engine(Journal(str(tmp_path / "state")))
-    yield eng
-    for m in eng.mounts():
-        eng.unmount(m.id, force=True)
+    yield from engine_at(tmp_path / "state")
 
 
 def test_inspection_shows_the_luks2_volume_locked(ubuntu: CryptGuest) -> None:

@@ -26,6 +26,7 @@ from mountd.layers.layer import InjectedFault
 from mountd.model import MountInfo, MountRequest
 from mountd.settings import Settings
 from tests.support import guests, leftovers
+from tests.support.engines import engine_at
 from tests.support.secret_watch import watching_cmdlines
 
 SECRET = b"Ubuntu disk passphrase, 2026!"
@@ -43,10 +44,7 @@ def ubuntu(tmp_path_factory: pytest.TempPathFactory) -> CryptGuest:
 
 @pytest.fixture
 def engine(scratch: Path) -> Iterator[Engine]:
-    eng = Engine(Journal(str(scratch / "state")))
-    yield eng
-    for m in eng.mounts():
-        eng.unmount(m.id, force=True)
+    yield from engine_at(scratch / "state")
 
 
 def _mount(engine: Engine, image: Path, root: Path, keys: Keys, **kw: object) -> MountInfo:
