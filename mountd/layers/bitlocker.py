@@ -75,8 +75,8 @@ class BitLockerLayer(Layer[str]):
             if WRONG_KEY not in result.stdout + result.stderr:
                 raise InvalidImageError(f"dislocker could not open the BitLocker volume on {device}: {said}")
         else:
-            raise WrongKeyError(f"wrong password for the BitLocker volume on {device}: check it and try "
-                                "again")
+            raise WrongKeyError(f"wrong password for volume {self.record.volume or 'disk'} (BitLocker on "
+                                f"{device}): check it and try again")
         node = os.path.join(self._mountpoint, DECRYPTED)
         if _fuse_at(self._mountpoint) is None or not os.path.isfile(node):
             raise FailedError(f"dislocker-fuse succeeded, yet {node} is not there")

@@ -103,8 +103,8 @@ class CryptLayer(Layer[DmDevice]):
                 raise FailedError(f"cryptsetup could not open {device}: "
                                   f"{CommandError(argv, result.status, result.stderr).message}")
         tried = f"none of the {len(self.fds)} given opens it" if len(self.fds) > 1 else "it does not open it"
-        raise WrongKeyError(f"wrong passphrase or key file for the LUKS{self.identity['version']} volume on "
-                            f"{device} ({tried}): check it and try again")
+        raise WrongKeyError(f"wrong passphrase or key file for volume {self.record.volume or 'disk'} "
+                            f"(LUKS{self.identity['version']} on {device}: {tried}): check it and try again")
 
     def verify(self) -> bool:
         found = self._present()

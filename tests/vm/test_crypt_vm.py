@@ -106,8 +106,8 @@ def test_wrong_passphrase_is_one_sentence_and_leaves_nothing(engine: Engine, ubu
     before = leftovers.snapshot()
     with pytest.raises(InvalidArgumentError) as caught:
         _mount(engine, ubuntu.raw, scratch / "media", Keys(everywhere=WRONG))
-    assert str(caught.value).startswith("wrong passphrase or key file for the LUKS2 volume on /dev/nbd")
-    assert str(caught.value).endswith("(it does not open it): check it and try again")
+    assert str(caught.value).startswith("wrong passphrase or key file for volume p3 (LUKS2 on /dev/nbd")
+    assert str(caught.value).endswith(": it does not open it): check it and try again")
     assert WRONG.decode() not in str(caught.value)
     assert engine.mounts() == [] and leftovers.snapshot().new_since(before) == []
     info = _mount(engine, ubuntu.raw, scratch / "media", Keys(by_volume={"p3": WRONG}, everywhere=SECRET))
