@@ -20,7 +20,14 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
-from mountd.errors import BusyError, CommandError, FailedError, InvalidArgumentError, WrongKeyError
+from mountd.errors import (
+    BusyError,
+    CommandError,
+    FailedError,
+    InvalidArgumentError,
+    OperationTimeoutError,
+    WrongKeyError,
+)
 from mountd.host import command
 from mountd.host.blockdev import lock_out_udev
 from mountd.host.dmsetup import DM_TIMEOUT, DmDevice, dm_devices, release_host_activations, udev_mode
@@ -30,7 +37,8 @@ from mountd.layers.layer import Layer, LayerRecord, Progress, Spec
 
 #: cryptsetup's exit status for "no key available with this passphrase".
 WRONG_KEY = 2
-#: One key derivation: PBKDF2 or Argon2 as a header asks (cryptsetup caps Argon2 at 4 GiB and 4 threads).
+#: One key derivation, as a header asks: cryptsetup's own defaults take ~2 s where the volume was made (a
+#: slower host, or emulation, takes several times that); it caps Argon2's memory at 4 GiB but not the time.
 OPEN_TIMEOUT = 60.0
 _NAME = re.compile(r"[A-Za-z0-9_+.-]{1,127}")
 _LUKS_UUID = re.compile(r"[0-9A-Fa-f-]{1,40}")
@@ -89,22 +97,34 @@ class CryptLayer(Layer[DmDevice]):
         """Try each secret in turn; the first that opens the volume wins."""
         if not self.fds:
             raise WrongKeyError(f"{device} is locked and no passphrase or key file was given for it")
-        env, _ = udev_mode()
         argv = ["cryptsetup", "open", "--type", f"luks{self.identity['version']}", "--key-file=-",
                 "--disable-external-tokens", device, self._name]
         if self.identity.get("read_only", True):
             argv.insert(2, "--readonly")
         for fd in self.fds:
-            os.lseek(fd, 0, os.SEEK_SET)
-            result = command.run(argv, env=env, stdin_fd=fd, check=False, timeout=OPEN_TIMEOUT)
+            result = self._try(argv, fd)
             if result.status == 0:
                 return
             if result.status != WRONG_KEY:
                 raise FailedError(f"cryptsetup could not open {device}: "
                                   f"{CommandError(argv, result.status, result.stderr).message}")
         tried = f"none of the {len(self.fds)} given opens it" if len(self.fds) > 1 else "it does not open it"
-        raise WrongKeyError(f"wrong passphrase or key file for volume {self.record.volume or 'disk'} "
+        raise WrongKeyError(f"wrong passphrase or key file for volume {self._volume} "
                             f"(LUKS{self.identity['version']} on {device}: {tried}): check it and try again")
+
+    def _try(self, argv: list[str], secret: int) -> command.Result:
+        """One ``cryptsetup open`` with the secret in the memfd ``secret`` as its standard input."""
+        os.lseek(secret, 0, os.SEEK_SET)
+        try:
+            return command.run(argv, env=udev_mode()[0], stdin_fd=secret, check=False, timeout=OPEN_TIMEOUT)
+        except OperationTimeoutError:
+            raise OperationTimeoutError(
+                f"unlocking volume {self._volume} took more than {OPEN_TIMEOUT:g} s: its key slots ask for "
+                "more key derivation than a real volume does (a damaged or crafted header)") from None
+
+    @property
+    def _volume(self) -> str:
+        return self.record.volume or "disk"
 
     def verify(self) -> bool:
         found = self._present()

@@ -9,19 +9,22 @@ from __future__ import annotations
 
 import logging
 import os
+import struct
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from imgmount_testkit import images
-from imgmount_testkit.crypt_layouts import CryptGuest, luks1_partition, ubuntu_encrypted
+from imgmount_testkit.crypt_layouts import CryptGuest, luks1_partition, luks_format, ubuntu_encrypted
 from mountd.engine.engine import Engine
 from mountd.engine.journal import Journal
-from mountd.errors import InvalidArgumentError
+from mountd.errors import InvalidArgumentError, OperationTimeoutError
 from mountd.keys import Keys
+from mountd.layers.crypt import OPEN_TIMEOUT
 from mountd.layers.layer import InjectedFault
 from mountd.model import MountInfo, MountRequest
 from mountd.settings import Settings
@@ -32,6 +35,8 @@ from tests.support.secret_watch import watching_cmdlines
 SECRET = b"Ubuntu disk passphrase, 2026!"
 WRONG = b"not the passphrase"
 UBUNTU = ("p2", "vgubuntu/root")
+#: LUKS1 on-disk format: 8 key slots of 48 bytes from byte 208, each "active" then "iterations" (big-endian).
+LUKS1_SLOT0_ITERATIONS = 208 + 4
 
 
 @pytest.fixture(scope="module")
@@ -139,6 +144,7 @@ from pathlib import Path
 from mountd.engine.engine import Engine
 from mountd.engine.journal import Journal
 from mountd.keys import Keys
+from mountd.layers.crypt import OPEN_TIMEOUT
 from mountd.model import MountRequest
 from mountd.settings import Settings
 state, image, media, step = sys.argv[1:]
@@ -175,3 +181,20 @@ def test_luks1_partition_with_ext4_inside(engine: Engine, scratch: Path) -> None
         guests.check_files(Path(v.mountpoint), guest.files[v.name])
     engine.unmount(info.id)
     _ours_gone(info)
+
+
+def test_a_crafted_key_slot_is_bounded_in_time(engine: Engine, scratch: Path) -> None:
+    """LUKS1 has no header checksum: key slot 0 patched to ask for 2^32 - 1 PBKDF2 iterations (hours)."""
+    raw = images.blank(scratch / "crafted.raw", 16 << 20)
+    luks_format(str(raw), SECRET, 1)
+    with open(raw, "r+b") as f:
+        f.seek(LUKS1_SLOT0_ITERATIONS)
+        f.write(struct.pack(">I", 0xFFFFFFFF))
+    before = leftovers.snapshot()
+    start = time.monotonic()
+    with pytest.raises(OperationTimeoutError) as caught:
+        _mount(engine, raw, scratch / "media", Keys(everywhere=SECRET))
+    assert time.monotonic() - start < OPEN_TIMEOUT + 30
+    assert str(caught.value) == (f"unlocking volume disk took more than {OPEN_TIMEOUT:g} s: its key slots ask for "
+                                 "more key derivation than a real volume does (a damaged or crafted header)")
+    assert engine.mounts() == [] and leftovers.snapshot().new_since(before) == []
