@@ -17,10 +17,10 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 from mountd.engine import backends
+from mountd.engine.cryptvolumes import unlock
 from mountd.engine.inspection import DiskLayout, Volume
 from mountd.engine.journal import Journal, MountRecord
 from mountd.engine.stack import MountStack
-from mountd.engine.unlocking import unlock
 from mountd.engine.volumes import VolumeAttacher
 from mountd.errors import InUseError, InvalidArgumentError, NotFoundError, UnsupportedError, echo
 from mountd.host.filesystems import mount_type, mountable_types

@@ -115,7 +115,6 @@ def _volume_dict(v: Volume) -> dict[str, Any]:
         "filesystem": None if sig is None else {"type": sig.type, "usage": sig.usage, "label": sig.label,
                                                 "uuid": sig.uuid},
         "note": v.note or None,
-        "locked": v.locked,
         "needs-recovery": bool(sig and sig.needs_recovery),
     }
 

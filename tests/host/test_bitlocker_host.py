@@ -23,8 +23,8 @@ from mountd.errors import InvalidImageError, UnsupportedError
 from mountd.keys import Keys
 from mountd.model import MountRequest
 from tests.support import guests, leftovers
-from tests.support.engines import engine_at
-from tests.support.secret_watch import watching_cmdlines
+from tests.support.engines import throwaway_engine
+from tests.support.secret_scan import scanning_processes
 
 PASSWORD = b"BitLocker user password 42"
 FVE_AT = 64 << 10
@@ -55,7 +55,8 @@ def stub(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def engine(tmp_path: Path) -> Iterator[Engine]:
-    yield from engine_at(tmp_path / "state")
+    with throwaway_engine(tmp_path / "state") as eng:
+        yield eng
 
 
 def test_inspection_shows_bitlocker_locked(stub: Path) -> None:
@@ -74,14 +75,14 @@ def test_without_a_password_the_other_volume_mounts(engine: Engine, stub: Path, 
 def test_a_volume_dislocker_rejects_is_one_sentence_and_leaves_nothing(engine: Engine, stub: Path,
                                                                         tmp_path: Path) -> None:
     before = leftovers.snapshot()
-    with watching_cmdlines(PASSWORD) as watch, pytest.raises(InvalidImageError) as caught:
+    with scanning_processes([PASSWORD]) as seen, pytest.raises(InvalidImageError) as caught:
         engine.mount(MountRequest(str(stub), mount_root=str(tmp_path / "media"), volumes=("p2",),
                                   keys=Keys(everywhere=PASSWORD)))
-    assert watch.seen == [] and watch.scans > 1
     assert str(caught.value).startswith("dislocker could not open the BitLocker volume on /dev/loop")
     assert str(caught.value).endswith(": Cannot parse volume header. Abort.")
     assert PASSWORD.decode() not in str(caught.value)
-    assert engine.mounts() == [] and leftovers.new_naming(before, stub.parent, tmp_path) == []
+    assert seen == set() and engine.mounts() == []
+    assert leftovers.ours(leftovers.snapshot().new_since(before), stub.parent, tmp_path) == []
     assert not any((tmp_path / "state" / "bitlocker").iterdir())
 
 

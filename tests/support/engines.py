@@ -1,7 +1,8 @@
-"""An in-process engine for a test, which unmounts whatever a failing test left mounted."""
+"""An in-process engine for a test: its own journal, and nothing left mounted after it."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -9,9 +10,12 @@ from mountd.engine.engine import Engine
 from mountd.engine.journal import Journal
 
 
-def engine_at(state: Path) -> Iterator[Engine]:
-    """For ``yield from`` in a fixture: an engine journalling under ``state``; its mounts undone after."""
-    engine = Engine(Journal(str(state)))
-    yield engine
-    for m in engine.mounts():  # a failing test must not leave its mounts to the leftover check
-        engine.unmount(m.id, force=True)
+@contextlib.contextmanager
+def throwaway_engine(state: Path) -> Iterator[Engine]:
+    """An engine journalling under ``state``; what a failing test left mounted is unmounted afterwards."""
+    eng = Engine(Journal(str(state)))
+    try:
+        yield eng
+    finally:
+        for m in eng.mounts():
+            eng.unmount(m.id, force=True)

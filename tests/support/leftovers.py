@@ -16,11 +16,6 @@ class Snapshot:
         return sorted(self.items - before.items)
 
 
-def new_naming(before: Snapshot, *paths: object) -> list[str]:
-    """What is new since ``before`` and names one of ``paths``: other developers' tests run beside ours."""
-    return [x for x in snapshot().new_since(before) if any(str(p) in x for p in paths)]
-
-
 def snapshot() -> Snapshot:
     return Snapshot(frozenset(_loops() | _nbds() | _dm_tables() | _mounts() | _qemu_processes()))
 
@@ -68,3 +63,9 @@ def _qemu_processes() -> set[str]:
         if name.startswith(("qemu-nbd", "qemu-storage-daemon", "qemu-system")):
             found.add(f"process {name} pid {pid}: {b' '.join(cmd).decode(errors='replace')[:160]}")
     return found
+
+
+def ours(left: list[str], *markers: object) -> list[str]:
+    """Those of ``left`` that name one of ``markers`` (a test's image, state directory, mount root): what
+    other tests running on this machine at the same time leave for a moment is theirs."""
+    return [x for x in left if any(str(m) in x for m in markers)]

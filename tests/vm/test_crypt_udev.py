@@ -21,7 +21,7 @@ from mountd.host.dmsetup import dm_devices
 from mountd.keys import Keys
 from mountd.model import MountRequest
 from tests.support import guests
-from tests.support.engines import engine_at
+from tests.support.engines import throwaway_engine
 from tests.vm.test_udev_autoactivation import our_rule_installed, settle, udevd  # noqa: F401 (a fixture)
 
 SECRET = b"passphrase of the udev test"
@@ -37,7 +37,8 @@ def ubuntu(tmp_path_factory: pytest.TempPathFactory) -> CryptGuest:
 @pytest.fixture
 def engine(scratch: Path) -> Iterator[Engine]:
     images.forget_vg_online(VG)  # as on a host that just booted: LVM has not seen this VG yet
-    yield from engine_at(scratch / "state")
+    with throwaway_engine(scratch / "state") as eng:
+        yield eng
     images.forget_vg_online(VG)
 
 

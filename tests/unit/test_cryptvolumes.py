@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from mountd.engine.cryptvolumes import RECOVERY_PASSWORD, _with_inside, is_locked
 from mountd.engine.inspection import DiskLayout, Volume, VolumeKind, locked_note
-from mountd.engine.unlocking import RECOVERY_PASSWORD, _with_inside, is_locked
 from mountd.image.fsprobe import Signature
 from mountd.image.partitions import PartitionTable
 

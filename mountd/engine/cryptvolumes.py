@@ -1,4 +1,5 @@
-"""Locked volumes of an attached disk, unlocked with the caller's keys, and what they hold (issue 10, item 1).
+"""Encrypted volumes of an attached disk, opened by dm-crypt (LUKS) or dislocker (BitLocker) with the caller's
+keys, and what they hold (issue 10, item 1).
 
 The stack becomes partition -> dm-crypt -> LVM -> filesystem: each locked volume the caller gave a key for is
 opened (:mod:`mountd.layers.crypt`, a layer of the volume's own name, above its partition), then the opened
@@ -33,6 +34,12 @@ def is_locked(volume: Volume) -> bool:
     return volume.signature is not None and volume.signature.type in (LUKS, BITLOCKER)
 
 
+def _opened_here(volume: Volume, device_mapper: bool) -> bool:
+    """Without device-mapper a LUKS1 volume is left to QEMU's luks driver (:mod:`mountd.engine.unlocking`, the
+    other way in): this module opens LUKS with dm-crypt, and says so for LUKS2."""
+    return device_mapper or _kind(volume) != "LUKS1"
+
+
 def _is_bitlocker(volume: Volume) -> bool:
     return volume.signature is not None and volume.signature.type == BITLOCKER
 
@@ -50,7 +57,7 @@ def _to_unlock(attacher: VolumeAttacher, names: tuple[str, ...]) -> list[Volume]
     """The locked volumes named, each needing a key; with no names (or a name found only inside a locked
     volume, like ``vgubuntu/root``), every locked volume the caller gave a key for."""
     layout, keys = attacher.layout, attacher.request.keys
-    locked = [v for v in layout.volumes if is_locked(v)]
+    locked = [v for v in layout.volumes if is_locked(v) and _opened_here(v, attacher.disk.device_mapper)]
     if names and all(layout.volume(n) is not None for n in names):
         named = [v for v in locked if v.name in names]
         for v in named:
