@@ -14,32 +14,15 @@ import termios
 import time
 from pathlib import Path
 
-import pytest
-
 from imgmount_testkit.bus import Bus
 from imgmount_testkit.client import Client
 from imgmount_testkit.daemon import Daemon
 from imgmount_testkit.users import as_user
-from tests.support import crypt_guests, guests
+from tests.support import guests
 from tests.support.crypt_guests import IMAGE_PASSPHRASE, PASSPHRASE
 from tests.support.daemon_calls import BIN, command, copy
 from tests.support.guests import Guest
 from tests.support.secret_scan import scanning_processes
-
-
-@pytest.fixture(scope="module")
-def luks_qcow2(shared: Path) -> Guest:
-    return crypt_guests.qemu_encrypted_guest(shared, "luks")
-
-
-@pytest.fixture(scope="module")
-def aes_qcow2(shared: Path) -> Guest:
-    return crypt_guests.qemu_encrypted_guest(shared, "aes")
-
-
-@pytest.fixture(scope="module")
-def luks1_disk(shared: Path) -> Guest:
-    return crypt_guests.luks1_partition_guest(shared)
 
 
 def check_mounted(result: subprocess.CompletedProcess[str], guest: Guest) -> dict[str, str]:

@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 
 from imgmount_testkit.bus import Bus
-from imgmount_testkit.client import Client, client
+from imgmount_testkit.client import Client
 from imgmount_testkit.daemon import Daemon
 from imgmount_testkit.users import OtherUser
 from mountd.service.dbusapi import MOUNT_IFACE
-from tests.support import crypt_guests, guests, leftovers
+from tests.support import guests, leftovers
 from tests.support.crypt_guests import IMAGE_PASSPHRASE, PASSPHRASE
 from tests.support.daemon_calls import copy, error, v
 from tests.support.guests import Guest
@@ -27,30 +27,10 @@ from tests.support.secret_scan import files_holding, scanning_processes
 
 @pytest.fixture
 def daemon(bus: Bus, run: Path) -> Iterator[Daemon]:
-    d = Daemon(bus, run, debug=True).start()  # --debug: every command line is logged, and checked
+    """The daemon of these tests (``c`` talks to it) logs every command line (--debug): checked for keys."""
+    d = Daemon(bus, run, debug=True).start()
     yield d
     d.close()
-
-
-@pytest.fixture
-def c(bus: Bus, daemon: Daemon) -> Iterator[Client]:
-    with client(bus.address) as cl:
-        yield cl
-
-
-@pytest.fixture(scope="module")
-def luks_qcow2(shared: Path) -> Guest:
-    return crypt_guests.qemu_encrypted_guest(shared, "luks")
-
-
-@pytest.fixture(scope="module")
-def aes_qcow2(shared: Path) -> Guest:
-    return crypt_guests.qemu_encrypted_guest(shared, "aes")
-
-
-@pytest.fixture(scope="module")
-def luks1_disk(shared: Path) -> Guest:
-    return crypt_guests.luks1_partition_guest(shared)
 
 
 @pytest.fixture
@@ -87,7 +67,7 @@ def test_luks_qcow2_with_the_passphrases_option(c: Client, daemon: Daemon, luks_
         assert_no_secret_kept(daemon, IMAGE_PASSPHRASE)  # the journal, while mounted
     assert seen == set()
     check_and_unmount(c, path, luks_qcow2)
-    assert leftovers.snapshot().new_since(before) == []
+    assert leftovers.ours(leftovers.snapshot().new_since(before), luks_qcow2.raw, daemon.state) == []
     assert "imgmount-key" in daemon.log()  # the command lines were logged, and named the secret object only
     assert_no_secret_kept(daemon, IMAGE_PASSPHRASE)
 
@@ -115,7 +95,7 @@ def test_luks1_partition_through_qemus_luks_driver(c: Client, daemon: Daemon, lu
         {"p1": "ext4", "p2": "ext4"}
     assert_no_secret_kept(daemon, PASSPHRASE)
     check_and_unmount(c, path, luks1_disk)
-    assert leftovers.snapshot().new_since(before) == []
+    assert leftovers.ours(leftovers.snapshot().new_since(before), luks1_disk.raw, daemon.state) == []
 
 
 def test_wrong_passphrase_leaves_nothing_and_the_next_try_works(c: Client, daemon: Daemon, luks1_disk: Guest,
@@ -125,7 +105,8 @@ def test_wrong_passphrase_leaves_nothing_and_the_next_try_works(c: Client, daemo
     assert error(reply, "InvalidArgument") == "wrong passphrase for volume p2"
     reply = c.mount(luks_qcow2.raw, passphrases=v("a{ss}", {"image": "not it"}))
     assert error(reply, "InvalidArgument") == "wrong passphrase for the image"
-    assert leftovers.snapshot().new_since(before) == []
+    left = leftovers.snapshot().new_since(before)
+    assert leftovers.ours(left, luks1_disk.raw, luks_qcow2.raw, daemon.state) == []
     assert c.manager("ListMounts").value() == []
     assert list((daemon.state / "exports").iterdir()) == []
     path = c.mount(luks1_disk.raw, passphrases=v("a{ss}", {"p2": PASSPHRASE.decode()})).value()

@@ -3,17 +3,21 @@ error replies, waiting for a process to exit."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
+import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from dbus_fast import Variant
 
 from imgmount_testkit import images
-from imgmount_testkit.client import Client
+from imgmount_testkit.client import Client, client
+from imgmount_testkit.daemon import Daemon
 from mountd.service.dbusapi import ERROR_PREFIX, MOUNT_IFACE
 
 BIN = Path(sys.executable).parent
@@ -58,6 +62,20 @@ def command(bus_address: str, *argv: str, user: list[str] | None = None, stdin: 
     return subprocess.run([*(user or []), str(BIN / argv[0]), *argv[1:]], capture_output=True, text=True,
                           env=env, check=False, timeout=120, input=stdin,
                           stdin=None if stdin is not None else subprocess.DEVNULL)
+
+
+@contextlib.contextmanager
+def killed_and_restarted(daemon: Daemon) -> Iterator[tuple[Client, list[str]]]:
+    """SIGKILL ``daemon`` and start it again; yield a client and the mounts, checked to be the same ones as
+    before, republished and each verified "mounted"."""
+    with client(daemon.bus.address) as c:
+        paths = sorted(c.manager("ListMounts").value())
+    assert daemon.signal(signal.SIGKILL) == -signal.SIGKILL
+    daemon.start()
+    with client(daemon.bus.address) as c:
+        assert sorted(c.manager("ListMounts").value()) == paths
+        assert all(c.prop(p, MOUNT_IFACE, "State") == "mounted" for p in paths)
+        yield c, paths
 
 
 def wait_gone(pid: int) -> None:
