@@ -252,6 +252,8 @@ class ManagerInterface(ApiInterface):
     @api_method("Mount", (("image", "s"), ("options", "a{sv}")), (("mount", "o"),), takes_fds=True)
     async def mount(self, caller: Caller, image: str, options: dict[str, Variant], fds: list[int]) -> str:
         parsed = parse_options(options, MOUNT_OPTIONS)
+        if len(fds) > ("key-file" in parsed):
+            raise InvalidArgumentError("Mount takes no file descriptors but the one of its option key-file")
         info = await self.service.mount(caller, image, parsed, key_file_fd(parsed, fds))
         return mount_path(info.id)
 
