@@ -3,8 +3,10 @@
 QEMU takes keys as ``--object secret,id=ID,file=PATH``; ``data=`` would put the secret in the command line,
 which every user reads in ``/proc/PID/cmdline``. PATH is ``/proc/self/fd/N`` of a memfd that holds the
 passphrase: an anonymous file with no name in any directory, inherited by the QEMU process at N and freed
-with its last descriptor, so nothing is left on disk however we or QEMU end. QEMU reads it once, while it
-opens the image; a server that outlives us keeps the key in its memory only, and the journal only records
+with its last descriptor, so nothing is left on disk however we or QEMU end. QEMU reads it once, when it
+creates the secret object at start-up; once that process has started, the memfd is emptied, so the
+descriptor a long-running server keeps (QEMU does not close what it inherits) holds nothing. A server
+that outlives us keeps the key in its memory only, and the journal only records
 that the image needs one (:data:`SECRET_ID` in its block options), so a restarted daemon verifies and tears
 down such a mount without the secret.
 
@@ -34,7 +36,8 @@ class WrongKeyError(InvalidArgumentError):
 
 @contextlib.contextmanager
 def secret_fd(secret: bytes) -> Iterator[int]:
-    """A memfd holding ``secret``, at the descriptor yielded (close-on-exec: pass it on explicitly)."""
+    """A memfd holding ``secret``, at the descriptor yielded (close-on-exec: pass it on explicitly), for
+    programs started within the block: it is emptied when the block ends."""
     if len(secret) > MAX_KEY_SIZE:
         raise InvalidArgumentError(f"a passphrase or key file may hold at most {MAX_KEY_SIZE >> 20} MiB")
     fd = os.memfd_create("imgmount-key", os.MFD_CLOEXEC)
@@ -45,6 +48,7 @@ def secret_fd(secret: bytes) -> Iterator[int]:
         os.lseek(fd, 0, os.SEEK_SET)
         yield fd
     finally:
+        os.ftruncate(fd, 0)  # the same file in every process that inherited it: emptied for all of them
         os.close(fd)
 
 

@@ -22,7 +22,7 @@ from tests.support import guests, leftovers
 from tests.support.crypt_guests import IMAGE_PASSPHRASE, PASSPHRASE
 from tests.support.daemon_calls import copy, error, v
 from tests.support.guests import Guest
-from tests.support.secret_scan import files_holding, scanning_processes
+from tests.support.secret_scan import files_holding, key_memfds, scanning_processes
 
 
 @pytest.fixture
@@ -66,6 +66,8 @@ def test_luks_qcow2_with_the_passphrases_option(c: Client, daemon: Daemon, luks_
         path = c.mount(luks_qcow2.raw, passphrases=v("a{ss}", {"image": IMAGE_PASSPHRASE.decode()})).value()
         assert_no_secret_kept(daemon, IMAGE_PASSPHRASE)  # the journal, while mounted
     assert seen == set()
+    held = key_memfds()  # the running QEMU servers keep the descriptor they inherited (QEMU closes none)
+    assert held and set(held.values()) == {0}, "a key memfd still holds the key"
     check_and_unmount(c, path, luks_qcow2)
     assert leftovers.ours(leftovers.snapshot().new_since(before), luks_qcow2.raw, daemon.state) == []
     assert "imgmount-key" in daemon.log()  # the command lines were logged, and named the secret object only
