@@ -171,14 +171,14 @@ def _inspection(image: str, fmt: str | None, args: argparse.Namespace | None = N
 def _locked(image: str, fmt: str | None, volumes: Sequence[str]) -> Locked:
     """What must be unlocked to mount ``volumes`` (all, if none are named): the image QEMU encrypted, or
     each locked volume, with what locks it."""
-    from mountd.engine.unlocking import image_lock_kind, lock_kind  # noqa: PLC0415 - deferred, as above
+    from mountd.engine.unlocking import can_unlock, image_lock_kind, lock_kind  # noqa: PLC0415 - deferred
     from mountd.keys import IMAGE  # noqa: PLC0415
 
     found = _inspection(image, fmt)
     if found.image.encryption:
         return [(IMAGE, image_lock_kind(found.image))]
     return [(v.name, lock_kind(v)) for v in found.volumes
-            if lock_kind(v) and (not volumes or v.name in volumes)]
+            if lock_kind(v) and (v.name in volumes if volumes else can_unlock(v))]
 
 
 def _usage(message: str) -> Callable[[], Any]:

@@ -42,6 +42,12 @@ def is_locked(volume: Volume) -> bool:
     return volume.signature is not None and volume.signature.type in LOCKED_TYPES
 
 
+def can_unlock(volume: Volume) -> bool:
+    """Whether this version unlocks ``volume`` (a mount of every volume then includes it, asking for its key):
+    LUKS1, through QEMU's luks driver. Others are mounted only when named, and then say what they need."""
+    return lock_kind(volume) == "LUKS1"
+
+
 def lock_kind(volume: Volume) -> str:
     """How ``--info`` names the lock: "LUKS1", "LUKS2", "BitLocker"."""
     sig = volume.signature

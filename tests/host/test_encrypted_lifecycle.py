@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ from imgmount_testkit.client import client
 from imgmount_testkit.daemon import Daemon
 from mountd.engine.engine import Engine
 from mountd.engine.journal import Journal
+from mountd.errors import UnsupportedError
 from mountd.keys import Keys
 from mountd.layers.layer import InjectedFault
 from mountd.model import MountInfo, MountRequest
@@ -86,8 +88,11 @@ def test_luks2_without_device_mapper_names_it(engine: Engine, tmp_path: Path) ->
     images.partition(disk, "label: gpt\nsize=30MiB\n")
     start = images.sfdisk_json(disk)["partitions"][0]["start"] * 512
     crypt_images.luks_format(disk, PASSPHRASE, version=2, offset=start, size=30 * images.MiB)
-    with pytest.raises(Exception, match="volume p1 is LUKS2: unlocking it needs device-mapper"):
-        engine.mount(MountRequest(image=str(disk), mount_root=str(tmp_path / "m"), keys=Keys(everywhere=b"x")))
+    request = MountRequest(image=str(disk), mount_root=str(tmp_path / "m"), keys=Keys(everywhere=b"x"))
+    with pytest.raises(UnsupportedError, match="no mountable filesystem"):  # not among "every volume" here
+        engine.mount(request)
+    with pytest.raises(UnsupportedError, match="volume p1 is LUKS2: unlocking it needs device-mapper"):
+        engine.mount(replace(request, volumes=("p1",)))
     assert engine.mounts() == []
 
 
