@@ -94,7 +94,7 @@ def unlock_volume(stack: MountStack, disk: Disk, volume: Volume, request: MountR
 
     clear = with_each_key(secrets, f"volume {volume.name}", attach)
     loop = stack.push(LoopSpec(clear, 0, 0, read_only=request.read_only, qemu_locks=False).plan(volume.name))
-    return loop.node, replace(volume, signature=_probe(clear), note=f"unlocked {kind}")
+    return loop.node, replace(volume, signature=_probe(clear))
 
 
 def _header(node: str, volume: Volume) -> LuksHeader:
