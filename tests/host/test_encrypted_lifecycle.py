@@ -16,7 +16,6 @@ from imgmount_testkit.bus import Bus
 from imgmount_testkit.client import client
 from imgmount_testkit.daemon import Daemon
 from mountd.engine.engine import Engine
-from mountd.engine.journal import Journal
 from mountd.errors import UnsupportedError
 from mountd.keys import Keys
 from mountd.layers.layer import InjectedFault
@@ -26,16 +25,15 @@ from mountd.settings import Settings
 from tests.support import guests, leftovers
 from tests.support.crypt_guests import IMAGE_PASSPHRASE, PASSPHRASE
 from tests.support.daemon_calls import killed_and_restarted, mountpoint, v
+from tests.support.engines import throwaway_engine
 from tests.support.guests import Guest
 from tests.support.secret_scan import files_holding
 
 
 @pytest.fixture
 def engine(tmp_path: Path) -> Iterator[Engine]:
-    eng = Engine(Journal(str(tmp_path / "state")))
-    yield eng
-    for m in eng.mounts():
-        eng.unmount(m.id, force=True)
+    with throwaway_engine(tmp_path / "state") as eng:
+        yield eng
 
 
 def _mount(engine: Engine, guest: Guest, root: Path, keys: Keys, **kw: object) -> MountInfo:

@@ -11,21 +11,19 @@ import pytest
 
 from imgmount_testkit import images
 from mountd.engine.engine import Engine
-from mountd.engine.journal import Journal
 from mountd.host.qemusecret import WrongKeyError
 from mountd.keys import Keys
 from mountd.model import MountRequest
 from tests.support import crypt_guests, guests, leftovers
 from tests.support.crypt_guests import IMAGE_PASSPHRASE, PASSPHRASE
+from tests.support.engines import throwaway_engine
 from tests.support.guests import Guest
 
 
 @pytest.fixture
 def engine(scratch: Path) -> Iterator[Engine]:
-    eng = Engine(Journal(str(scratch / "state")))
-    yield eng
-    for m in eng.mounts():
-        eng.unmount(m.id, force=True)
+    with throwaway_engine(scratch / "state") as eng:
+        yield eng
 
 
 @pytest.mark.parametrize("encryption", ["luks", "aes"])
