@@ -36,6 +36,10 @@ LUKS2_HEADER_SIZES = frozenset(16384 << n for n in range(9))
 MAX_JSON_DEPTH = 16
 
 _LUKS1 = struct.Struct(">6sH32s32s32sII20s32sI40s")
+_KEY_SLOT = struct.Struct(">II32sII")  # active, iterations, salt, key material offset (sectors), stripes
+KEY_SLOTS, KEY_SLOT_AT = 8, 208
+SLOT_ACTIVE, SLOT_INACTIVE = 0x00AC71F3, 0x0000DEAD
+STRIPES = 4000  # the anti-forensic split every LUKS1 writer uses (and QEMU requires)
 _LUKS2 = struct.Struct(">6sHQQ48s32s64s40s48sQ184s64s")
 _UUID = re.compile(r"[0-9A-Fa-f-]{1,40}")
 
@@ -88,9 +92,26 @@ def _luks1(head: bytes, size: int) -> LuksHeader:
     if not LUKS1_HEADER_SIZE <= offset < size or key_bytes == 0:
         raise LuksHeaderError(f"the LUKS1 header's payload offset ({payload_sectors} sectors) is outside the "
                               f"volume ({size} bytes)")
+    _check_key_slots(head, key_bytes, offset)
     return LuksHeader(version=1, uuid=_text(uuid, "UUID"), label="", payload_offset=offset, payload_size=None,
                       cipher=f"{_text(cipher_name, 'cipher')}-{_text(cipher_mode, 'cipher mode')}",
                       sector_size=SECTOR)
+
+
+def _check_key_slots(head: bytes, key_bytes: int, payload: int) -> None:
+    """Every key slot is enabled or disabled, and an enabled one keeps its key material (key size x 4000
+    stripes) between the header and the data: what QEMU's luks driver, which reads them next, relies on."""
+    if key_bytes > 256:  # 512-bit keys are the largest any cipher here takes; 256 bytes is already absurd
+        raise LuksHeaderError(f"the LUKS1 header has a {key_bytes}-byte key")
+    for n in range(KEY_SLOTS):
+        active, _, _, material, stripes = _KEY_SLOT.unpack_from(head, KEY_SLOT_AT + n * _KEY_SLOT.size)
+        if active == SLOT_INACTIVE:
+            continue
+        start = material * SECTOR
+        if active != SLOT_ACTIVE or stripes != STRIPES or start < LUKS1_HEADER_SIZE or \
+                start + key_bytes * stripes > payload:
+            raise LuksHeaderError(f"LUKS1 key slot {n} is damaged (its key material is not where the format "
+                                  "puts it)")
 
 
 def _luks2(reader: BlockReader) -> LuksHeader:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from imgmount_testkit.crypt_images import ext4_with, luks1_volume, luks_format
+from imgmount_testkit.crypt_images import ext4_with, luks1_volume, luks_format, secret_file
 from imgmount_testkit.images import MiB, blank, run
 from mountd.image.blockio import FileReader, SliceReader
 from mountd.image.luks import LuksHeader, LuksHeaderError, read_header
@@ -56,7 +56,7 @@ def test_luks2_from_cryptsetup(workdir: Path) -> None:
     assert header.sector_size == int(dumped(image, "sector").split()[0])
 
 
-def test_luks1_written_by_qemu_in_a_partition_window(workdir: Path) -> None:
+def test_luks1_in_a_partition_window(workdir: Path) -> None:
     fs = ext4_with(workdir / "fs.raw", 8 * MiB, {"a": b"x"})
     volume = luks1_volume(workdir / "v.luks", SECRET, fs)
     disk = blank(workdir / "disk.img", 32 * MiB)
@@ -67,6 +67,15 @@ def test_luks1_written_by_qemu_in_a_partition_window(workdir: Path) -> None:
     assert header is not None and header.version == 1
     assert header.payload_offset == int(dumped(volume, "Payload offset")) * 512
     assert header_of(disk) is None  # the disk itself is not LUKS
+
+
+def test_luks1_created_by_qemu(workdir: Path) -> None:
+    with secret_file(SECRET) as secret:
+        run(["qemu-img", "create", "-q", "-f", "luks", "--object", f"secret,id=s,file={secret}",
+             "-o", "key-secret=s,iter-time=100", str(workdir / "q.luks"), "4M"])
+    header = header_of(workdir / "q.luks")
+    assert header is not None and header.version == 1
+    assert header.payload_offset == int(dumped(workdir / "q.luks", "Payload offset")) * 512
 
 
 def test_damaged_primary_luks2_header_uses_the_secondary(workdir: Path) -> None:

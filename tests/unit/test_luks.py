@@ -17,9 +17,14 @@ UUID = b"6c26f2cb-bfb1-4b24-8540-e80ba3d43d22"
 VOLUME = 4 << 20
 
 
-def luks1(payload_sectors: int = 4096, key_bytes: int = 64, uuid: bytes = UUID) -> bytes:
+def luks1(payload_sectors: int = 4096, key_bytes: int = 64, uuid: bytes = UUID, slot0: tuple[int, int, int] = (
+        0x00AC71F3, 8, 4000)) -> bytes:
+    """A LUKS1 header; ``slot0``: (active, key material sector, stripes) of key slot 0, the others disabled."""
     head = struct.pack(">6sH32s32s32sII20s32sI40s", b"LUKS\xba\xbe", 1, b"aes", b"xts-plain64", b"sha256",
                        payload_sectors, key_bytes, bytes(20), bytes(32), 1000, uuid)
+    active, material, stripes = slot0
+    head += struct.pack(">II32sII", active, 1000, bytes(32), material, stripes)
+    head += struct.pack(">II32sII", 0x0000DEAD, 0, bytes(32), 0, 4000) * 7
     return head.ljust(LUKS1_HEADER_SIZE, b"\0").ljust(VOLUME, b"\0")
 
 
@@ -69,6 +74,11 @@ def test_not_luks() -> None:
     (luks1(payload_sectors=0), "payload offset"),
     (luks1(payload_sectors=1 << 30), "payload offset"),
     (luks1(uuid=b"not a uuid; rm -rf"), "UUID"),
+    (luks1(slot0=(0x00AC71F3, 8, 40000)), "key slot 0 is damaged"),
+    (luks1(slot0=(0x00AC71F3, 4090, 4000)), "key slot 0 is damaged"),
+    (luks1(slot0=(0x00AC71F3, 0, 4000)), "key slot 0 is damaged"),
+    (luks1(slot0=(0x12345678, 8, 4000)), "key slot 0 is damaged"),
+    (luks1(key_bytes=1 << 20), "-byte key"),
     (luks1()[:100], "cut short"),
     (b"LUKS\xba\xbe\x00\x07" + bytes(4096), "version 7"),
     (luks2({"type": "crypt", "offset": "99999999999", "size": "dynamic"}), "outside the volume"),
