@@ -58,13 +58,19 @@ def qemu_secret(secret: Path) -> list[str]:
     return ["--object", f"secret,id=sec0,file={secret}"]
 
 
-def luks1_volume(path: Path, passphrase: bytes, filesystem: Path) -> Path:
-    """A LUKS1 volume made by cryptsetup (its header room: 4 MiB) and filled with the raw filesystem image
-    ``filesystem`` through QEMU's luks driver (``qemu-img convert -n`` into the existing volume)."""
-    blank(path, filesystem.stat().st_size + LUKS1_ROOM)
-    luks_format(path, passphrase, version=1)
-    target = f"driver=luks,key-secret=sec0,file.driver=file,file.filename={path}"
+def luks1_volume(path: Path, passphrase: bytes, filesystem: Path, *, formatter: str = "cryptsetup") -> Path:
+    """A LUKS1 volume holding the raw filesystem image ``filesystem``, formatted by ``formatter``
+    (``cryptsetup``, or ``qemu-img create -f luks`` where cryptsetup cannot work on the file: in the VM lane
+    its key slots go through dm-crypt on a loop device, which the lane's 9p directory cannot serve) and
+    filled through QEMU's luks driver (``qemu-img convert -n`` into the existing volume)."""
     with secret_file(passphrase) as secret:
+        if formatter == "cryptsetup":
+            blank(path, filesystem.stat().st_size + LUKS1_ROOM)
+            luks_format(path, passphrase, version=1)
+        else:
+            _qemu_keyed(["qemu-img", "create", "-q", "-f", "luks", *qemu_secret(secret),
+                         "-o", "key-secret=sec0,iter-time=100", str(path), str(filesystem.stat().st_size)])
+        target = f"driver=luks,key-secret=sec0,file.driver=file,file.filename={path}"
         run(["qemu-img", "convert", *qemu_secret(secret), "-n", "-f", "raw", str(filesystem),
              "--target-image-opts", target])
     return path
@@ -76,16 +82,20 @@ def encrypted_qcow2(src: Path, dst: Path, passphrase: bytes, encryption: str = "
     if encryption == "luks":
         options += ",encrypt.iter-time=100"
     with secret_file(passphrase) as secret:
-        argv = ["qemu-img", "convert", *qemu_secret(secret), "-f", "raw", "-O", "qcow2", "-o", options,
-                str(src), str(dst)]
-        for attempt in range(3):
-            try:
-                run(argv)
-                break
-            except RuntimeError as exc:  # QEMU times its key derivation, and gives up on a loaded host
-                if "accurate CPU usage" not in str(exc) or attempt == 2:
-                    raise
+        _qemu_keyed(["qemu-img", "convert", *qemu_secret(secret), "-f", "raw", "-O", "qcow2", "-o", options,
+                     str(src), str(dst)])
     return dst
+
+
+def _qemu_keyed(argv: list[str]) -> None:
+    """A qemu-img that makes a LUKS header: QEMU times its key derivation, and gives up on a loaded host."""
+    for attempt in range(3):
+        try:
+            run(argv)
+            return
+        except RuntimeError as exc:
+            if "accurate CPU usage" not in str(exc) or attempt == 2:
+                raise
 
 
 def ext4_with(path: Path, size: int, files: Mapping[str, bytes], label: str = "") -> Path:

@@ -22,15 +22,16 @@ def _place(disk: Path, offset: int, piece: Path) -> None:
             dst.write(chunk)
 
 
-def luks1_partition_guest(workdir: Path, passphrase: bytes = PASSPHRASE) -> Guest:
-    """GPT: p1 plain ext4 (``/boot``), p2 LUKS1 holding ext4 (``root``)."""
+def luks1_partition_guest(workdir: Path, passphrase: bytes = PASSPHRASE, formatter: str = "cryptsetup") -> Guest:
+    """GPT: p1 plain ext4 (``/boot``), p2 LUKS1 holding ext4 (``root``), formatted by ``formatter``."""
     raw = images.blank(workdir / "luks1-disk.raw", 64 * MiB)
     images.partition(raw, f"label: gpt\nsize={PLAIN_SIZE // MiB}MiB\nsize={LUKS_SIZE // MiB}MiB\n")
     p1, p2 = images.sfdisk_json(raw)["partitions"]
     boot = crypt_images.ext4_with(workdir / "boot.ext4", PLAIN_SIZE, _content("p1"), label="boot")
     _place(raw, p1["start"] * 512, boot)
     root = crypt_images.ext4_with(workdir / "root.ext4", LUKS_SIZE - 4 * MiB, _content("p2"), label="root")
-    _place(raw, p2["start"] * 512, crypt_images.luks1_volume(workdir / "root.luks", passphrase, root))
+    volume = crypt_images.luks1_volume(workdir / "root.luks", passphrase, root, formatter=formatter)
+    _place(raw, p2["start"] * 512, volume)
     return Guest(raw, {"p1": _content("p1"), "p2": _content("p2")}, {"p1": "ext4", "p2": "ext4"})
 
 
