@@ -20,12 +20,11 @@ from typing import TYPE_CHECKING
 
 from mountd.engine.backends import Disk, export_path
 from mountd.engine.imagekeys import HOW_TO_GIVE, KeyNeededError, with_each_key
-from mountd.engine.inspection import DiskLayout, Volume
+from mountd.engine.inspection import DiskLayout, Volume, VolumeKind, analyse_disk
 from mountd.engine.stack import MountStack
 from mountd.errors import UnsupportedError
 from mountd.host.qemusecret import SECRET_ID, WrongKeyError
 from mountd.image.blockio import FileReader, SliceReader
-from mountd.image.fsprobe import Signature, probe
 from mountd.image.imageinfo import ImageInfo
 from mountd.image.luks import LuksHeader, read_header
 from mountd.layers.fuse import ExportSpec
@@ -70,9 +69,11 @@ def check_decrypted(info: ImageInfo, layout: DiskLayout) -> None:
                             "encryption, which cannot check a passphrase) holds nothing recognisable")
 
 
-def unlock_volume(stack: MountStack, disk: Disk, volume: Volume, request: MountRequest) -> tuple[str, Volume]:
-    """Unlock a LUKS1 ``volume`` through QEMU's luks driver: the loop device of its decrypted data, and the
-    volume as seen inside (its filesystem's signature)."""
+def unlock_volume(stack: MountStack, disk: Disk, volume: Volume,
+                  request: MountRequest) -> list[tuple[str, Volume]]:
+    """Unlock a LUKS1 ``volume`` through QEMU's luks driver: each block device inside it to mount (a loop
+    device), with the volume it holds: the volume itself with its filesystem, or the linear LVs of an LVM
+    physical volume inside."""
     kind = lock_kind(volume)
     if volume.offset is None:
         raise UnsupportedError(f"volume {volume.name} is {kind} on a volume that needs device-mapper")
@@ -93,8 +94,16 @@ def unlock_volume(stack: MountStack, disk: Disk, volume: Volume, request: MountR
         return stack.push(spec.plan(volume.name), fds=(key_fd,)).node
 
     clear = with_each_key(secrets, f"volume {volume.name}", attach)
-    loop = stack.push(LoopSpec(clear, 0, 0, read_only=request.read_only, qemu_locks=False).plan(volume.name))
-    return loop.node, replace(volume, signature=_probe(clear))
+    layout = _inside(clear)
+    if layout.table is not None:
+        raise UnsupportedError(f"volume {volume.name} holds a partition table inside its {kind} encryption, "
+                               "which imgmount does not open")
+    lvs = [v for v in layout.volumes if v.kind == VolumeKind.LV and v.filesystem and v.offset is not None]
+    whole = replace(volume, signature=next((v.signature for v in layout.volumes if v.kind == VolumeKind.DISK),
+                                           None))
+    targets = [(lv, lv.offset or 0, lv.size) for lv in lvs] or [(whole, 0, 0)]
+    return [(stack.push(LoopSpec(clear, offset, size, read_only=request.read_only, qemu_locks=False)
+                        .plan(inside.name)).node, inside) for inside, offset, size in targets]
 
 
 def _header(node: str, volume: Volume) -> LuksHeader:
@@ -117,9 +126,10 @@ def _luks_blockdev(node: str, offset: int, size: int) -> str:
             f"file.file.driver={protocol},file.file.filename={node.replace(',', ',,')}")
 
 
-def _probe(export: str) -> Signature | None:
+def _inside(export: str) -> DiskLayout:
+    """What the decrypted data holds, read as a disk: a filesystem, or an LVM physical volume and its LVs."""
     fd = os.open(export, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        return probe(FileReader(fd))
+        return analyse_disk(FileReader(fd))
     finally:
         os.close(fd)

@@ -52,10 +52,13 @@ class VolumeAttacher:
     host: HostSupport
 
     def mount(self, volume: Volume) -> None:
-        """Attach ``volume``'s block device and mount its filesystem under the mount root."""
-        unlocked = ""
-        if is_locked(volume):
-            unlocked, volume = unlock_volume(self.stack, self.disk, volume, self.request)
+        """Attach ``volume``'s block device and mount its filesystem under the mount root; a locked volume is
+        unlocked first, and each filesystem inside it (one, or its LVs) mounted."""
+        unlocked = unlock_volume(self.stack, self.disk, volume, self.request) if is_locked(volume) else []
+        for node, inside in unlocked or [("", volume)]:
+            self._mount(inside, node)
+
+    def _mount(self, volume: Volume, unlocked: str) -> None:
         if not volume.filesystem:
             what = volume.signature.type if volume.signature else "no filesystem"
             raise UnsupportedError(f"volume {volume.name} holds {what}, not a filesystem imgmount can mount")

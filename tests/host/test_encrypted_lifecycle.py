@@ -22,7 +22,7 @@ from mountd.layers.layer import InjectedFault
 from mountd.model import MountInfo, MountRequest
 from mountd.service.dbusapi import MOUNT_IFACE
 from mountd.settings import Settings
-from tests.support import guests, leftovers
+from tests.support import crypt_guests, guests, leftovers
 from tests.support.crypt_guests import IMAGE_PASSPHRASE, PASSPHRASE
 from tests.support.daemon_calls import killed_and_restarted, mountpoint, v
 from tests.support.engines import throwaway_engine
@@ -77,6 +77,15 @@ def test_keys_are_tried_in_order(engine: Engine, luks1_disk: Guest, tmp_path: Pa
     guests.check_files(Path(info.volumes[0].mountpoint), luks1_disk.files["p2"])
     engine.unmount(info.id)
     assert leftovers.ours(leftovers.snapshot().new_since(before), luks1_disk.raw, engine.journal.root) == []
+
+
+def test_lvm_inside_luks1(engine: Engine, tmp_path: Path) -> None:
+    guest = crypt_guests.luks1_lvm_guest(tmp_path)
+    info = _mount(engine, guest, tmp_path / "media", Keys(everywhere=PASSPHRASE))
+    assert [(v.name, v.filesystem) for v in info.volumes] == [("cryptvg/root", "ext4")]
+    guests.check_files(Path(info.volumes[0].mountpoint), guest.files["cryptvg/root"])
+    engine.unmount(info.id)
+    assert engine.mounts() == []
 
 
 def test_luks2_without_device_mapper_names_it(engine: Engine, tmp_path: Path) -> None:

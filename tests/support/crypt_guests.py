@@ -35,6 +35,19 @@ def luks1_partition_guest(workdir: Path, passphrase: bytes = PASSPHRASE, formatt
     return Guest(raw, {"p1": _content("p1"), "p2": _content("p2")}, {"p1": "ext4", "p2": "ext4"})
 
 
+def luks1_lvm_guest(workdir: Path, passphrase: bytes = PASSPHRASE) -> Guest:
+    """GPT: p1 LUKS1 holding an LVM physical volume of VG ``cryptvg`` with the ext4 LV ``root`` (the layout
+    of older Debian and Ubuntu "encrypted LVM" installs, which wrote LUKS1)."""
+    pv = images.blank(workdir / "pv.raw", LUKS_SIZE - 4 * MiB)
+    images.make_lvm(pv, 0, LUKS_SIZE - 4 * MiB, "cryptvg",
+                    [images.LvSpec("root", 24, "ext4", "root", _content("cryptvg/root"))])
+    raw = images.blank(workdir / "luks1-lvm.raw", 48 * MiB)
+    images.partition(raw, f"label: gpt\nsize={LUKS_SIZE // MiB}MiB\n")
+    (p1,) = images.sfdisk_json(raw)["partitions"]
+    _place(raw, p1["start"] * 512, crypt_images.luks1_volume(workdir / "pv.luks", passphrase, pv))
+    return Guest(raw, {"cryptvg/root": _content("cryptvg/root")}, {"cryptvg/root": "ext4"})
+
+
 def qemu_encrypted_guest(workdir: Path, encryption: str, passphrase: bytes = IMAGE_PASSPHRASE) -> Guest:
     """A qcow2 encrypted by QEMU (``luks`` or the legacy ``aes``) holding GPT: p1 ext4."""
     raw = images.blank(workdir / f"{encryption}-plain.raw", 32 * MiB)
