@@ -35,9 +35,9 @@ def is_locked(volume: Volume) -> bool:
 
 
 def _opened_here(volume: Volume, device_mapper: bool) -> bool:
-    """Without device-mapper a LUKS1 volume is left to QEMU's luks driver (:mod:`mountd.engine.unlocking`, the
-    other way in): this module opens LUKS with dm-crypt, and says so for LUKS2."""
-    return device_mapper or _kind(volume) != "LUKS1"
+    """LUKS is opened here with dm-crypt; without device-mapper it is left to :mod:`mountd.engine.unlocking`
+    (QEMU's luks driver for LUKS1, the error naming device-mapper for LUKS2). BitLocker needs only FUSE."""
+    return device_mapper or _is_bitlocker(volume)
 
 
 def _is_bitlocker(volume: Volume) -> bool:
@@ -82,10 +82,6 @@ def _inside(attacher: VolumeAttacher, volume: Volume) -> DiskLayout:
 
 def _luks(attacher: VolumeAttacher, volume: Volume, secrets: list[bytes]) -> str:
     """The opened LUKS volume's device-mapper node."""
-    if not attacher.disk.device_mapper:
-        raise UnsupportedError(f"volume {volume.name} is encrypted with {_kind(volume)}, which imgmount "
-                               "opens through device-mapper (dm-crypt), and this kernel has no "
-                               "device-mapper: mount the image on a host whose kernel has it (Debian's has)")
     assert volume.signature is not None
     stack = attacher.stack
     spec = CryptSpec(attacher.node(volume), _dm_name(f"imgmount-{stack.record.id}-{volume.name}"),

@@ -16,8 +16,9 @@ import uuid
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from mountd.engine import backends
+from mountd.engine import backends, unlocking
 from mountd.engine.cryptvolumes import unlock
+from mountd.engine.imagekeys import with_image_key
 from mountd.engine.inspection import DiskLayout, Volume
 from mountd.engine.journal import Journal, MountRecord
 from mountd.engine.stack import MountStack
@@ -90,10 +91,11 @@ class Engine:
                              options=_options(req), image_id=info.top.identity)
         stack = MountStack(self.journal, record, FaultPoints(self.settings.fault_at, self.settings.crash_at))
         with stack.building(self.deadline):
-            disk = backends.attach_disk(stack, backend, info, read_only=req.read_only,
-                                        snapshot=req.snapshot, host=self.host,
-                                        confined=opener.creds)
+            disk = with_image_key(info, req.keys, lambda key_fd: backends.attach_disk(
+                stack, backend, info, read_only=req.read_only, snapshot=req.snapshot, host=self.host,
+                confined=opener.creds, key_fd=key_fd))
             layout = backends.analyse(disk)
+            unlocking.check_decrypted(info, layout)
             attacher = VolumeAttacher(stack, disk, layout, req, self._mount_root(req), self.host)
             attacher = unlock(attacher, req.volumes)  # locked volumes opened: what they hold joins in
             for volume in _selected(attacher.layout, req.volumes, disk.device_mapper):
@@ -200,8 +202,8 @@ def _selected(layout: DiskLayout, names: tuple[str, ...], device_mapper: bool) -
             raise NotFoundError(f"no volume named {echo(', '.join(missing))} in this image (it has: {known})")
         return [v for n in names if (v := layout.volume(n)) is not None]
     types = mountable_types()
-    chosen = [v for v in layout.volumes if v.filesystem and mount_type(v.filesystem, types) in types
-              and (v.offset is not None or device_mapper)]
+    chosen = [v for v in layout.volumes if ((v.filesystem and mount_type(v.filesystem, types) in types)
+              or unlocking.can_unlock(v)) and (v.offset is not None or device_mapper)]
     if not chosen:
         found = _some(f"{v.name}: {v.signature.type if v.signature else 'nothing'}" for v in layout.volumes)
         raise UnsupportedError(f"no mountable filesystem in this image (found {found})")

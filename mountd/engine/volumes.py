@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 from mountd.engine.backends import Disk, export_path
 from mountd.engine.inspection import DiskLayout, Volume, VolumeKind
 from mountd.engine.stack import MountStack
+from mountd.engine.unlocking import is_locked, unlock_volume
 from mountd.errors import MountdError, UnsupportedError
 from mountd.host.filesystems import NO_REPLAY, check_mountable, mount_options, mount_type, replay_refused
 from mountd.host.support import HostSupport
@@ -51,13 +52,19 @@ class VolumeAttacher:
     host: HostSupport
 
     def mount(self, volume: Volume) -> None:
-        """Attach ``volume``'s block device and mount its filesystem under the mount root."""
+        """Attach ``volume``'s block device and mount its filesystem under the mount root; a locked volume is
+        unlocked first, and each filesystem inside it (one, or its LVs) mounted."""
+        unlocked = unlock_volume(self.stack, self.disk, volume, self.request) if is_locked(volume) else []
+        for node, inside in unlocked or [("", volume)]:
+            self._mount(inside, node)
+
+    def _mount(self, volume: Volume, unlocked: str) -> None:
         if not volume.filesystem:
             what = volume.signature.type if volume.signature else "no filesystem"
             raise UnsupportedError(f"volume {volume.name} holds {what}, not a filesystem imgmount can mount")
         check_mountable(volume.filesystem)
         fstype = mount_type(volume.filesystem)
-        node = self.node(volume)
+        node = unlocked or self.node(volume)
         replay, note = self._recovery(volume, fstype)
         if replay:
             node = self._overlay(volume, node)

@@ -20,10 +20,13 @@ from mountd.errors import (
 )
 from mountd.host import command
 from mountd.host.opener import OpenedFile, Opener, confined_argv, fd_path, in_kernel_tree
+from mountd.host.qemusecret import SECRET_ID
 from mountd.image.imagerefs import has_vhd_footer, reference_path, scan_references
 
 FORMATS = ("raw", "qcow2", "qcow", "vmdk", "vdi", "vhdx", "vpc", "cloop", "dmg", "parallels", "bochs", "qed")
 READ_ONLY_FORMATS = ("cloop", "dmg", "bochs")
+#: The formats QEMU itself encrypts, and how: qcow2 with LUKS or the legacy AES, qcow (version 1) with AES.
+ENCRYPTING_FORMATS = ("qcow2", "qcow")
 MAX_CHAIN = 64
 INFO_TIMEOUT = 30.0
 
@@ -47,6 +50,7 @@ class ImageFile:
     extents: tuple[str, ...] = ()  # absolute paths of VMDK extent files other than this one
     snapshots: tuple[Snapshot, ...] = ()
     dirty: bool = False
+    encryption: str = ""  # QEMU's own encryption of this file: "luks", "aes" ("": none)
     fd: int = field(default=-1, compare=False, repr=False)  # open while the probe's Opener is
     data_fd: int = field(default=-1, compare=False, repr=False)
     identity: str = field(default="", compare=False)  # "st_dev:st_ino" of the file opened: what it *is*
@@ -67,6 +71,11 @@ class ImageInfo:
     @property
     def virtual_size(self) -> int:
         return self.top.virtual_size
+
+    @property
+    def encryption(self) -> str:
+        """How QEMU encrypts this image ("luks", "aes"; "": not at all), as ``--info`` names it."""
+        return next((f.encryption for f in self.chain if f.encryption), "")
 
     def files(self) -> list[str]:
         """Every file QEMU opens for this image: the chain, data files and extents."""
@@ -122,11 +131,10 @@ def _probe_file(f: OpenedFile, fmt: str | None, opener: Opener, *,
     found = str(info.get("format", ""))
     if found not in FORMATS:
         raise UnsupportedError(f"{f.name} is in format {found[:40]!r}, which imgmount does not support")
-    if info.get("encrypted"):
-        raise UnsupportedError(f"{f.name} is encrypted: imgmount cannot mount encrypted images")
+    specific = info.get("format-specific", {}).get("data", {})
+    encryption = _encryption(f.name, found, info, specific)
     backing_name = refs.backing or info.get("backing-filename")
     backing = _open_reference(opener, f, str(backing_name), "backing file", False) if backing_name else None
-    specific = info.get("format-specific", {}).get("data", {})
     return ImageFile(
         path=f.name,
         format=found,
@@ -141,10 +149,23 @@ def _probe_file(f: OpenedFile, fmt: str | None, opener: Opener, *,
             for s in info.get("snapshots", [])
         ),
         dirty=bool(info.get("dirty-flag") or specific.get("corrupt")),
+        encryption=encryption,
         fd=f.fd,
         data_fd=data.fd if data else -1,
         identity=f"{f.dev}:{f.ino}",
     ), backing
+
+
+def _encryption(name: str, fmt: str, info: dict[str, Any], specific: dict[str, Any]) -> str:
+    """QEMU's encryption of the file ("luks", "aes"), from ``qemu-img info``; "" if it has none."""
+    if not info.get("encrypted"):
+        return ""
+    encrypt = specific.get("encrypt")
+    method = str(encrypt.get("format", "")) if isinstance(encrypt, dict) else "aes" if fmt == "qcow" else ""
+    if fmt not in ENCRYPTING_FORMATS or method not in ("luks", "aes"):
+        raise UnsupportedError(f"{name} is encrypted in a way imgmount does not know ({fmt[:40]} "
+                               f"{method[:40] or 'encryption'})")
+    return method
 
 
 def _open_reference(opener: Opener, image: OpenedFile, name: str, what: str, write: bool) -> OpenedFile:
@@ -204,6 +225,8 @@ def block_options(info: ImageInfo, *, force_share: bool = False, by_fd: bool = F
         path = image.path if by_name else fd_path(image.fd)
         opts += [f"{prefix}driver={image.format}", f"{prefix}file.driver=file",
                  f"{prefix}file.filename={_escape(path)}"]
+        if image.encryption:  # the key itself comes by a secret object (mountd.host.qemusecret)
+            opts += [f"{prefix}encrypt.format={image.encryption}", f"{prefix}encrypt.key-secret={SECRET_ID}"]
         if image.data_file:
             data = image.data_file if not by_fd or image.data_fd < 0 else fd_path(image.data_fd)
             opts += [f"{prefix}data-file.driver=file", f"{prefix}data-file.filename={_escape(data)}"]

@@ -19,7 +19,7 @@ from imgmount_testkit import images
 from imgmount_testkit.crypt_layouts import LINUX_FS, content
 from mountd.engine.engine import Engine
 from mountd.engine.inspection import inspect_image
-from mountd.errors import InvalidImageError, UnsupportedError
+from mountd.errors import InvalidArgumentError, InvalidImageError, UnsupportedError
 from mountd.keys import Keys
 from mountd.model import MountRequest
 from tests.support import guests, leftovers
@@ -91,4 +91,10 @@ def test_a_recovery_password_is_refused_with_the_reason(engine: Engine, stub: Pa
     with pytest.raises(UnsupportedError, match="user password only: dislocker reads a recovery password"):
         engine.mount(MountRequest(str(stub), mount_root=str(tmp_path / "media"), volumes=("p2",),
                                   keys=Keys(everywhere=recovery)))
+    assert engine.mounts() == []
+
+
+def test_naming_it_without_a_password_says_to_give_one(engine: Engine, stub: Path, tmp_path: Path) -> None:
+    with pytest.raises(InvalidArgumentError, match=r"^volume p2 is encrypted \(BitLocker\): give its passphrase"):
+        engine.mount(MountRequest(str(stub), mount_root=str(tmp_path / "media"), volumes=("p2",)))
     assert engine.mounts() == []

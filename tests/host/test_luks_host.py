@@ -1,5 +1,6 @@
 """LUKS on this host, which has no device-mapper: an encrypted volume is "locked" in inspection, the volumes
-beside it mount as before, and unlocking LUKS2 fails with one sentence naming device-mapper, leaving nothing.
+beside it mount as before, and unlocking LUKS2 (when named) fails with one sentence naming device-mapper,
+leaving nothing.
 
 The image is Ubuntu's "encrypt the disk" layout with a real LUKS2 header (``cryptsetup luksFormat`` on a loop
 device); what is inside needs device-mapper to write, so it is empty here (the VM lane fills it).
@@ -15,7 +16,7 @@ import pytest
 from imgmount_testkit.crypt_layouts import CryptGuest, ubuntu_encrypted
 from mountd.engine.engine import Engine
 from mountd.engine.inspection import inspect_image
-from mountd.errors import InvalidArgumentError, UnsupportedError
+from mountd.errors import UnsupportedError
 from mountd.host.support import check_host
 from mountd.keys import Keys
 from mountd.model import MountRequest
@@ -56,25 +57,21 @@ def test_without_a_key_the_other_volumes_mount(engine: Engine, ubuntu: CryptGues
     engine.unmount(info.id)
 
 
-def test_naming_the_locked_volume_without_a_key_says_to_give_one(engine: Engine, ubuntu: CryptGuest,
-                                                                  tmp_path: Path) -> None:
+def test_luks2_without_device_mapper_is_a_clear_error(engine: Engine, ubuntu: CryptGuest, tmp_path: Path) -> None:
     before = leftovers.snapshot()
-    with pytest.raises(InvalidArgumentError, match=r"^volume p3 is encrypted \(LUKS2\): give its passphrase"):
-        engine.mount(MountRequest(str(ubuntu.raw), mount_root=str(tmp_path / "media"), volumes=("p3",)))
-    assert engine.mounts() == [] and mine(before, ubuntu, tmp_path) == []
-
-
-@pytest.mark.parametrize("volumes", [(), ("vgubuntu/root",), ("p3",)])
-def test_luks2_without_device_mapper_is_a_clear_error(engine: Engine, ubuntu: CryptGuest, tmp_path: Path,
-                                                      volumes: tuple[str, ...]) -> None:
-    before = leftovers.snapshot()
-    request = MountRequest(str(ubuntu.raw), mount_root=str(tmp_path / "media"), volumes=volumes,
+    request = MountRequest(str(ubuntu.raw), mount_root=str(tmp_path / "media"), volumes=("p3",),
                            keys=Keys(everywhere=SECRET))
     with pytest.raises(UnsupportedError) as caught:
         engine.mount(request)
-    assert str(caught.value) == (
-        "volume p3 is encrypted with LUKS2, which imgmount opens through device-mapper (dm-crypt), and this "
-        "kernel has no device-mapper: mount the image on a host whose kernel has it (Debian's has)")
+    assert str(caught.value).startswith("volume p3 is LUKS2: unlocking it needs device-mapper (dm-crypt), "
+                                        "which this kernel lacks")
     assert SECRET.decode() not in str(caught.value)
     assert engine.mounts() == [] and mine(before, ubuntu, tmp_path) == []
-    assert not any((tmp_path / "media").iterdir()) if (tmp_path / "media").exists() else True
+
+
+def test_with_a_key_for_every_volume_what_can_be_mounted_is(engine: Engine, ubuntu: CryptGuest,
+                                                            tmp_path: Path) -> None:
+    request = MountRequest(str(ubuntu.raw), mount_root=str(tmp_path / "media"), keys=Keys(everywhere=SECRET))
+    info = engine.mount(request)
+    assert [v.name for v in info.volumes] == ["p2"]
+    engine.unmount(info.id)
