@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from dataclasses import replace
 
 from mountd.engine.inspection import DiskLayout, Volume, VolumeKind, analyse_disk
+from mountd.engine.unlocking import is_locked, lock_kind
 from mountd.engine.volumes import VolumeAttacher, _dm_name
 from mountd.errors import UnsupportedError, WrongKeyError
 from mountd.image.blockio import FileReader
@@ -25,13 +26,9 @@ from mountd.layers.bitlocker import BitLockerSpec
 from mountd.layers.crypt import CryptSpec
 from mountd.layers.loop import LoopSpec
 
-LUKS, BITLOCKER = "crypto_LUKS", "BitLocker"
+BITLOCKER = "BitLocker"
 #: A BitLocker recovery password: eight groups of six digits.
 RECOVERY_PASSWORD = re.compile(rb"[0-9]{6}(-[0-9]{6}){7}")
-
-
-def is_locked(volume: Volume) -> bool:
-    return volume.signature is not None and volume.signature.type in (LUKS, BITLOCKER)
 
 
 def _opened_here(volume: Volume, device_mapper: bool) -> bool:
@@ -62,7 +59,7 @@ def _to_unlock(attacher: VolumeAttacher, names: tuple[str, ...]) -> list[Volume]
         named = [v for v in locked if v.name in names]
         for v in named:
             if not keys.for_volume(v.name):
-                raise WrongKeyError(f"volume {v.name} is encrypted ({_kind(v)}): give its passphrase "
+                raise WrongKeyError(f"volume {v.name} is encrypted ({lock_kind(v)}): give its passphrase "
                                     "(imgmount asks for it, or takes --passphrase-stdin or --key-file)")
         return named
     return [v for v in locked if keys.for_volume(v.name)]
@@ -135,15 +132,7 @@ def _with_inside(layout: DiskLayout, volume: Volume, inside: DiskLayout) -> Disk
 
 
 def _unlocked_note(volume: Volume, inside: DiskLayout, top: Volume | None) -> str:
-    what = f"unlocked {_kind(volume)}"
+    what = f"unlocked {lock_kind(volume)}"
     if inside.table is not None:
         return f"{what}; it holds a partition table, which imgmount does not read inside encrypted volumes"
     return f"{what}; {top.note}" if top is not None and top.note else what
-
-
-def _kind(volume: Volume) -> str:
-    """"LUKS2", "LUKS1" or "BitLocker"."""
-    if _is_bitlocker(volume):
-        return BITLOCKER
-    version = volume.signature.version if volume.signature else ""
-    return f"LUKS{version}" if version in ("1", "2") else "LUKS"

@@ -53,11 +53,6 @@ class Volume:
     unmapped: str = ""  # an LV that is not one piece of the disk: why (it then needs device-mapper)
 
     @property
-    def locked(self) -> bool:
-        """Encrypted, and not opened (yet): what it holds is unknown."""
-        return self.signature is not None and self.signature.usage == "crypto"
-
-    @property
     def filesystem(self) -> str:
         return self.signature.type if self.signature and self.signature.usage == "filesystem" else ""
 
@@ -146,16 +141,7 @@ class _Probes:
         if self.left <= 0:
             return None, f"not probed: imgmount probes at most {MAX_PROBED} volumes of an image"
         self.left -= 1
-        signature = probe(SliceReader(self.disk, offset, size))
-        return signature, note or locked_note(signature)
-
-
-def locked_note(signature: Signature | None) -> str:
-    """What an encrypted volume's note says: locked, by what, and what opens it."""
-    if signature is None or signature.usage != "crypto":
-        return ""
-    what = f"LUKS{signature.version}" if signature.type == "crypto_LUKS" else signature.type
-    return f"locked: encrypted with {what}; give its passphrase to mount what it holds"
+        return probe(SliceReader(self.disk, offset, size)), note
 
 
 @contextlib.contextmanager

@@ -1,9 +1,10 @@
-"""What an unlocked volume shows (pure: layouts in, layout out), and the "locked" note of inspection."""
+"""What an unlocked volume shows (pure: layouts in, layout out)."""
 
 from __future__ import annotations
 
-from mountd.engine.cryptvolumes import RECOVERY_PASSWORD, _with_inside, is_locked
-from mountd.engine.inspection import DiskLayout, Volume, VolumeKind, locked_note
+from mountd.engine.cryptvolumes import RECOVERY_PASSWORD, _with_inside
+from mountd.engine.inspection import DiskLayout, Volume, VolumeKind
+from mountd.engine.unlocking import is_locked
 from mountd.image.fsprobe import Signature
 from mountd.image.partitions import PartitionTable
 
@@ -12,15 +13,8 @@ PV = Signature("LVM2_member", "raid", uuid="pv-uuid")
 EXT4 = Signature("ext4", "filesystem", label="root")
 
 
-def test_locked_note_names_the_encryption() -> None:
-    assert locked_note(LUKS2) == "locked: encrypted with LUKS2; give its passphrase to mount what it holds"
-    assert locked_note(Signature("BitLocker", "crypto", version="2")).startswith(
-        "locked: encrypted with BitLocker;")
-    assert locked_note(EXT4) == "" and locked_note(None) == ""
-
-
 def test_an_unlocked_pv_keeps_its_name_and_its_lvs_join_unmapped() -> None:
-    p3 = Volume("p3", VolumeKind.PARTITION, 1 << 20, 64 << 20, LUKS2, note=locked_note(LUKS2))
+    p3 = Volume("p3", VolumeKind.PARTITION, 1 << 20, 64 << 20, LUKS2)
     outer = DiskLayout(None, (), (Volume("p2", VolumeKind.PARTITION, 0, 1 << 20, EXT4), p3))
     inside = DiskLayout(None, (), (
         Volume("disk", VolumeKind.DISK, 0, 60 << 20, PV, vg="vgubuntu", note="LVM physical volume of vgubuntu",
@@ -30,7 +24,7 @@ def test_an_unlocked_pv_keeps_its_name_and_its_lvs_join_unmapped() -> None:
     merged = _with_inside(outer, p3, inside)
     assert [v.name for v in merged.volumes] == ["p2", "p3", "vgubuntu/root"]
     unlocked, root = merged.volumes[1], merged.volumes[2]
-    assert not is_locked(unlocked) and not unlocked.locked
+    assert not is_locked(unlocked)
     assert (unlocked.signature, unlocked.vg, unlocked.pv, unlocked.offset) == (PV, "vgubuntu", True, 1 << 20)
     assert unlocked.note == "unlocked LUKS2; LVM physical volume of vgubuntu"
     assert root.offset is None and root.unmapped == "inside encrypted volume p3" and root.filesystem == "ext4"
