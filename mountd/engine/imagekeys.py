@@ -10,8 +10,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TypeVar
 
-from mountd.errors import InvalidArgumentError, MountdError
-from mountd.host.qemusecret import WrongKeyError, is_wrong_key, secret_fd
+from mountd.errors import InvalidArgumentError, MountdError, WrongKeyError
+from mountd.host.qemusecret import is_wrong_key, secret_fd
 from mountd.image.imageinfo import ImageInfo
 from mountd.keys import IMAGE, Keys
 

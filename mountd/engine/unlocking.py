@@ -22,8 +22,8 @@ from mountd.engine.backends import Disk, export_path
 from mountd.engine.imagekeys import HOW_TO_GIVE, KeyNeededError, with_each_key
 from mountd.engine.inspection import DiskLayout, Volume, VolumeKind, analyse_disk
 from mountd.engine.stack import MountStack
-from mountd.errors import UnsupportedError
-from mountd.host.qemusecret import SECRET_ID, WrongKeyError
+from mountd.errors import UnsupportedError, WrongKeyError
+from mountd.host.qemusecret import SECRET_ID
 from mountd.image.blockio import FileReader, SliceReader
 from mountd.image.imageinfo import ImageInfo
 from mountd.image.luks import LuksHeader, read_header

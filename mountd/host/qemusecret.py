@@ -30,10 +30,6 @@ WRONG_KEY = "Invalid password, cannot unlock any keyslot"
 MAX_KEY_SIZE = 8 << 20
 
 
-class WrongKeyError(InvalidArgumentError):
-    """No passphrase given for an encrypted image or volume opened it."""
-
-
 @contextlib.contextmanager
 def secret_fd(secret: bytes) -> Iterator[int]:
     """A memfd holding ``secret``, at the descriptor yielded (close-on-exec: pass it on explicitly), for

@@ -11,7 +11,7 @@ import pytest
 
 from imgmount_testkit import images
 from mountd.engine.engine import Engine
-from mountd.host.qemusecret import WrongKeyError
+from mountd.errors import WrongKeyError
 from mountd.keys import Keys
 from mountd.model import MountRequest
 from tests.support import crypt_guests, guests, leftovers
