@@ -185,17 +185,19 @@ def test_luks1_partition_with_ext4_inside(engine: Engine, scratch: Path) -> None
 
 def test_a_crafted_key_slot_is_bounded_in_time(engine: Engine, scratch: Path) -> None:
     """LUKS1 has no header checksum: key slot 0 patched to ask for 2^32 - 1 PBKDF2 iterations (hours)."""
-    raw = images.blank(scratch / "crafted.raw", 16 << 20)
-    with images.loop(raw) as dev:  # cryptsetup cannot format a file on the lane's 9p share directly
+    raw = images.blank(scratch / "crafted.raw", 24 << 20)  # a partition: a whole-disk LUKS file is QEMU's
+    images.partition(raw, "label: gpt\nsize=16MiB\n")
+    offset = images.sfdisk_json(raw)["partitions"][0]["start"] * 512
+    with images.loop(raw, offset, 16 << 20) as dev:  # cryptsetup cannot format a file on the lane's 9p share
         luks_format(dev, SECRET, 1)
     with open(raw, "r+b") as f:
-        f.seek(LUKS1_SLOT0_ITERATIONS)
+        f.seek(offset + LUKS1_SLOT0_ITERATIONS)
         f.write(struct.pack(">I", 0xFFFFFFFF))
     before = leftovers.snapshot()
     start = time.monotonic()
     with pytest.raises(OperationTimeoutError) as caught:
         _mount(engine, raw, scratch / "media", Keys(everywhere=SECRET))
     assert time.monotonic() - start < OPEN_TIMEOUT + 30
-    assert str(caught.value) == (f"unlocking volume disk took more than {OPEN_TIMEOUT:g} s: its key slots ask for "
+    assert str(caught.value) == (f"unlocking volume p1 took more than {OPEN_TIMEOUT:g} s: its key slots ask for "
                                  "more key derivation than a real volume does (a damaged or crafted header)")
     assert engine.mounts() == [] and leftovers.snapshot().new_since(before) == []
