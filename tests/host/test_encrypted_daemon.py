@@ -142,6 +142,8 @@ def test_a_users_key_file_is_read_from_her_fd(c: Client, other: Callable[..., Ot
     reply = her.mount(image, **{"key-file": ("h", 0)})  # an index with no fd: nothing is opened for her
     assert "names no file descriptor" in error(reply, "InvalidArgument")
     assert "type h" in error(her.mount(image, **{"key-file": ("s", str(roots))}), "InvalidArgument")
+    wrong = her.mount(image, passphrases=("a{ss}", {"image": "not it"}))  # her own QEMU says so
+    assert error(wrong, "InvalidArgument") == "wrong passphrase for the image"
     path = her.mount(image, [str(mine)], **{"key-file": ("h", 0)}).value()
     her.unmount(path).value()
 
