@@ -49,8 +49,9 @@ class Daemon:
     """``imgmountd --bus ADDRESS`` with a state directory of its own under ``run`` (a tmpfs, as /run is);
     the log is kept in a file next to it."""
 
-    def __init__(self, bus: Bus, run: Path, **extra_env: str) -> None:
+    def __init__(self, bus: Bus, run: Path, *, debug: bool = False, **extra_env: str) -> None:
         self.bus = bus
+        self.debug = debug  # log every command line (imgmountd --debug)
         self.extra_env = extra_env
         self.home = Path(tempfile.mkdtemp(prefix="imgmountd-", dir=run))
         self.state = self.home / "state"
@@ -69,8 +70,8 @@ class Daemon:
 
     def start(self) -> Daemon:
         with open(self.logfile, "ab") as log:
-            self.proc = subprocess.Popen([str(BIN / "imgmountd"), "--bus", self.bus.address], env=self.env,
-                                         stdout=log, stderr=log)
+            argv = [str(BIN / "imgmountd"), "--bus", self.bus.address, *(["--debug"] if self.debug else [])]
+            self.proc = subprocess.Popen(argv, env=self.env, stdout=log, stderr=log)
         with client(self.bus.address) as c:
             try:
                 ready = c.wait_owner(BUS_NAME, timeout=START_TIMEOUT, unless_exits=self.pid)

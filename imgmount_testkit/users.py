@@ -43,17 +43,20 @@ class OtherUser:
         self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=REPO,
                                      env={"PATH": os.environ["PATH"]})
 
-    def call(self, path: str, interface: str, member: str, signature: str = "", *args: Any) -> Reply:
+    def call(self, path: str, interface: str, member: str, signature: str = "", *args: Any,
+             files: Sequence[str] = ()) -> Reply:
+        """A call; ``files``: opened by the client process (as its uid) and sent as the call's unix fds."""
         assert self.proc.stdin is not None and self.proc.stdout is not None
-        self.proc.stdin.write(json.dumps([path, interface, member, signature, list(args)]) + "\n")
+        line = json.dumps([path, interface, member, signature, list(args), list(files)])
+        self.proc.stdin.write(line + "\n")
         self.proc.stdin.flush()
         line = self.proc.stdout.readline()
         assert line, f"the client process of uid {self.uid} died"
         out = json.loads(line)
         return Reply(out["error"], out["body"])
 
-    def mount(self, image: Path, **options: tuple[str, Any]) -> Reply:
-        return self.call(MANAGER_PATH, MANAGER_IFACE, "Mount", "sa{sv}", str(image), options)
+    def mount(self, image: Path, files: Sequence[str] = (), **options: tuple[str, Any]) -> Reply:
+        return self.call(MANAGER_PATH, MANAGER_IFACE, "Mount", "sa{sv}", str(image), options, files=files)
 
     def inspect(self, image: Path) -> Reply:
         return self.call(MANAGER_PATH, MANAGER_IFACE, "Inspect", "sa{sv}", str(image), {})

@@ -36,6 +36,10 @@ class InvalidArgumentError(MountdError):
     exit_code = 2
 
 
+class WrongKeyError(InvalidArgumentError):
+    """None of the passphrases or key files given opens an encrypted volume (the message never holds one)."""
+
+
 class NotFoundError(MountdError):
     dbus_name = "NotFound"
     exit_code = 3

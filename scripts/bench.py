@@ -26,6 +26,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench_crafted import crafted_info  # scripts/, beside this file
+from bench_crypt import luks_rows, print_rows
 from bench_ntfs import rows as ntfs_rows
 from dbus_fast import Variant
 
@@ -481,6 +482,8 @@ def main() -> None:
         print(f"{'N':>3} {'seconds per image':>18}")
         for n, per in concurrency(found, work):
             print(f"{n:>3} {per:17.3f}s")
+        if args.where == "vm":
+            print_rows(luks_rows(work, args.repeats), args.repeats)
         if args.where == "host":
             print(f"\n## host: N qcow2 images mounted and unmounted at once through imgmountd (fuse), "
                   f"median of {args.repeats}")

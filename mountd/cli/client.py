@@ -3,9 +3,11 @@
 The commands run once and exit, so their start-up is most of their cost: dbus-fast and asyncio take longer
 to import than the whole call takes (issue 11, item 5). This client is one blocking unix socket: SASL
 ``EXTERNAL`` with our uid, ``Hello``, then method calls, each waiting for its reply (signals and other
-messages are skipped). It marshals every D-Bus type but unix fds, in the D-Bus wire format (specification:
-"Message Protocol"); it sends little-endian and reads either order. Variants are sent as :class:`Variant`
-and read back as their plain values. Records are named tuples: they cost a fifth of a dataclass to define.
+messages are skipped). It marshals every D-Bus type in the D-Bus wire format (specification: "Message
+Protocol"); it sends little-endian and reads either order. A call may carry unix fds (an ``h`` value is an
+index into them), sent with the message as SCM_RIGHTS, once the bus agreed to pass them
+(NEGOTIATE_UNIX_FD). Variants are sent as :class:`Variant` and read back as their plain values. Records
+are named tuples: they cost a fifth of a dataclass to define.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ MAX_MESSAGE = 128 * 1024 * 1024  # the specification's limit
 
 _METHOD_CALL, _METHOD_RETURN, _ERROR = 1, 2, 3
 _PATH, _INTERFACE, _MEMBER, _ERROR_NAME, _REPLY_SERIAL, _DESTINATION, _SIGNATURE = 1, 2, 3, 4, 5, 6, 8
+_UNIX_FDS = 9
 # Fixed-size types: struct format (also their size and alignment).
 _FIXED = {"y": "B", "b": "I", "n": "h", "q": "H", "i": "i", "u": "I", "h": "I", "x": "q", "t": "Q", "d": "d"}
 _ALIGN = {**{t: struct.calcsize(f) for t, f in _FIXED.items()}, "s": 4, "o": 4, "g": 1, "a": 4, "v": 1,
@@ -50,6 +53,7 @@ class Call(NamedTuple):
     signature: str = ""
     body: Sequence[Any] = ()
     flags: int = 0
+    fds: Sequence[int] = ()  # sent with the call; an ``h`` value in ``body`` is an index into them
 
 
 def driver_call(member: str, signature: str = "", body: Sequence[Any] = ()) -> Call:
@@ -180,6 +184,8 @@ def marshal_call(serial: int, call: Call) -> bytes:
               (_MEMBER, Variant("s", call.member)), (_DESTINATION, Variant("s", call.destination))]
     if call.signature:
         fields.append((_SIGNATURE, Variant("g", call.signature)))
+    if call.fds:
+        fields.append((_UNIX_FDS, Variant("u", len(call.fds))))
     msg = _Writer()
     msg.buf += struct.pack("<cBBBII", b"l", _METHOD_CALL, call.flags, 1, len(payload.buf), serial)
     msg.write("a(yv)", fields)
@@ -239,6 +245,7 @@ class BusConnection:
         self.sock = sock
         self.serial = 0
         self.buffered = bytearray()
+        self.unix_fds = False  # the bus agreed to pass file descriptors
 
     @classmethod
     def connect(cls, address: str, timeout: float) -> BusConnection:
@@ -272,6 +279,8 @@ class BusConnection:
         line = self._line()
         if not line.startswith(b"OK "):
             raise BusError(f"the bus refused us: {line.decode(errors='replace').strip()}")
+        self.sock.sendall(b"NEGOTIATE_UNIX_FD\r\n")
+        self.unix_fds = self._line().startswith(b"AGREE_UNIX_FD")
         self.sock.sendall(b"BEGIN\r\n")
         hello = self.call(driver_call("Hello"))
         if hello.error:
@@ -279,7 +288,13 @@ class BusConnection:
 
     def call(self, call: Call) -> Reply:
         self.serial += 1
-        self.sock.sendall(marshal_call(self.serial, call))
+        data = marshal_call(self.serial, call)
+        if call.fds:
+            if not self.unix_fds:
+                raise BusError("the bus does not pass file descriptors")
+            sent = socket.send_fds(self.sock, [data], list(call.fds))
+            data = data[sent:]
+        self.sock.sendall(data)
         while True:
             msg = unmarshal(self._message())
             if msg.kind in (_METHOD_RETURN, _ERROR) and msg.fields.get(_REPLY_SERIAL) == self.serial:

@@ -30,6 +30,7 @@ from mountd.cli.client import (
     driver_call,
     system_bus_address,
 )
+from mountd.cli.keyinput import everywhere_fd, passphrases
 from mountd.cli.output import logger
 from mountd.errors import (
     BusyError,
@@ -83,12 +84,12 @@ class DaemonClient:
     def close(self) -> None:
         self.bus.close()
 
-    def _call(self, path: str, interface: str, member: str, signature: str = "",
-              body: Sequence[Any] = ()) -> list[Any]:
+    def _call(self, path: str, interface: str, member: str, signature: str = "",  # noqa: PLR0917
+              body: Sequence[Any] = (), fds: Sequence[int] = ()) -> list[Any]:
         # A command run from a terminal lets polkit ask for a password, if the session has an agent.
         flags = ALLOW_INTERACTIVE_AUTHORIZATION if sys.stdin.isatty() else 0
         try:
-            reply = self.bus.call(Call(BUS_NAME, path, interface, member, signature, body, flags))
+            reply = self.bus.call(Call(BUS_NAME, path, interface, member, signature, body, flags, fds))
         except (OSError, BusError) as exc:
             raise FailedError(f"lost the connection to imgmountd on the system bus ({exc})") from exc
         if reply.error is None:
@@ -106,14 +107,24 @@ class DaemonClient:
 
     def mount(self, req: MountRequest) -> MountInfo:
         _check_utf8(req)
+        with everywhere_fd(req.keys) as key_fd:
+            return self._mount(req, key_fd)
+
+    def _mount(self, req: MountRequest, key_fd: int) -> MountInfo:
+        """Mount with the keys as options: named passphrases, and the one for everywhere at ``key_fd``."""
         options = {"read-only": Variant("b", req.read_only), "backend": Variant("s", req.backend)}
+        if req.keys.by_volume:
+            options["passphrases"] = Variant("a{ss}", passphrases(req.keys))
+        if key_fd >= 0:
+            options["key-file"] = Variant("h", 0)
         for key, value in (("volumes", list(req.volumes)), ("mount-options", list(req.mount_options))):
             if value:
                 options[key] = Variant("as", value)
         for key, text in (("mount-root", req.mount_root), ("format", req.format), ("snapshot", req.snapshot)):
             if text is not None:
                 options[key] = Variant("s", text)
-        path = self._call(MANAGER_PATH, MANAGER_IFACE, "Mount", "sa{sv}", [req.image, options])[0]
+        path = self._call(MANAGER_PATH, MANAGER_IFACE, "Mount", "sa{sv}", [req.image, options],
+                          fds=[key_fd] if key_fd >= 0 else [])[0]
         props = self._call(path, "org.freedesktop.DBus.Properties", "GetAll", "s", [MOUNT_IFACE])[0]
         return mount_info(path, props)
 

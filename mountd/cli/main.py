@@ -16,8 +16,10 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from mountd.cli.daemonclient import DaemonClient, DaemonUnavailableError
+from mountd.cli.keyinput import Locked, add_key_options, keys_from_args
 from mountd.cli.output import guarded, logger, mount_json, mount_text, mounts_json, mounts_text
 from mountd.errors import FailedError, InvalidArgumentError
+from mountd.keys import NO_KEYS
 from mountd.model import BACKENDS, MountInfo, MountRequest
 from mountd.settings import STATE_DIR_ENV, Settings
 
@@ -54,6 +56,7 @@ def imgmount_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=BACKENDS, default="auto", help="how to attach the image")
     p.add_argument("-o", "--option", action="append", default=[], metavar="OPT",
                    help="an extra mount option from the allowed list (noatime, noexec, ...); repeatable")
+    add_key_options(p)
     _common(p)
     return p
 
@@ -92,13 +95,18 @@ def imgmount_main(argv: Sequence[str] | None = None) -> int:
     image = os.path.abspath(args.image)
     if args.info:
         from mountd.engine.render import inspection_to_dict, render_tree  # noqa: PLC0415 - deferred, as _engine() says
-        return guarded("imgmount", args, lambda: _inspection(image, args.format), inspection_to_dict,
+        return guarded("imgmount", args, lambda: _inspection(image, args.format, args), inspection_to_dict,
                        render_tree)
-    request = MountRequest(image=image, read_only=not args.rw, volumes=tuple(args.volume),
-                           mount_root=args.mount_root and os.path.abspath(args.mount_root),
-                           format=args.format, snapshot=args.snapshot, backend=args.backend,
-                           mount_options=tuple(args.option), owner=os.getuid())
-    return guarded("imgmount", args, _using(lambda m: m.mount(request)), mount_json, mount_text)
+
+    def mount(mounter: Mounter) -> MountInfo:
+        keys = keys_from_args(args, lambda: _locked(image, args.format, args.volume))
+        return mounter.mount(MountRequest(
+            image=image, read_only=not args.rw, volumes=tuple(args.volume),
+            mount_root=args.mount_root and os.path.abspath(args.mount_root), format=args.format,
+            snapshot=args.snapshot, backend=args.backend, mount_options=tuple(args.option), owner=os.getuid(),
+            keys=keys))
+
+    return guarded("imgmount", args, _using(mount), mount_json, mount_text)
 
 
 def imgumount_main(argv: Sequence[str] | None = None) -> int:
@@ -149,12 +157,28 @@ def _engine() -> Engine:
     return Engine(settings=Settings.from_environment())
 
 
-def _inspection(image: str, fmt: str | None) -> Any:
-    """``--info``: the image inspected in-process (deferred, as :func:`_engine` is)."""
+def _inspection(image: str, fmt: str | None, args: argparse.Namespace | None = None) -> Any:
+    """``--info``: the image inspected in-process (deferred, as :func:`_engine` is), read with the keys the
+    command line gives (none asked for: ``--info`` shows what is locked)."""
     from mountd.engine.inspection import inspect_image  # noqa: PLC0415
     logger()
     from mountd.host.support import check_host  # noqa: PLC0415
-    return inspect_image(image, fmt=fmt, host=check_host())
+    given = args is not None and (args.passphrase_stdin or args.key_file)
+    keys = keys_from_args(args, lambda: []) if given and args is not None else NO_KEYS
+    return inspect_image(image, fmt=fmt, host=check_host(), keys=keys)
+
+
+def _locked(image: str, fmt: str | None, volumes: Sequence[str]) -> Locked:
+    """What must be unlocked to mount ``volumes`` (all, if none are named): the image QEMU encrypted, or
+    each locked volume, with what locks it."""
+    from mountd.engine.unlocking import can_unlock, image_lock_kind, lock_kind  # noqa: PLC0415 - deferred
+    from mountd.keys import IMAGE  # noqa: PLC0415
+
+    found = _inspection(image, fmt)
+    if found.image.encryption:
+        return [(IMAGE, image_lock_kind(found.image))]
+    return [(v.name, lock_kind(v)) for v in found.volumes
+            if lock_kind(v) and (v.name in volumes if volumes else can_unlock(v))]
 
 
 def _usage(message: str) -> Callable[[], Any]:

@@ -66,10 +66,12 @@ def choose(requested: str, info: ImageInfo, host: HostSupport) -> str:
 
 
 def attach_disk(stack: MountStack, backend: str, info: ImageInfo, *, read_only: bool, snapshot: str | None,
-                host: HostSupport, confined: Credentials | None = None, name: str = "") -> Disk:
+                host: HostSupport, confined: Credentials | None = None, name: str = "",
+                key_fd: int = -1) -> Disk:
     """The whole disk, from the files the probe opened (``info``'s descriptors). For a ``confined`` caller
     every QEMU that parses the image runs as that caller (:mod:`mountd.layers.server`); root's side only
     reads NBD. ``name``: which disk of several (an OVA's ``disk2``), for the names of its export and socket.
+    ``key_fd``: the memfd with the key of an image QEMU encrypted, for the QEMU that opens it.
     """
     dm, state_dir = host.lv_mapping, stack.journal.root
     if backend == "loop":
@@ -77,16 +79,19 @@ def attach_disk(stack: MountStack, backend: str, info: ImageInfo, *, read_only: 
         spec = LoopSpec(info.top.path, 0, 0, read_only=read_only, qemu_locks=True, direct_io=True)
         layer = stack.push(spec.plan(), fds=top)
         return Disk(backend, layer.node, info.top.path, False, dm, top)
-    source = block_options(info)
+    source, keys = block_options(info), ((key_fd,) if key_fd >= 0 else ())
     own = f"{stack.record.id}-{name}" if name else stack.record.id
-    if confined is not None:
-        source = _caller_server(stack, info, read_only=read_only, snapshot=snapshot, creds=confined, own=own)
+    if confined is not None:  # the caller's server opens the image (with the key), root's side reads NBD
+        source = _caller_server(stack, info, read_only=read_only, snapshot=snapshot, creds=confined, own=own,
+                                key_fd=key_fd)
+        key_fd, keys = -1, ()
     if backend == "fuse":
         layer = stack.push(ExportSpec(source, export_path(state_dir, own), read_only,
-                                      snapshot or "", info.virtual_size).plan())
+                                      snapshot or "", info.virtual_size, key_fd=key_fd).plan(), fds=keys)
         return Disk(backend, layer.node, layer.node, False, dm)
     module = ensure_nbd_module()
-    layer = stack.push(NbdSpec(source, read_only, snapshot or "", str(run_dir(state_dir, "nbd"))).plan())
+    layer = stack.push(NbdSpec(source, read_only, snapshot or "", str(run_dir(state_dir, "nbd")),
+                               key_fd).plan(), fds=keys)
     return Disk(backend, layer.node, layer.node, module.max_part > 0, dm)
 
 
@@ -98,14 +103,14 @@ def export_path(state_dir: Path, name: str) -> str:
 
 
 def _caller_server(stack: MountStack, info: ImageInfo, *, read_only: bool, snapshot: str | None,
-                   creds: Credentials, own: str) -> str:
+                   creds: Credentials, own: str, key_fd: int) -> str:
     """Serve the image with a QEMU running as the caller; the block options that read it."""
     if snapshot:
         raise UnsupportedError("only root can mount an internal snapshot for now: QEMU running as you "
                                "(qemu-storage-daemon) has no way to open one")
     sock = run_dir(stack.journal.root, "servers") / f"{own}.sock"
-    spec = ServerSpec(block_options(info, by_fd=True), str(sock), read_only, creds, info.top.path)
-    layer = stack.push(spec.plan(), fds=tuple(chain_fds(info)))
+    spec = ServerSpec(block_options(info, by_fd=True), str(sock), read_only, creds, info.top.path, key_fd)
+    layer = stack.push(spec.plan(), fds=(*chain_fds(info), *((key_fd,) if key_fd >= 0 else ())))
     return client_options(layer.node)
 
 

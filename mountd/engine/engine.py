@@ -16,8 +16,10 @@ import uuid
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from mountd.engine import backends
+from mountd.engine import backends, unlocking
+from mountd.engine.cryptvolumes import unlock
 from mountd.engine.disks import attacher_of, wanted_disks
+from mountd.engine.imagekeys import with_image_key
 from mountd.engine.inspection import DiskLayout, Volume
 from mountd.engine.journal import Journal, MountRecord
 from mountd.engine.stack import MountStack
@@ -30,7 +32,7 @@ from mountd.host.mediaroot import ensure_private_root
 from mountd.host.opener import Credentials, Opener
 from mountd.host.support import HostSupport, check_host
 from mountd.image.imageinfo import ContainedDisk, ImageInfo, probe_image
-from mountd.layers import dm, fuse, loop, mount, nbd, server  # noqa: F401
+from mountd.layers import bitlocker, crypt, dm, fuse, loop, mount, nbd, server  # noqa: F401
 from mountd.layers.layer import FaultPoints, layer_from_record
 from mountd.model import BACKENDS, MountInfo, MountRequest, MountState, find_mount
 from mountd.settings import Settings
@@ -103,10 +105,13 @@ class Engine:
     def _attach(self, stack: MountStack, backend: str, part: ContainedDisk, req: MountRequest,
                 confined: Credentials | None) -> VolumeAttacher:
         """Attach one disk (of several, for an OVA) and find what it holds, its volumes named after it."""
-        disk = backends.attach_disk(stack, backend, part.info, read_only=req.read_only, snapshot=req.snapshot,
-                                    host=self.host, confined=confined, name=part.name)
+        disk = with_image_key(part.info, req.keys, lambda key_fd: backends.attach_disk(
+            stack, backend, part.info, read_only=req.read_only, snapshot=req.snapshot, host=self.host,
+            confined=confined, name=part.name, key_fd=key_fd))
         layout = backends.analyse(disk).named(part.name)
-        return VolumeAttacher(stack, disk, layout, req, self._mount_root(req), self.host)
+        unlocking.check_decrypted(part.info, layout)
+        attacher = VolumeAttacher(stack, disk, layout, req, self._mount_root(req), self.host)
+        return unlock(attacher, req.volumes)  # locked volumes opened: what they hold joins in
 
     @staticmethod
     def _mount_root(req: MountRequest) -> str:
@@ -208,8 +213,8 @@ def _selected(layout: DiskLayout, names: tuple[str, ...], device_mapper: bool,
             raise NotFoundError(f"no volume named {echo(', '.join(missing))} in this image (it has: {known})")
         return [v for n in names if (v := layout.volume(n)) is not None]
     types = fusedrivers.mountable_types(mountable_types(), host)
-    chosen = [v for v in layout.volumes if v.filesystem and mount_type(v.filesystem, types) in types
-              and (v.offset is not None or device_mapper)]
+    chosen = [v for v in layout.volumes if ((v.filesystem and mount_type(v.filesystem, types) in types)
+              or unlocking.can_unlock(v)) and (v.offset is not None or device_mapper)]
     if not chosen:
         found = _some(f"{v.name}: {v.signature.type if v.signature else 'nothing'}" for v in layout.volumes)
         raise UnsupportedError(f"no mountable filesystem in this image (found {found})")

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from enum import StrEnum
 
+from mountd.engine.imagekeys import with_image_key
 from mountd.engine.windows import info_note
 from mountd.host.holders import FileUsage, files_usage
 from mountd.host.opener import Credentials, Opener
@@ -22,6 +23,7 @@ from mountd.image.lvmlabel import MetadataTexts, PhysicalVolume, read_pv
 from mountd.image.lvmmeta import VolumeGroup
 from mountd.image.nbdclient import open_image
 from mountd.image.partitions import Partition, PartitionTable, read_partition_table
+from mountd.keys import IMAGE, NO_KEYS, Keys
 from mountd.layers.server import serving
 
 WHOLE_DISK = "disk"
@@ -128,17 +130,24 @@ class _Region:
 
 
 def inspect_image(path: str, *, fmt: str | None = None, confined: Credentials | None = None,
-                  host: HostSupport | None = None) -> Inspection:
+                  host: HostSupport | None = None, keys: Keys = NO_KEYS) -> Inspection:
     """Everything about ``path``, and what ``host`` can do with it; for a ``confined`` caller its files are
-    opened, and QEMU runs, as that caller."""
+    opened, and QEMU runs, as that caller. An image QEMU encrypted is read with ``keys`` (without one, only
+    the image itself is described: what it holds is locked)."""
     with Opener(confined) as opener:
         image = probe_image(path, fmt=fmt, opener=opener)
         usage = files_usage(image.files(), opened=opener.by_name())
         if image.disks:
             disks = tuple(_inspect_disk(d, confined) for d in image.disks)
             return Inspection(image, usage, DiskLayout.merged([d.layout for d in disks]), host, disks)
-        with open_reader(image, confined) as disk:
-            return Inspection(image, usage, analyse_disk(disk), host)
+        if image.encryption and not keys.for_volume(IMAGE):
+            return Inspection(image, usage, DiskLayout(None, (), ()), host)
+
+        def read(key_fd: int) -> DiskLayout:
+            with open_reader(image, confined, key_fd) as disk:
+                return analyse_disk(disk)
+
+        return Inspection(image, usage, with_image_key(image, keys, read), host)
 
 
 def _inspect_disk(disk: ContainedDisk, confined: Credentials | None) -> InspectedDisk:
@@ -176,17 +185,18 @@ class _Probes:
 
 
 @contextlib.contextmanager
-def open_reader(image: ImageInfo, confined: Credentials | None = None) -> Iterator[BlockReader]:
+def open_reader(image: ImageInfo, confined: Credentials | None = None, key_fd: int = -1,
+                ) -> Iterator[BlockReader]:
     """Raw single files are read directly from the descriptor the probe opened; every other format through
-    QEMU's block layer (a QEMU of the caller's, for a ``confined`` caller)."""
+    QEMU's block layer (a QEMU of the caller's, for a ``confined`` caller), with the key at ``key_fd``."""
     if image.format == "raw" and len(image.chain) == 1 and image.top.fd >= 0 and image.top.member is None:
         yield FileReader(image.top.fd)
     elif confined is not None:
         opts = block_options(image, force_share=True, by_fd=True)
-        with serving(opts, chain_fds(image), confined, image.top.path) as reader:
+        with serving(opts, chain_fds(image), confined, image.top.path, key_fd) as reader:
             yield reader
     else:
-        with open_image(image) as reader:
+        with open_image(image, key_fd) as reader:
             yield reader
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from mountd.engine.inspection import InspectedDisk, Inspection, Volume, VolumeKind
+from mountd.engine.unlocking import image_lock_kind, lock_kind
 from mountd.host.holders import FileUsage
 from mountd.host.support import HostSupport
 from mountd.image.imageinfo import ImageFile
@@ -57,6 +58,7 @@ def inspection_to_dict(ins: Inspection) -> dict[str, Any]:
         "image": ins.image.top.path,
         "format": ins.image.format,
         "virtual-size": ins.image.virtual_size,
+        "locked": image_lock_kind(ins.image) or None,  # "QEMU luks", "QEMU aes": QEMU encrypted the image
         "chain": [_file_dict(f, usage) for f in ins.image.chain],
         "in-use": _worst(ins.usage),
         "partition-table": _table_dict(ins.table),
@@ -129,6 +131,7 @@ def _volume_dict(v: Volume) -> dict[str, Any]:
         "filesystem": None if sig is None else {"type": sig.type, "usage": sig.usage, "label": sig.label,
                                                 "uuid": sig.uuid},
         "note": v.note or None,
+        "locked": lock_kind(v) or None,  # "LUKS1", "LUKS2", "BitLocker": what it takes a key to open
         "needs-recovery": bool(sig and sig.needs_recovery),
     }
 
@@ -139,6 +142,9 @@ def _volume_dict(v: Volume) -> dict[str, Any]:
 def render_tree(ins: Inspection) -> str:
     usage = {u.path: u for u in ins.usage}
     lines = [_file_line(f, usage, i) for i, f in enumerate(ins.image.chain)]
+    if ins.image.encryption:
+        hint = "" if ins.volumes else "; what it holds shows with its passphrase (--passphrase-stdin)"
+        lines.append(f"locked: encrypted by QEMU ({ins.image.encryption}){hint}")
     lines += _table_lines(ins.table, "")
     for d in ins.disks:
         lines.append(_disk_line(d))
@@ -218,6 +224,7 @@ def _row(name: str, v: Volume, kind: str) -> tuple[str, ...]:
     sig = v.signature
     offset = "-" if v.offset is None else human_size(v.offset)
     pending = describe(sig.type, sig.recovery) if sig else ""
+    locked = f"(locked: {lock_kind(v)})" if lock_kind(v) else ""
     detail = " ".join(x for x in (sig.uuid if sig else "", f"({v.note})" if v.note else "",
-                                  f"({pending})" if pending else "") if x)
+                                  f"({pending})" if pending else "", locked) if x)
     return (name, offset, human_size(v.size), kind, sig.type if sig else "", sig.label if sig else "", detail)

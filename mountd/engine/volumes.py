@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 from mountd.engine.backends import Disk, export_path
 from mountd.engine.inspection import WHOLE_DISK, DiskLayout, Volume, VolumeKind
 from mountd.engine.stack import MountStack
+from mountd.engine.unlocking import is_locked, unlock_volume
 from mountd.engine.windows import ntfs_note
 from mountd.errors import MountdError, UnsupportedError
 from mountd.host import fusedrivers
@@ -61,7 +62,13 @@ class VolumeAttacher:
     host: HostSupport
 
     def mount(self, volume: Volume) -> None:
-        """Attach ``volume``'s block device and mount its filesystem under the mount root."""
+        """Attach ``volume``'s block device and mount its filesystem under the mount root; a locked volume is
+        unlocked first, and each filesystem inside it (one, or its LVs) mounted."""
+        unlocked = unlock_volume(self.stack, self.disk, volume, self.request) if is_locked(volume) else []
+        for node, inside in unlocked or [("", volume)]:
+            self._mount(inside, node)
+
+    def _mount(self, volume: Volume, unlocked: str) -> None:
         if not volume.filesystem:
             what = volume.signature.type if volume.signature else "no filesystem"
             raise UnsupportedError(f"volume {volume.name} holds {what}, not a filesystem imgmount can mount")
@@ -70,7 +77,7 @@ class VolumeAttacher:
         check_mountable(volume.filesystem, available)
         fstype = mount_type(volume.filesystem, available)
         driver = fusedrivers.driver_for(fstype, kernel, self.host)
-        node = self.node(volume)
+        node = unlocked or self.node(volume)
         req = self.request
         replay, note = self._recovery(volume, fstype)
         note = "; ".join(filter(None, (note, ntfs_note(volume.name, node, fstype, read_only=req.read_only))))
@@ -177,9 +184,11 @@ class VolumeAttacher:
         return self.stack.push(spec.plan(volume.name), fds=self.disk.offset_fds).node
 
     def _node_of(self, volume: str) -> str:
+        """The topmost device made for ``volume``: an unlocked volume's crypt device, not its partition."""
         layers = self.stack.record.layers
-        attached = (x for x in layers if x.volume == volume and x.state == LayerState.ATTACHED)
-        return next((str(x.identity.get("node", "")) for x in attached if x.kind != MountSpec.kind), "")
+        attached = [x for x in layers if x.volume == volume and x.state == LayerState.ATTACHED]
+        return next((str(x.identity.get("node", "")) for x in reversed(attached) if x.kind != MountSpec.kind),
+                    "")
 
 
 def _device_size(node: str) -> int:

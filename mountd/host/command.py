@@ -56,8 +56,11 @@ def run(
     check: bool = True,
     input_text: str | None = None,
     pass_fds: Sequence[int] = (),
+    stdin_fd: int | None = None,
 ) -> Result:
-    """Run ``argv`` to completion and return its output; raise :class:`CommandError` on failure."""
+    """Run ``argv`` to completion and return its output; raise :class:`CommandError` on failure.
+    ``stdin_fd``: an open file for its standard input (a secret in a memfd: never in argv or our memory's
+    copies more than needed)."""
     full_env = dict(BASE_ENV)
     if env:
         full_env.update(env)
@@ -67,7 +70,7 @@ def run(
         proc = subprocess.run(
             [which(argv[0]), *argv[1:]],
             input=input_text.encode() if input_text is not None else None,
-            stdin=None if input_text is not None else subprocess.DEVNULL,
+            stdin=None if input_text is not None else subprocess.DEVNULL if stdin_fd is None else stdin_fd,
             capture_output=True,
             env=full_env,
             timeout=timeout,

@@ -87,7 +87,7 @@ def release_host_activations(nodes: Iterable[str]) -> list[str]:
     (uuid "LVM-...") and that sit on nothing but ``nodes`` (or on each other) are removed, topmost first; one
     in use stays, and the detach below it names it. Reads sysfs only, unless there is something to remove.
     """
-    ours = {os.path.basename(os.path.realpath(n)) for n in nodes if n.startswith("/dev/")}
+    ours = {name for n in nodes if n.startswith("/dev/") and (name := _sysname(n))}
     stacked = _lvm_devices_on(ours)
     if not stacked:
         return []
@@ -105,6 +105,17 @@ def release_host_activations(nodes: Iterable[str]) -> list[str]:
         log.warning("the host auto-activated %s on imgmount's devices (is 60-imgmount.rules installed?): "
                     "removed", ", ".join(removed))
     return removed
+
+
+def _sysname(node: str) -> str:
+    """The kernel's name of a device node: by its number, since a node libdevmapper made without udev
+    (/dev/mapper/NAME) is a node of its own, not a link to /dev/dm-N."""
+    try:
+        rdev = os.stat(node).st_rdev
+    except OSError:
+        return ""
+    sysfs = f"/sys/dev/block/{os.major(rdev)}:{os.minor(rdev)}"
+    return os.path.basename(os.path.realpath(sysfs)) if rdev else ""
 
 
 def _lvm_devices_on(ours: set[str]) -> list[str]:

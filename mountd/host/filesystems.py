@@ -49,8 +49,8 @@ ON_DISK: frozenset[str] = frozenset({
 NOT_FILESYSTEMS: dict[str, str] = {
     "swap": "it is swap space, not a filesystem",
     "LVM2_member": "it is an LVM physical volume: its logical volumes are mounted instead",
-    "crypto_LUKS": "it is encrypted with LUKS, and imgmount does not unlock encrypted volumes",
-    "BitLocker": "it is encrypted with BitLocker, and imgmount does not unlock encrypted volumes",
+    "crypto_LUKS": "it is encrypted with LUKS: give its passphrase to mount what it holds",
+    "BitLocker": "it is encrypted with BitLocker: give its password to mount what it holds",
     "linux_raid_member": "it is a member of an md RAID array, and imgmount does not assemble arrays",
     "isw_raid_member": "it is a member of a firmware RAID array, and imgmount does not assemble arrays",
     "ddf_raid_member": "it is a member of a firmware RAID array, and imgmount does not assemble arrays",

@@ -30,13 +30,14 @@ log = logging.getLogger(__name__)
 MISSING_MODULE = re.compile(r"^(\S+: )?module \S+ not found\b.*$", re.MULTILINE)
 
 
-def run_forked(argv: Sequence[str], pid_file: str | Path, *, timeout: float) -> command.Result:
+def run_forked(argv: Sequence[str], pid_file: str | Path, *, timeout: float,
+               pass_fds: Sequence[int] = ()) -> command.Result:
     """Run ``qemu-nbd --fork ... --pid-file pid_file``; fail only if no server holds ``pid_file``.
 
     A real failure raises :class:`CommandError` whose stderr is QEMU's without the missing-module lines, so
     that its last line names the cause.
     """
-    result = command.run(argv, timeout=timeout, check=False)
+    result = command.run(argv, timeout=timeout, check=False, pass_fds=pass_fds)
     pid = serving_pid(pid_file)
     if result.status != 0 and pid is None:
         raise CommandError(argv, result.status, without_module_warnings(result.stderr))

@@ -28,6 +28,8 @@ PROGRAMS: tuple[Program, ...] = (
     Program("ntfs-3g", "ntfs-3g", "NTFS volumes where the kernel has no ntfs3"),
     Program("mount.exfat-fuse", "exfat-fuse", "exFAT volumes where the kernel has no exfat"),
     Program("fusefat", "fusefat", "FAT volumes (read-only) where the kernel has no vfat"),
+    Program("cryptsetup", "cryptsetup-bin", "unlocking LUKS volumes (through device-mapper)"),
+    Program("dislocker-fuse", "dislocker", "unlocking BitLocker volumes"),
 )
 #: Other programs whose package a message may name (the tests' tools, the VM lane's).
 OTHER_PACKAGES = {"qemu-system-x86_64": "qemu-system-x86", "losetup": "mount", "sfdisk": "fdisk",

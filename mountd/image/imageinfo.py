@@ -23,6 +23,7 @@ from mountd.errors import (
 )
 from mountd.host import command
 from mountd.host.opener import OpenedFile, Opener, confined_argv, fd_path, in_kernel_tree
+from mountd.host.qemusecret import SECRET_ID
 from mountd.image.blockio import FileReader
 from mountd.image.imagerefs import References, reference_path, scan_head, scan_references, trailer_format
 from mountd.image.ova import OvaDisk, ova_disks
@@ -31,6 +32,8 @@ from mountd.image.tarheaders import Member
 FORMATS = ("raw", "qcow2", "qcow", "vmdk", "vdi", "vhdx", "vpc", "cloop", "dmg", "parallels", "bochs", "qed")
 READ_ONLY_FORMATS = ("cloop", "dmg", "bochs")
 OVA = "ova"  # not a QEMU format: a tar of disks, each opened in place (:mod:`mountd.image.ova`)
+#: The formats QEMU itself encrypts, and how: qcow2 with LUKS or the legacy AES, qcow (version 1) with AES.
+ENCRYPTING_FORMATS = ("qcow2", "qcow")
 MAX_CHAIN = 64
 INFO_TIMEOUT = 30.0
 HEAD_READ = 1 << 20  # of an OVA's disk, for the names it holds (a VMDK's descriptor is in its first sectors)
@@ -55,6 +58,7 @@ class ImageFile:
     extents: tuple[str, ...] = ()  # absolute paths of VMDK extent files other than this one
     snapshots: tuple[Snapshot, ...] = ()
     dirty: bool = False
+    encryption: str = ""  # QEMU's own encryption of this file: "luks", "aes" ("": none)
     fd: int = field(default=-1, compare=False, repr=False)  # open while the probe's Opener is
     data_fd: int = field(default=-1, compare=False, repr=False)
     identity: str = field(default="", compare=False)  # "st_dev:st_ino" of the file opened: what it *is*
@@ -77,6 +81,11 @@ class ImageInfo:
     @property
     def virtual_size(self) -> int:
         return self.top.virtual_size
+
+    @property
+    def encryption(self) -> str:
+        """How QEMU encrypts this image ("luks", "aes"; "": not at all), as ``--info`` names it."""
+        return next((f.encryption for f in self.chain if f.encryption), "")
 
     def files(self) -> list[str]:
         """Every file QEMU opens for this image: the chain, data files and extents."""
@@ -144,9 +153,10 @@ def _probe_file(f: OpenedFile, fmt: str | None, opener: Opener, *,
     if pinned:
         info = _qemu_img_info(opener, f, pinned, data, by_name=False)
     found = _supported_format(info, f.name)
+    specific = info.get("format-specific", {}).get("data", {})
+    encryption = _encryption(f.name, found, info, specific)
     backing_name = refs.backing or info.get("backing-filename")
     backing = _open_reference(opener, f, str(backing_name), "backing file", False) if backing_name else None
-    specific = info.get("format-specific", {}).get("data", {})
     return ImageFile(
         path=f.name,
         format=found,
@@ -161,6 +171,7 @@ def _probe_file(f: OpenedFile, fmt: str | None, opener: Opener, *,
             for s in info.get("snapshots", [])
         ),
         dirty=bool(info.get("dirty-flag") or specific.get("corrupt")),
+        encryption=encryption,
         fd=f.fd,
         data_fd=data.fd if data else -1,
         identity=f"{f.dev}:{f.ino}",
@@ -171,8 +182,6 @@ def _supported_format(info: dict[str, Any], name: str) -> str:
     found = str(info.get("format", ""))
     if found not in FORMATS:
         raise UnsupportedError(f"{name} is in format {found[:40]!r}, which imgmount does not support")
-    if info.get("encrypted"):
-        raise UnsupportedError(f"{name} is encrypted: imgmount cannot mount encrypted images")
     return found
 
 
@@ -205,11 +214,25 @@ def _probe_member(f: OpenedFile, disk: OvaDisk, opener: Opener, deadline: float)
     info = _qemu_img_info(opener, f, None, None, by_name=False, member=member, timeout=left)
     if info.get("backing-filename"):
         raise InvalidImageError(f"{label} names a backing file: an OVA's disks must be whole inside it")
+    if info.get("encrypted"):
+        raise UnsupportedError(f"{label} is encrypted by QEMU, which imgmount does not unlock inside an OVA")
     specific = info.get("format-specific", {}).get("data", {})
     return ImageInfo((ImageFile(
         path=f.name, format=_supported_format(info, label), virtual_size=int(info["virtual-size"]),
         actual_size=member.size, dirty=bool(info.get("dirty-flag") or specific.get("corrupt")), fd=f.fd,
         identity=f"{f.dev}:{f.ino}", member=member),))
+
+
+def _encryption(name: str, fmt: str, info: dict[str, Any], specific: dict[str, Any]) -> str:
+    """QEMU's encryption of the file ("luks", "aes"), from ``qemu-img info``; "" if it has none."""
+    if not info.get("encrypted"):
+        return ""
+    encrypt = specific.get("encrypt")
+    method = str(encrypt.get("format", "")) if isinstance(encrypt, dict) else "aes" if fmt == "qcow" else ""
+    if fmt not in ENCRYPTING_FORMATS or method not in ("luks", "aes"):
+        raise UnsupportedError(f"{name} is encrypted in a way imgmount does not know ({fmt[:40]} "
+                               f"{method[:40] or 'encryption'})")
+    return method
 
 
 def _open_reference(opener: Opener, image: OpenedFile, name: str, what: str, write: bool) -> OpenedFile:
@@ -269,6 +292,8 @@ def block_options(info: ImageInfo, *, force_share: bool = False, by_fd: bool = F
         by_name = not by_fd or image.fd < 0 or bool(image.extents)
         path = image.path if by_name else fd_path(image.fd)
         opts += [f"{prefix}driver={image.format}", *_file_options(prefix, path, image.member)]
+        if image.encryption:  # the key itself comes by a secret object (mountd.host.qemusecret)
+            opts += [f"{prefix}encrypt.format={image.encryption}", f"{prefix}encrypt.key-secret={SECRET_ID}"]
         if image.data_file:
             data = image.data_file if not by_fd or image.data_fd < 0 else fd_path(image.data_fd)
             opts += [f"{prefix}data-file.driver=file", f"{prefix}data-file.filename={_escape(data)}"]

@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from mountd.errors import CommandError, FailedError, InvalidImageError
 from mountd.host.forked import run_forked
 from mountd.host.processes import start_time, stop_process
+from mountd.host.qemusecret import secret_object
 from mountd.image.imageinfo import ImageInfo, block_options
 
 NBDMAGIC = b"NBDMAGIC"
@@ -120,14 +121,16 @@ def _handshake(sock: socket.socket) -> int:
 
 
 @contextlib.contextmanager
-def open_image(info: ImageInfo) -> Iterator[NbdReader]:
-    """Serve ``info``'s chain read-only through a private ``qemu-nbd`` and yield a reader for it."""
+def open_image(info: ImageInfo, key_fd: int = -1) -> Iterator[NbdReader]:
+    """Serve ``info``'s chain read-only through a private ``qemu-nbd`` and yield a reader for it;
+    ``key_fd``: the memfd holding the key of an image QEMU encrypted (:mod:`mountd.host.qemusecret`)."""
     workdir = tempfile.mkdtemp(prefix="imgmount-nbd-")
     sock_path, pid_path = os.path.join(workdir, "sock"), os.path.join(workdir, "pid")
     try:
         run_forked(["qemu-nbd", "--fork", "--read-only", "--socket", sock_path, "--pid-file", pid_path,
-                    "--cache=none", "--aio=threads", "--image-opts", block_options(info, force_share=True)],
-                   pid_path, timeout=HANDSHAKE_TIMEOUT)
+                    "--cache=none", "--aio=threads", *secret_object(key_fd),
+                    "--image-opts", block_options(info, force_share=True)],
+                   pid_path, timeout=HANDSHAKE_TIMEOUT, pass_fds=(key_fd,) if key_fd >= 0 else ())
         reader = NbdReader(_connect(sock_path))
         try:
             yield reader

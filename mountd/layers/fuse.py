@@ -51,6 +51,7 @@ from mountd.host.mountinfo import mountinfo
 from mountd.host.opener import fd_path
 from mountd.host.processes import is_alive, proc_state, stop_process
 from mountd.host.qemulocks import QEMU_LOCK_FAILURE, in_use_error
+from mountd.host.qemusecret import secret_object
 from mountd.host.users import openers_by_name
 from mountd.layers.layer import Layer, LayerRecord, Progress, Spec
 
@@ -75,17 +76,20 @@ class ExportSpec(Spec):
     snapshot: str
     virtual_size: int  # 0: unknown (then any non-empty export will do)
     overlay: bool = False  # writes go to a throwaway qcow2 overlay, the block node is only read
+    key_fd: int = -1  # the memfd holding the key of an encrypted block node, handed to the attach in memory
 
     def identity(self) -> dict[str, Any]:
         return {"blockdev": self.blockdev, "export": self.export, "read_only": self.read_only,
-                "snapshot": self.snapshot, "virtual_size": self.virtual_size, "overlay": self.overlay}
+                "snapshot": self.snapshot, "virtual_size": self.virtual_size, "overlay": self.overlay,
+                "key_fd": self.key_fd}
 
     @classmethod
     def parse(cls, identity: dict[str, Any]) -> ExportSpec:
         try:
             spec = cls(str(identity["blockdev"]), str(identity["export"]),
                        bool(identity.get("read_only", True)), str(identity.get("snapshot") or ""),
-                       int(identity.get("virtual_size") or 0), bool(identity.get("overlay", False)))
+                       int(identity.get("virtual_size") or 0), bool(identity.get("overlay", False)),
+                       int(identity.get("key_fd", -1)))
         except (KeyError, TypeError, ValueError) as exc:
             raise InvalidArgumentError(f"bad fuse layer plan {identity}: {exc}") from None
         if not os.path.isabs(spec.export) or "\n" in spec.export or not spec.blockdev:
@@ -107,7 +111,7 @@ class ExportSpec(Spec):
             nodes = ["--blockdev", f"node-name={LOWER_NAME},read-only=on,{self.blockdev}",
                      "--blockdev", f"node-name={NODE_NAME},read-only=off,driver=qcow2,file.driver=file,"
                      f"file.filename={_mount_arg(overlay)},backing={LOWER_NAME}"]
-        return [DAEMON, "--daemonize", "--pidfile", self.pidfile, *nodes,
+        return [DAEMON, "--daemonize", "--pidfile", self.pidfile, *secret_object(self.key_fd), *nodes,
                 "--export", f"{export},writable={rw},allow-other=off"]
 
 
@@ -126,11 +130,13 @@ class FuseExportLayer(Layer[str]):
         if spec.snapshot:
             raise UnsupportedError(f"the fuse backend cannot open internal snapshot {spec.snapshot!r} "
                                    "(qemu-storage-daemon has no way to): use --backend nbd")
+        if spec.key_fd >= 0 and spec.key_fd not in self.fds:
+            raise InvalidArgumentError("an encrypted export needs its key's descriptor")
         _create_export_file(spec.export)
         with overlay_file(spec.virtual_size) if spec.overlay else contextlib.nullcontext(-1) as fd:
             try:
                 result = command.run(spec.argv(fd_path(fd) if fd >= 0 else ""), timeout=START_TIMEOUT,
-                                     pass_fds=(fd,) if fd >= 0 else ())
+                                     pass_fds=[x for x in (fd, spec.key_fd) if x >= 0])
             except CommandError as exc:
                 raise _start_error(exc, spec) from None
         pid = _read_pid(spec.pidfile)

@@ -51,6 +51,7 @@ from mountd.host.nbddev import (
     server_pid,
 )
 from mountd.host.processes import has_exited, open_process, start_time, stop
+from mountd.host.qemusecret import secret_object
 from mountd.host.users import SYS_CLASS_BLOCK, block_users
 from mountd.layers.layer import Layer, LayerRecord, Progress, Spec
 from mountd.settings import DEFAULT_STATE_DIR
@@ -95,16 +96,18 @@ class NbdSpec(Spec):
     read_only: bool
     snapshot: str = ""  # an internal snapshot, attached read-only
     servers: str = f"{DEFAULT_STATE_DIR}/nbd"  # where the server's pid file and socket go (root's own)
+    key_fd: int = -1  # the memfd holding the key of an image QEMU encrypted, handed to the attach in memory
 
     def identity(self) -> dict[str, Any]:
         return {"image_opts": self.image_opts, "read_only": self.read_only, "snapshot": self.snapshot,
-                "servers": self.servers}
+                "servers": self.servers, "key_fd": self.key_fd}
 
     @classmethod
     def parse(cls, identity: dict[str, Any]) -> NbdSpec:
         try:
             spec = cls(str(identity["image_opts"]), bool(identity.get("read_only", True)),
-                       str(identity.get("snapshot") or ""), str(identity.get("servers") or cls.servers))
+                       str(identity.get("snapshot") or ""), str(identity.get("servers") or cls.servers),
+                       int(identity.get("key_fd", -1)))
         except (KeyError, TypeError, ValueError) as exc:
             raise InvalidArgumentError(f"bad nbd layer plan: {exc}") from None
         if spec.snapshot and not spec.read_only:
@@ -157,12 +160,13 @@ class NbdLayer(Layer[int]):
             argv.append("--read-only")
         if spec.snapshot:
             argv += ["-l", "snapshot.name=" + spec.snapshot.replace(",", ",,")]
-        return [*argv, "--image-opts", spec.image_opts]
+        return [*argv, *secret_object(spec.key_fd), "--image-opts", spec.image_opts]
 
     def _connect(self, spec: NbdSpec, name: str, pid_file: Path, events: BlockEvents,
                  progress: Progress) -> LayerRecord:
         try:  # warnings on stderr (Debian's DMG modules) make qemu-nbd exit 1 though its server runs
-            result = run_forked(self._argv(spec, name, pid_file), pid_file, timeout=ATTACH_TIMEOUT)
+            result = run_forked(self._argv(spec, name, pid_file), pid_file, timeout=ATTACH_TIMEOUT,
+                                pass_fds=(spec.key_fd,) if spec.key_fd >= 0 else ())
         except CommandError as exc:
             raise _qemu_nbd_error(exc, name) from None
         pid = read_int(pid_file, -1)

@@ -42,6 +42,7 @@ from mountd.host.forked import report_output
 from mountd.host.opener import Credentials, confined_argv
 from mountd.host.processes import is_alive, proc_state, stop_process
 from mountd.host.qemulocks import QEMU_LOCK_FAILURE, in_use_error
+from mountd.host.qemusecret import secret_object
 from mountd.image.nbdclient import NbdProtocolError, NbdReader
 from mountd.layers.layer import Layer, LayerRecord, Progress, Spec
 
@@ -68,17 +69,20 @@ class ServerSpec(Spec):
     read_only: bool
     creds: Credentials
     image: str  # for messages: the image's name as the caller opened it
+    key_fd: int = -1  # the memfd holding the key of an image QEMU encrypted, among the fds handed over
 
     def identity(self) -> dict[str, Any]:
         return {"blockdev": self.blockdev, "socket": self.socket, "read_only": self.read_only,
-                "uid": self.creds.uid, "gids": list(self.creds.gids), "image": self.image}
+                "uid": self.creds.uid, "gids": list(self.creds.gids), "image": self.image,
+                "key_fd": self.key_fd}
 
     @classmethod
     def parse(cls, identity: dict[str, Any]) -> ServerSpec:
         try:
             creds = Credentials(int(identity["uid"]), tuple(int(g) for g in identity["gids"]))
             spec = cls(str(identity["blockdev"]), str(identity["socket"]),
-                       bool(identity.get("read_only", True)), creds, str(identity.get("image", "")))
+                       bool(identity.get("read_only", True)), creds, str(identity.get("image", "")),
+                       int(identity.get("key_fd", -1)))
         except (KeyError, TypeError, ValueError) as exc:
             raise InvalidArgumentError(f"bad server layer plan: {exc}") from None
         if spec.creds.uid == 0 or not os.path.isabs(spec.socket) or not spec.blockdev:
@@ -92,7 +96,7 @@ class ServerSpec(Spec):
 
     def argv(self, listen_fd: int) -> list[str]:
         ro, rw = ("on", "off") if self.read_only else ("off", "on")
-        return [*confined_argv(self.creds), SERVER,
+        return [*confined_argv(self.creds), SERVER, *secret_object(self.key_fd),
                 "--blockdev", f"node-name={NODE_NAME},read-only={ro},{self.blockdev}",
                 "--nbd-server", f"addr.type=fd,addr.str={listen_fd}",
                 "--export", f"type=nbd,id=export,node-name={NODE_NAME},name=,writable={rw}"]
@@ -263,12 +267,13 @@ class ServerLayer(Layer[tuple[int, int]]):
 
 
 @contextlib.contextmanager
-def serving(blockdev: str, fds: Sequence[int], creds: Credentials, image: str) -> Iterator[NbdReader]:
+def serving(blockdev: str, fds: Sequence[int], creds: Credentials, image: str,
+            key_fd: int = -1) -> Iterator[NbdReader]:
     """A read-only server of the caller's for as long as the block runs (inspection), and a reader of it."""
     workdir = tempfile.mkdtemp(prefix="imgmount-serve-")
-    spec = ServerSpec(blockdev, os.path.join(workdir, "sock"), True, creds, image)
+    spec = ServerSpec(blockdev, os.path.join(workdir, "sock"), True, creds, image, key_fd)
     try:
-        found = start(spec, fds)
+        found = start(spec, [*fds, *([key_fd] if key_fd >= 0 else [])])
         try:
             conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             conn.connect(spec.socket)

@@ -49,6 +49,7 @@ from mountd.service.dbusapi import (
     mount_path,
 )
 from mountd.service.dispatch import Dispatcher, start_workers
+from mountd.service.keyoptions import keys_from
 from mountd.settings import Settings
 
 log = logging.getLogger("mountd.service.daemon")
@@ -104,7 +105,7 @@ class Service:
                                             confined=confined(caller), host=self.engine.host)
             return inspection_to_dict(found)
 
-    async def mount(self, caller: Caller, image: str, options: dict[str, Any]) -> MountInfo:
+    async def mount(self, caller: Caller, image: str, options: dict[str, Any], key_fd: int = -1) -> MountInfo:
         read_only = bool(options.get("read-only", True))
         await self.authority.require(caller, ACTION_MOUNT if read_only else ACTION_MOUNT_RW,
                                      interactive=caller.interactive,
@@ -113,10 +114,12 @@ class Service:
             raise NotAuthorizedError("only root may choose the mount root: leave out mount-root and the "
                                      "volumes are mounted under /run/media/<user>")
         full = await _image(caller, image)
+        keys = await asyncio.to_thread(keys_from, options.get("passphrases", {}), key_fd)
         req = MountRequest(image=full, read_only=read_only, volumes=tuple(options.get("volumes", ())),
                            mount_root=options.get("mount-root"), format=options.get("format"),
                            snapshot=options.get("snapshot"), backend=options.get("backend", "auto"),
-                           mount_options=tuple(options.get("mount-options", ())), owner=caller.uid)
+                           mount_options=tuple(options.get("mount-options", ())), owner=caller.uid,
+                           keys=keys)
         async with self.locks.hold(full):
             info = await asyncio.to_thread(self.engine.mount, req, confined=confined(caller))
             self.publish(info, info.state)

@@ -10,7 +10,9 @@ ObjectManager.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from contextlib import AbstractAsyncContextManager
@@ -36,6 +38,7 @@ from mountd.busnames import (
 )
 from mountd.errors import InvalidArgumentError, MountdError
 from mountd.model import MountInfo, display_name
+from mountd.service.keyoptions import key_file_fd
 
 if TYPE_CHECKING:
     from mountd.service.auth import Caller
@@ -54,7 +57,7 @@ __all__ = [
 
 # Each method's options: key -> variant signature. Anything else is InvalidArgument.
 MOUNT_OPTIONS = {"read-only": "b", "volumes": "as", "mount-root": "s", "format": "s", "snapshot": "s",
-                 "backend": "s", "mount-options": "as"}
+                 "backend": "s", "mount-options": "as", "passphrases": "a{ss}", "key-file": "h"}
 INSPECT_OPTIONS = {"format": "s"}
 UNMOUNT_OPTIONS = {"force": "b"}
 # Lists in Inspect's result whose elements are strings; every other list holds dictionaries.
@@ -89,7 +92,7 @@ class ApiMethod:
     in_args: tuple[tuple[str, str], ...]  # (name, signature)
     out_args: tuple[tuple[str, str], ...]
     fn: Callable[..., Awaitable[Any]]
-
+    takes_fds: bool = False  # the call's unix fds go to ``fn`` (keyword ``fds``), closed after it
     @property
     def in_signature(self) -> str:
         return "".join(sig for _, sig in self.in_args)
@@ -103,12 +106,15 @@ class ApiMethod:
                            [intr.Arg(s, ArgDirection.OUT, n) for n, s in self.out_args])
 
 
-def api_method(name: str, in_args: tuple[tuple[str, str], ...] = (),
-               out_args: tuple[tuple[str, str], ...] = ()) -> Callable[[Callable[..., Awaitable[Any]]], Any]:
+Args = tuple[tuple[str, str], ...]
+
+
+def api_method(name: str, in_args: Args = (), out_args: Args = (),
+               *, takes_fds: bool = False) -> Callable[[Callable[..., Awaitable[Any]]], Any]:
     """Mark ``async def fn(self, caller, *args)`` as the D-Bus method ``name``."""
 
     def decorator(fn: Callable[..., Awaitable[Any]]) -> Any:
-        fn.__dict__["api_method"] = ApiMethod(name, in_args, out_args, fn)
+        fn.__dict__["api_method"] = ApiMethod(name, in_args, out_args, fn, takes_fds)
         return fn
 
     return decorator
@@ -124,6 +130,10 @@ class ApiInterface(ServiceInterface):
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         cls.api = {m.name: m for v in vars(cls).values() if (m := getattr(v, "api_method", None)) is not None}
+
+    def takes_fds(self, member: str | None) -> bool:
+        method = self.api.get(member or "")
+        return method is not None and method.takes_fds
 
     def introspect(self) -> intr.Interface:
         found = super().introspect()
@@ -147,10 +157,11 @@ class ApiInterface(ServiceInterface):
             if msg.signature != method.in_signature:
                 raise InvalidArgumentError(f"{method.name} takes arguments ({method.in_signature}), "
                                            f"not ({msg.signature})")
-            if msg.unix_fds:
+            if msg.unix_fds and not method.takes_fds:
                 raise InvalidArgumentError(f"{method.name} takes no file descriptors")
             async with admit(msg) as caller:
-                result = await method.fn(self, caller, *msg.body)
+                extra = {"fds": list(msg.unix_fds)} if method.takes_fds else {}
+                result = await method.fn(self, caller, *msg.body, **extra)
             body = [] if not method.out_args else [result]
             return Message.new_method_return(msg, method.out_signature, body)
         except MountdError as exc:
@@ -158,6 +169,15 @@ class ApiInterface(ServiceInterface):
             return error_reply(msg, exc)
         except Exception:
             return incident_reply(msg, f"{self.name}.{msg.member} from {msg.sender} failed")
+        finally:
+            if method is not None and method.takes_fds:
+                close_fds(msg.unix_fds)
+
+
+def close_fds(fds: list[int]) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
 
 
 # --- options ----------------------------------------------------------------------------------------------
@@ -174,7 +194,8 @@ def parse_options(options: Mapping[str, Variant], spec: Mapping[str, str]) -> di
             raise InvalidArgumentError(f"unknown option (known options: {known})")
         if variant.signature != expected:
             raise InvalidArgumentError(f"option {key!r} must be of type {expected}, not {variant.signature}")
-        for text in [variant.value] if expected == "s" else variant.value if expected == "as" else []:
+        texts = variant.value if expected == "as" else variant.value.keys() if expected == "a{ss}" else []
+        for text in [variant.value] if expected == "s" else texts:
             check_text(text, f"option {key!r}")
         out[key] = variant.value
     return out
@@ -228,9 +249,12 @@ class ManagerInterface(ApiInterface):
         data = await self.service.inspect(caller, image, parse_options(options, INSPECT_OPTIONS))
         return to_vardict(data)
 
-    @api_method("Mount", (("image", "s"), ("options", "a{sv}")), (("mount", "o"),))
-    async def mount(self, caller: Caller, image: str, options: dict[str, Variant]) -> str:
-        info = await self.service.mount(caller, image, parse_options(options, MOUNT_OPTIONS))
+    @api_method("Mount", (("image", "s"), ("options", "a{sv}")), (("mount", "o"),), takes_fds=True)
+    async def mount(self, caller: Caller, image: str, options: dict[str, Variant], fds: list[int]) -> str:
+        parsed = parse_options(options, MOUNT_OPTIONS)
+        if len(fds) > ("key-file" in parsed):
+            raise InvalidArgumentError("Mount takes no file descriptors but the one of its option key-file")
+        info = await self.service.mount(caller, image, parsed, key_file_fd(parsed, fds))
         return mount_path(info.id)
 
     @api_method("Unmount", (("mount", "o"), ("options", "a{sv}")))

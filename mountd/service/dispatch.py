@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
@@ -22,7 +21,14 @@ from dbus_fast.aio import MessageBus
 from mountd.errors import BusyError, InvalidArgumentError
 from mountd.service import auth
 from mountd.service.auth import Caller
-from mountd.service.dbusapi import ERROR_PREFIX, MANAGER_PATH, MOUNTS_PATH, ApiInterface, incident_reply
+from mountd.service.dbusapi import (
+    ERROR_PREFIX,
+    MANAGER_PATH,
+    MOUNTS_PATH,
+    ApiInterface,
+    close_fds,
+    incident_reply,
+)
 
 if TYPE_CHECKING:
     from mountd.service.daemon import Service
@@ -49,13 +55,12 @@ class Dispatcher:
         self.in_flight: dict[int, int] = {}  # uid -> calls being served
 
     def on_message(self, msg: Message) -> bool | None:
-        if msg.unix_fds:  # no method takes one: close them all, or any caller can exhaust our descriptors
-            for fd in msg.unix_fds:
-                with contextlib.suppress(OSError):
-                    os.close(fd)
+        target = self._target(msg) if msg.message_type is MessageType.METHOD_CALL else None
+        served = target is not None and not self.service.closing
+        if msg.unix_fds and not (served and target is not None and target.takes_fds(msg.member)):
+            close_fds(msg.unix_fds)  # a method that takes none: or any caller can exhaust our descriptors
         if msg.message_type is not MessageType.METHOD_CALL:
             return None
-        target = self._target(msg)
         if target is None and not msg.unix_fds:
             return None  # introspection, properties, ObjectManager, Peer: dbus-fast's own handlers
         if target is None or self.service.closing:

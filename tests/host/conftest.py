@@ -16,7 +16,7 @@ from imgmount_testkit.bus import Bus, private_bus, world_dir
 from imgmount_testkit.client import Client, client
 from imgmount_testkit.daemon import Daemon, tmpfs
 from imgmount_testkit.users import OtherUser, imgmount_group
-from tests.support import guests
+from tests.support import crypt_guests, guests
 from tests.support.daemon_calls import copy
 from tests.support.guests import Guest
 
@@ -78,6 +78,23 @@ def shared() -> Iterator[Path]:
 @pytest.fixture(scope="module")
 def guest(shared: Path) -> Guest:
     return guests.whole_disk_guest(shared / "disk.raw")
+
+
+@pytest.fixture(scope="module")
+def luks_qcow2(shared: Path) -> Guest:
+    """A qcow2 encrypted by QEMU with LUKS (tests.support.crypt_guests)."""
+    return crypt_guests.qemu_encrypted_guest(shared, "luks")
+
+
+@pytest.fixture(scope="module")
+def aes_qcow2(shared: Path) -> Guest:
+    return crypt_guests.qemu_encrypted_guest(shared, "aes")
+
+
+@pytest.fixture(scope="module")
+def luks1_disk(shared: Path) -> Guest:
+    """GPT: p1 plain ext4, p2 LUKS1 holding ext4."""
+    return crypt_guests.luks1_partition_guest(shared)
 
 
 @pytest.fixture(scope="module")

@@ -6,8 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 from imgmount_testkit.bus import Bus
@@ -15,18 +13,10 @@ from imgmount_testkit.client import Client, client
 from imgmount_testkit.daemon import Daemon
 from imgmount_testkit.users import as_user
 from mountd.service.dbusapi import BUS_NAME, MOUNTS_PATH
-from tests.support.daemon_calls import wait_gone
+from tests.support.daemon_calls import BIN, command, wait_gone
 from tests.support.guests import Guest
 
-BIN = Path(sys.executable).parent
-
-
-
-def _command(bus_address: str, *argv: str, user: list[str] | None = None) -> subprocess.CompletedProcess[str]:
-    env = {k: x for k, x in os.environ.items() if k != "IMGMOUNT_STATE_DIR"}
-    env["DBUS_SYSTEM_BUS_ADDRESS"] = bus_address
-    return subprocess.run([*(user or []), str(BIN / argv[0]), *argv[1:]], capture_output=True, text=True,
-                          env=env, check=False, timeout=120)
+_command = command
 
 
 def test_commands_go_through_the_daemon(bus: Bus, c: Client, daemon: Daemon, guest: Guest,

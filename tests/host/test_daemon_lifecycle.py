@@ -20,7 +20,7 @@ from mountd.engine.journal import Journal
 from mountd.model import MountRequest
 from mountd.service.dbusapi import BUS_NAME, MOUNT_IFACE
 from tests.support import guests, leftovers
-from tests.support.daemon_calls import copy, mountpoint, qcow2, v, wait_gone
+from tests.support.daemon_calls import copy, killed_and_restarted, mountpoint, qcow2, v, wait_gone
 from tests.support.guests import Guest
 
 
@@ -52,12 +52,8 @@ def test_sigkill_loses_nothing_and_a_restart_republishes(bus: Bus, run: Path, tm
                 path = c.mount(image, **{"read-only": v("b", not rw)}).value()
                 if rw:
                     written[path] = _write(mountpoint(c, path), image.name, sync=True)
-            paths = sorted(c.manager("ListMounts").value())
-        assert daemon.signal(signal.SIGKILL) == -signal.SIGKILL
-        daemon.start()
-        with client(bus.address) as c:
-            assert sorted(c.manager("ListMounts").value()) == paths
-            assert {c.prop(p, MOUNT_IFACE, "State") for p in paths} == {"mounted"}
+        with killed_and_restarted(daemon) as (c, paths):
+            assert len(paths) == 8
             for path, data in written.items():
                 assert (mountpoint(c, path) / "written.bin").read_bytes() == data
                 guests.check_files(mountpoint(c, path), guest.files["disk"])

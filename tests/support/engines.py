@@ -1,4 +1,4 @@
-"""An in-process engine with a journal of its own, for the host lane's engine tests."""
+"""An in-process engine for a test: its own journal, and nothing left mounted after it."""
 
 from __future__ import annotations
 

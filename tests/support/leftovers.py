@@ -67,3 +67,9 @@ def _qemu_processes() -> set[str]:
         if name.startswith(SERVERS):
             found.add(f"process {name} pid {pid}: {b' '.join(cmd).decode(errors='replace')[:160]}")
     return found
+
+
+def ours(left: list[str], *markers: object) -> list[str]:
+    """Those of ``left`` that name one of ``markers`` (a test's image, state directory, mount root): what
+    other tests running on this machine at the same time leave for a moment is theirs."""
+    return [x for x in left if any(str(m) in x for m in markers)]

@@ -1,0 +1,114 @@
+"""A BitLocker volume unlocked by ``dislocker-fuse``: a FUSE mount whose ``dislocker-file`` is the decrypted
+volume, which a loop device above then exposes (issue 10, "Unlocking").
+
+Why dislocker and not libbde's ``bdemount`` (both packaged by Debian 12): bdemount 20190102 takes the password
+and the recovery password only as arguments (``-p``, ``-r``), which every user reads in ``/proc/PID/cmdline``,
+and reads only; libbde calls itself alpha. dislocker 0.7.3 (upstream still merging in 2026) reads a user
+password from standard input (``-u`` without a value, since 2019: "make it possible to read passwords from
+pipes"), mounts read-only (``-r``) or read-write, and logs the password only at its debug verbosity, which
+we never ask for. Its recovery password is read from an argument or the terminal (``/dev/tty``) only: that
+would need a pseudo-terminal, not done yet (:mod:`mountd.engine.unlocking` refuses a recovery password).
+
+Each secret is tried in turn (a memfd as standard input, one line); "Unable to grab VMK or FVEK" is
+dislocker's word for a key that does not open the volume.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass, replace
+from typing import Any, ClassVar
+
+from mountd.errors import BusyError, FailedError, InvalidImageError, WrongKeyError
+from mountd.host import command
+from mountd.host.loopdev import loops_backed_by
+from mountd.host.mountinfo import mountinfo
+from mountd.layers.layer import Layer, LayerRecord, Progress, Spec
+
+WRONG_KEY = "Unable to grab VMK or FVEK"
+#: The user password's key derivation is 2^20 SHA-256 rounds: seconds, even under emulation.
+OPEN_TIMEOUT = 120.0
+DECRYPTED = "dislocker-file"
+
+
+@dataclass(frozen=True)
+class BitLockerSpec(Spec):
+    kind: ClassVar[str] = "bitlocker"
+
+    device: str  # the block device holding the BitLocker volume
+    mountpoint: str  # a root-only directory of the state directory, where dislocker-fuse mounts
+    read_only: bool
+
+    def identity(self) -> dict[str, Any]:
+        return {"device": self.device, "mountpoint": self.mountpoint, "read_only": self.read_only}
+
+
+class BitLockerLayer(Layer[str]):
+    """One BitLocker volume, unlocked.
+
+    Identity in: ``device``, ``mountpoint``, ``read_only``; the secrets as ``fds``. Out: ``node`` (the
+    decrypted file). Left behind on failure: nothing (dislocker exits before mounting when a key fails;
+    :meth:`detach` unmounts and removes the directory whatever a crash left).
+    """
+
+    kind = BitLockerSpec.kind
+
+    @property
+    def _mountpoint(self) -> str:
+        return str(self.identity["mountpoint"])
+
+    def _attach(self, progress: Progress) -> LayerRecord:
+        device = str(self.identity["device"])
+        os.makedirs(self._mountpoint, mode=0o700, exist_ok=True)
+        if not self.fds:
+            raise WrongKeyError(f"{device} is locked and no password was given for it")
+        argv = ["dislocker-fuse", "-V", device, "-u", "--", self._mountpoint]
+        if self.identity.get("read_only", True):
+            argv.insert(1, "-r")
+        for fd in self.fds:
+            os.lseek(fd, 0, os.SEEK_SET)
+            result = command.run(argv, stdin_fd=fd, check=False, timeout=OPEN_TIMEOUT)
+            if result.status == 0:
+                break
+            said = _last_words(result.stdout + result.stderr)
+            if WRONG_KEY not in result.stdout + result.stderr:
+                raise InvalidImageError(f"dislocker could not open the BitLocker volume on {device}: {said}")
+        else:
+            raise WrongKeyError(f"wrong password for volume {self.record.volume or 'disk'} (BitLocker on "
+                                f"{device}): check it and try again")
+        node = os.path.join(self._mountpoint, DECRYPTED)
+        if _fuse_at(self._mountpoint) is None or not os.path.isfile(node):
+            raise FailedError(f"dislocker-fuse succeeded, yet {node} is not there")
+        return replace(self.record, identity={**self.identity, "node": node})
+
+    def verify(self) -> bool:
+        return _fuse_at(self._mountpoint) is not None
+
+    def _present(self) -> str | None:
+        return _fuse_at(self._mountpoint)
+
+    def _release(self, fstype: str, *, force: bool) -> None:
+        """Unmount the FUSE filesystem (dislocker-fuse then exits). A loop device on the decrypted file
+        keeps it: that is named, whatever ``force`` says."""
+        users = loops_backed_by(os.path.join(self._mountpoint, DECRYPTED))
+        if users:
+            raise BusyError(f"the unlocked BitLocker volume {self._mountpoint} is still used by loop device "
+                            f"{', '.join(users)}: detach it first")
+        command.run(["umount", self._mountpoint], timeout=60)
+
+    def _clean_up(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.rmdir(self._mountpoint)
+
+
+def _fuse_at(path: str) -> str | None:
+    """The FUSE mount on ``path``, if any (from mountinfo: never stat a possibly dead mount)."""
+    return next((e.fstype for e in mountinfo()
+                 if e.mountpoint == path and (e.fstype == "fuse" or e.fstype.startswith("fuse."))), None)
+
+
+def _last_words(output: str) -> str:
+    """dislocker's last message, without its timestamp, level and prompt."""
+    lines = [line.split("] ", 1)[-1].strip() for line in output.splitlines() if line.strip()]
+    return lines[-1].replace("Enter the user password: ", "") if lines else "no message"

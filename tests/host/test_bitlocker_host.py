@@ -1,0 +1,101 @@
+"""BitLocker on this host (FUSE and loop, no device-mapper needed): detection, the "locked" note, and what
+dislocker says about a volume it cannot open, with nothing left behind and the password in no command line.
+
+No Linux tool writes a BitLocker volume, and no small public test image could be brought here (dfvfs's
+bdetogo.raw and bitcracker's images are stored without their contents), so the volume is a STUB: a real
+BitLocker boot sector (Windows 7 signature, "-FVE-FS-") pointing at an FVE metadata block header, which blkid
+identifies as BitLocker version 2 and which dislocker reads and rejects. A volume that unlocks is untested.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from imgmount_testkit import images
+from imgmount_testkit.crypt_layouts import LINUX_FS, content
+from mountd.engine.engine import Engine
+from mountd.engine.inspection import inspect_image
+from mountd.engine.unlocking import lock_kind
+from mountd.errors import InvalidArgumentError, InvalidImageError, UnsupportedError
+from mountd.keys import Keys
+from mountd.model import MountRequest
+from tests.support import guests, leftovers
+from tests.support.engines import engine_in
+from tests.support.secret_scan import scanning_processes
+
+PASSWORD = b"BitLocker user password 42"
+FVE_AT = 64 << 10
+
+
+def bitlocker_stub(path: Path) -> Path:
+    """GPT: p1 ext4 with known files, p2 the BitLocker STUB (see the module docstring)."""
+    raw = images.blank(path, 64 * images.MiB)
+    images.partition(raw, f"label: gpt\nsize=24MiB, type={LINUX_FS}\ntype=EBD0A0A2-B9E5-4433-87C0-68B6B72699C7\n")
+    (p1, p2) = images.sfdisk_json(raw)["partitions"]
+    images.format_region(raw, p1["start"] * 512, p1["size"] * 512, "ext4", files=content("p1"))
+    boot = bytearray(512)
+    boot[0:11] = b"\xeb\x58\x90-FVE-FS-"
+    boot[176:184] = struct.pack("<Q", FVE_AT)
+    boot[510:512] = b"\x55\xaa"
+    with open(raw, "r+b") as f:
+        f.seek(p2["start"] * 512)
+        f.write(boot)
+        f.seek(p2["start"] * 512 + FVE_AT)
+        f.write(b"-FVE-FS-" + struct.pack("<HH", 64, 2))
+    return raw
+
+
+@pytest.fixture(scope="module")
+def stub(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return bitlocker_stub(tmp_path_factory.mktemp("bde") / "windows.raw")
+
+
+@pytest.fixture
+def engine(tmp_path: Path) -> Iterator[Engine]:
+    with engine_in(tmp_path / "state") as eng:
+        yield eng
+
+
+def test_inspection_shows_bitlocker_locked(stub: Path) -> None:
+    p2 = inspect_image(str(stub)).layout.volume("p2")
+    assert p2 is not None and lock_kind(p2) == "BitLocker" and p2.signature is not None
+    assert p2.signature.version == "2"
+
+
+def test_without_a_password_the_other_volume_mounts(engine: Engine, stub: Path, tmp_path: Path) -> None:
+    info = engine.mount(MountRequest(str(stub), mount_root=str(tmp_path / "media")))
+    assert [v.name for v in info.volumes] == ["p1"]
+    guests.check_files(Path(info.volumes[0].mountpoint), content("p1"))
+    engine.unmount(info.id)
+
+
+def test_a_volume_dislocker_rejects_is_one_sentence_and_leaves_nothing(engine: Engine, stub: Path,
+                                                                        tmp_path: Path) -> None:
+    before = leftovers.snapshot()
+    with scanning_processes([PASSWORD]) as seen, pytest.raises(InvalidImageError) as caught:
+        engine.mount(MountRequest(str(stub), mount_root=str(tmp_path / "media"), volumes=("p2",),
+                                  keys=Keys(everywhere=PASSWORD)))
+    assert str(caught.value).startswith("dislocker could not open the BitLocker volume on /dev/loop")
+    assert str(caught.value).endswith(": Cannot parse volume header. Abort.")
+    assert PASSWORD.decode() not in str(caught.value)
+    assert seen == set() and engine.mounts() == []
+    assert leftovers.ours(leftovers.snapshot().new_since(before), stub.parent, tmp_path) == []
+    assert not any((tmp_path / "state" / "bitlocker").iterdir())
+
+
+def test_a_recovery_password_is_refused_with_the_reason(engine: Engine, stub: Path, tmp_path: Path) -> None:
+    recovery = b"-".join([b"123456"] * 8)
+    with pytest.raises(UnsupportedError, match="user password only: dislocker reads a recovery password"):
+        engine.mount(MountRequest(str(stub), mount_root=str(tmp_path / "media"), volumes=("p2",),
+                                  keys=Keys(everywhere=recovery)))
+    assert engine.mounts() == []
+
+
+def test_naming_it_without_a_password_says_to_give_one(engine: Engine, stub: Path, tmp_path: Path) -> None:
+    with pytest.raises(InvalidArgumentError, match=r"^volume p2 is encrypted \(BitLocker\): give its passphrase"):
+        engine.mount(MountRequest(str(stub), mount_root=str(tmp_path / "media"), volumes=("p2",)))
+    assert engine.mounts() == []
