@@ -15,18 +15,17 @@ from __future__ import annotations
 
 import logging
 import os
-import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from mountd.engine.backends import Disk, export_path
 from mountd.engine.inspection import DiskLayout, Volume, VolumeKind
+from mountd.engine.lvmapping import LvMapper, probe_node
 from mountd.engine.stack import MountStack
 from mountd.errors import MountdError, UnsupportedError
 from mountd.host.filesystems import NO_REPLAY, check_mountable, mount_options, mount_type, replay_refused
 from mountd.host.support import HostSupport
 from mountd.image.recovery import ELSEWHERE, log_name
-from mountd.layers.dm import DmSpec, lv_table
 from mountd.layers.fuse import ExportSpec
 from mountd.layers.layer import LayerState
 from mountd.layers.loop import LoopSpec
@@ -52,6 +51,11 @@ class VolumeAttacher:
 
     def mount(self, volume: Volume) -> None:
         """Attach ``volume``'s block device and mount its filesystem under the mount root."""
+        if volume.thin and self.disk.device_mapper:  # its filesystem shows once it is mapped
+            volume = replace(volume, signature=probe_node(self.node(volume)))
+            if not volume.filesystem and not self.request.volumes:
+                log.info("thin volume %s holds no filesystem: not mounted", volume.name)
+                return
         if not volume.filesystem:
             what = volume.signature.type if volume.signature else "no filesystem"
             raise UnsupportedError(f"volume {volume.name} holds {what}, not a filesystem imgmount can mount")
@@ -136,12 +140,8 @@ class VolumeAttacher:
             for region in self.layout.volumes
             if region.vg == vg.name and region.kind != VolumeKind.LV and region.signature is not None
         }
-        lv_name = volume.name.split("/", 1)[1]
-        lv = vg.lv(lv_name)
-        mount_id = self.stack.record.id
-        return self.stack.push(DmSpec(_dm_name(f"imgmount-{mount_id}-{vg.name}-{lv_name}"),
-                                      f"IMGMOUNT-{mount_id}-{lv.uuid}", self.request.read_only,
-                                      lv_table(vg, lv_name, pv_nodes)).plan(volume.name)).node
+        mapper = LvMapper(self.stack, vg, pv_nodes, self.request.read_only, self._node_of)
+        return mapper.node(volume.name.split("/", 1)[1])
 
     def _loop(self, volume: Volume) -> str:
         assert volume.offset is not None
@@ -173,6 +173,3 @@ def _stem(image: str) -> str:
     base = os.path.basename(image)
     return base.split(".", 1)[0] or base
 
-
-def _dm_name(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_+.-]", "_", name)[:120]

@@ -1,0 +1,72 @@
+"""The host's own auto-activation of a guest's thin pool on imgmount's nbd partition, with the lane's real
+udevd and Debian's 69-lvm.rules, and without systemd/60-imgmount.rules (a checkout without scripts/install).
+
+LVM's activation stacks five dm devices on our partition: the pool's ``_tmeta`` and ``_tdata``, the
+``-tpool`` over them, and the pool and each thin LV over that. The unmount must take them down top-down
+(holders first) instead of failing busy on the partition. The control: a plain ``qemu-nbd -c`` of the same
+image, which the host activates the same way (without it, "removed at unmount" would prove nothing).
+"""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from imgmount_testkit import images
+from mountd.engine.engine import Engine
+from mountd.engine.journal import Journal
+from mountd.model import MountRequest
+from tests.support import guests, nbd, thin_guest
+from tests.support.guests import Guest
+from tests.support.thin_guest import HOST_NAMES, VG
+
+
+def settle() -> None:
+    """Wait until udevd has handled every queued event, the LVM rule's vgchange included (bounded)."""
+    images.run(["udevadm", "settle", "--timeout=60"])
+
+
+@pytest.fixture(scope="module")
+def thin(tmp_path_factory: pytest.TempPathFactory) -> Guest:
+    ping = subprocess.run(["udevadm", "control", "--ping"], capture_output=True, check=False)
+    assert ping.returncode == 0, "no udevd runs in the VM lane (virtme-ng starts one)"
+    return thin_guest.thin_guest(tmp_path_factory.mktemp("thin") / "fedora.raw")
+
+
+def test_the_host_activates_the_thin_pool_of_a_plain_attach(thin: Guest, tmp_path: Path) -> None:
+    image = images.convert(thin.raw, tmp_path / "control.qcow2", "qcow2")
+    device = f"/dev/{nbd.free_devices()[0]}"
+    with thin_guest.host_state_forgotten():
+        images.run(["qemu-nbd", "--fork", "-r", "-f", "qcow2", "-c", device, str(image)])
+        try:
+            settle()
+            assert thin_guest.host_activated() == list(HOST_NAMES), "the host did not activate the thin pool"
+        finally:
+            images.run(["vgchange", "-q", "-an", VG], env=images.LVM_ENV)
+            images.run(["qemu-nbd", "-d", device])
+
+
+@pytest.mark.parametrize("volumes", [("p1",), ()], ids=["thin-lvs-left-alone", "every-volume"])
+def test_unmount_removes_the_hosts_thin_pool_holders_first(thin: Guest, tmp_path: Path,
+                                                          volumes: tuple[str, ...]) -> None:
+    """``p1`` only: the pool and thin LVs are the host's alone (the issue's case). Every volume: ours too,
+    after the host's activation of the same pool is taken down (two pools on one metadata never coexist)."""
+    image = images.convert(thin.raw, tmp_path / "fedora.qcow2", "qcow2")
+    engine = Engine(Journal(str(tmp_path / "state")))
+    with thin_guest.host_state_forgotten():
+        info = engine.mount(MountRequest(str(image), mount_root=str(tmp_path / "media"), backend="nbd",
+                                         volumes=volumes))
+        settle()
+        for v in info.volumes:
+            guests.check_files(Path(v.mountpoint), thin.files[v.name])
+        if not volumes:
+            assert {v.name for v in info.volumes} == set(thin.fstypes)
+        else:
+            assert thin_guest.host_activated() == list(HOST_NAMES), "the host did not activate: proves nothing"
+        engine.unmount(info.id)
+        assert thin_guest.host_activated() == []
+        assert nbd.is_free(Path(info.device).name)
+        assert f"imgmount-{info.id}" not in images.run(["dmsetup", "ls"])
+        assert engine.mounts() == []
