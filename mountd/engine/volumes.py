@@ -51,7 +51,7 @@ class VolumeAttacher:
 
     def mount(self, volume: Volume) -> None:
         """Attach ``volume``'s block device and mount its filesystem under the mount root."""
-        if volume.thin and self.disk.device_mapper:  # its filesystem shows once it is mapped
+        if volume.thin:  # its filesystem shows once it is mapped (where device-mapper is: else an error)
             volume = replace(volume, signature=probe_node(self.node(volume)))
             if not volume.filesystem and not self.request.volumes:
                 log.info("thin volume %s holds no filesystem: not mounted", volume.name)

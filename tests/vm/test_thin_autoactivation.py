@@ -20,12 +20,8 @@ from mountd.engine.journal import Journal
 from mountd.model import MountRequest
 from tests.support import guests, nbd, thin_guest
 from tests.support.guests import Guest
+from tests.support.hostlvm import host_state_forgotten, settle
 from tests.support.thin_guest import HOST_NAMES, VG
-
-
-def settle() -> None:
-    """Wait until udevd has handled every queued event, the LVM rule's vgchange included (bounded)."""
-    images.run(["udevadm", "settle", "--timeout=60"])
 
 
 @pytest.fixture(scope="module")
@@ -38,11 +34,11 @@ def thin(tmp_path_factory: pytest.TempPathFactory) -> Guest:
 def test_the_host_activates_the_thin_pool_of_a_plain_attach(thin: Guest, tmp_path: Path) -> None:
     image = images.convert(thin.raw, tmp_path / "control.qcow2", "qcow2")
     device = f"/dev/{nbd.free_devices()[0]}"
-    with thin_guest.host_state_forgotten():
+    with host_state_forgotten(VG):
         images.run(["qemu-nbd", "--fork", "-r", "-f", "qcow2", "-c", device, str(image)])
         try:
             settle()
-            assert thin_guest.host_activated() == list(HOST_NAMES), "the host did not activate the thin pool"
+            assert thin_guest.host_activated() >= HOST_NAMES, images.run(["dmsetup", "ls"])
         finally:
             images.run(["vgchange", "-q", "-an", VG], env=images.LVM_ENV)
             images.run(["qemu-nbd", "-d", device])
@@ -55,7 +51,7 @@ def test_unmount_removes_the_hosts_thin_pool_holders_first(thin: Guest, tmp_path
     after the host's activation of the same pool is taken down (two pools on one metadata never coexist)."""
     image = images.convert(thin.raw, tmp_path / "fedora.qcow2", "qcow2")
     engine = Engine(Journal(str(tmp_path / "state")))
-    with thin_guest.host_state_forgotten():
+    with host_state_forgotten(VG):
         info = engine.mount(MountRequest(str(image), mount_root=str(tmp_path / "media"), backend="nbd",
                                          volumes=volumes))
         settle()
@@ -64,9 +60,9 @@ def test_unmount_removes_the_hosts_thin_pool_holders_first(thin: Guest, tmp_path
         if not volumes:
             assert {v.name for v in info.volumes} == set(thin.fstypes)
         else:
-            assert thin_guest.host_activated() == list(HOST_NAMES), "the host did not activate: proves nothing"
+            assert thin_guest.host_activated() >= HOST_NAMES, "the host did not activate: proves nothing"
         engine.unmount(info.id)
-        assert thin_guest.host_activated() == []
+        assert thin_guest.host_activated() == set()
         assert nbd.is_free(Path(info.device).name)
         assert f"imgmount-{info.id}" not in images.run(["dmsetup", "ls"])
         assert engine.mounts() == []

@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from imgmount_testkit import images
 from mountd.engine.engine import Engine
-from mountd.engine.journal import Journal
 from mountd.layers.layer import InjectedFault
 from mountd.model import MountInfo, MountRequest
 from mountd.settings import Settings
@@ -32,14 +30,6 @@ TARGETS = {f"{VG}/pool00_tmeta": "linear", f"{VG}/pool00_tdata": "linear", f"{VG
 @pytest.fixture(scope="module")
 def thin(tmp_path_factory: pytest.TempPathFactory) -> Guest:
     return thin_guest.thin_guest(tmp_path_factory.mktemp("thin") / "fedora.raw")
-
-
-@pytest.fixture
-def engine(scratch: Path) -> Iterator[Engine]:
-    eng = Engine(Journal(str(scratch / "state")))
-    yield eng
-    for m in eng.mounts():
-        eng.unmount(m.id, force=True)
 
 
 def mount(engine: Engine, image: Path, root: Path, **kw: object) -> MountInfo:
