@@ -17,7 +17,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from mountd.engine.stack import MountStack
-from mountd.host.dmsetup import release_host_activations
+from mountd.errors import BusyError
+from mountd.host.dmsetup import host_activations, release_host_activations
 from mountd.image.blockio import FileReader
 from mountd.image.fsprobe import Signature, probe
 from mountd.image.lvmmeta import VolumeGroup
@@ -90,12 +91,17 @@ class LvMapper:
 
     def _keep_host_away(self) -> None:
         """A pool the host auto-activated on our PVs (no 60-imgmount.rules) would be a second pool on the same
-        metadata: take it down before ours is made; if it is in use, ours fails on the busy devices."""
+        metadata: take the host's activation down before ours is made, and refuse while it stays (in use)."""
         removed = release_host_activations(self.pv_nodes.values())
         if removed:
             log.warning("volume group %s: removed the host's activation (%s) before mapping its thin pool",
                         self.vg.name, ", ".join(removed))
-
+        left = host_activations(self.pv_nodes.values())
+        if left:
+            raise BusyError(f"this host's LVM activated volume group {self.vg.name} of the image itself, and "
+                            f"{', '.join(left)} is in use: imgmount maps no second thin pool on the same "
+                            "metadata (close it and deactivate the VG; scripts/install's udev rule keeps the "
+                            "host's LVM off imgmount's devices)")
 
 def probe_node(node: str) -> Signature | None:
     """What a mapped LV holds, read from its node (a thin LV's bytes are nowhere else to be read)."""
