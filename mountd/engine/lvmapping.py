@@ -75,7 +75,10 @@ class LvMapper:
         lv = self.vg.lv(lv_name)
         mount_id = self.stack.record.id
         name = dm_name(f"imgmount-{mount_id}-{self.vg.name}-{lv_name}")
-        spec = DmSpec(name, f"IMGMOUNT-{mount_id}-{lv.uuid}", self.read_only, self._table(lv_name))
+        # The kernel takes a thin-pool in read-write tables only ("always writeable"): a read-only pool is
+        # one whose table says read_only (pool_features), over read-only metadata and data devices.
+        read_only = self.read_only and not is_thin_pool(lv)
+        spec = DmSpec(name, f"IMGMOUNT-{mount_id}-{lv.uuid}", read_only, self._table(lv_name))
         return self.stack.push(spec.plan(volume)).node
 
     def _table(self, lv_name: str) -> Table:

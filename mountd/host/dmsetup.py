@@ -93,7 +93,7 @@ def release_host_activations(nodes: Iterable[str]) -> list[str]:
     names it. An activation still under way is waited for (bounded): udev runs it while it holds the lock of
     our whole disk, and until it is done, it holds its devices open (thin_check on a pool's metadata LV).
     """
-    ours = {os.path.basename(os.path.realpath(n)) for n in nodes if n.startswith("/dev/")}
+    ours = _with_partitions(nodes)
     _wait_for_udev(ours)
     removed: list[str] = []
     env, extra = udev_mode()
@@ -113,24 +113,35 @@ def release_host_activations(nodes: Iterable[str]) -> list[str]:
 
 def host_activations(nodes: Iterable[str]) -> list[str]:
     """The names of the dm devices a host's LVM made on our devices ``nodes`` (and on each other)."""
+    return [_sys_read(sysname, "dm/name") for sysname in _lvm_devices_on(_with_partitions(nodes))]
+
+
+def _with_partitions(nodes: Iterable[str]) -> set[str]:
+    """The sysnames of ``nodes`` and of every partition of them: the host activates a VG on a partition of
+    our disk that the mount itself never used (a PV whose LVs were not asked for)."""
     ours = {os.path.basename(os.path.realpath(n)) for n in nodes if n.startswith("/dev/")}
-    return [_sys_read(sysname, "dm/name") for sysname in _lvm_devices_on(ours)]
+    return ours | {part for disk in ours for part in _sys_list(disk, "")
+                   if part.startswith(disk) and Path(SYS_CLASS_BLOCK, disk, part, "partition").exists()}
 
 
 def _wait_for_udev(ours: set[str]) -> None:
-    """Until udev has finished the events of our whole disks (their partitions' included), or
+    """Until udev has finished the events of our disks (their partitions' included), or
     :data:`HOST_ACTIVATION_TIMEOUT` has passed: take and drop the lock udev holds meanwhile."""
-    for sysname in sorted(ours):
-        if sysname.startswith("dm-") or Path(SYS_CLASS_BLOCK, sysname, "partition").exists():
-            continue
+    for disk in sorted({_whole_disk(sysname) for sysname in ours if not sysname.startswith("dm-")}):
         try:
-            fd = os.open(f"/dev/{sysname}", os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+            fd = os.open(f"/dev/{disk}", os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
         except OSError:
             continue  # gone, or not a device node of ours by that name
         try:
             lock_out_udev(fd, HOST_ACTIVATION_TIMEOUT)
         finally:
             os.close(fd)
+
+
+def _whole_disk(sysname: str) -> str:
+    """A partition's disk (its parent in sysfs); a disk itself."""
+    path = Path(os.path.realpath(SYS_CLASS_BLOCK / sysname))
+    return path.parent.name if (path / "partition").exists() else sysname
 
 
 def _lvm_devices_on(ours: set[str]) -> list[str]:
