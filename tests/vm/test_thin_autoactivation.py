@@ -9,6 +9,7 @@ image, which the host activates the same way (without it, "removed at unmount" w
 
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
 
@@ -17,6 +18,12 @@ import pytest
 from imgmount_testkit import images
 from mountd.engine.engine import Engine
 from mountd.engine.journal import Journal
+from mountd.engine.lvmapping import LvMapper
+from mountd.engine.stack import MountStack
+from mountd.errors import BusyError
+from mountd.host.dmsetup import dm_devices
+from mountd.image.blockio import FileReader
+from mountd.image.lvmlabel import read_pv
 from mountd.model import MountRequest
 from tests.support import guests, nbd, thin_guest
 from tests.support.guests import Guest
@@ -66,3 +73,31 @@ def test_unmount_removes_the_hosts_thin_pool_holders_first(thin: Guest, tmp_path
         assert nbd.is_free(Path(info.device).name)
         assert f"imgmount-{info.id}" not in images.run(["dmsetup", "ls"])
         assert engine.mounts() == []
+
+
+def test_no_second_pool_on_metadata_the_host_keeps_in_use(thin: Guest, tmp_path: Path) -> None:
+    """The host's LVM activated the pool on our partition and a thin LV of it is mounted: mapping ours would
+    put a second pool on the same metadata, so it is refused with the host's devices named; once they are
+    closed, the unmount takes the host's activation down with ours."""
+    image = images.convert(thin.raw, tmp_path / "busy.qcow2", "qcow2")
+    engine = Engine(Journal(str(tmp_path / "state")))
+    with host_state_forgotten(VG):
+        info = engine.mount(MountRequest(str(image), mount_root=str(tmp_path / "media"), backend="nbd",
+                                         volumes=("p1",)))
+        settle()
+        pv_node = f"{info.device}p2"
+        fd = os.open(pv_node, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            pv = read_pv(FileReader(fd))
+        finally:
+            os.close(fd)
+        assert pv is not None and pv.vg is not None
+        mapper = LvMapper(MountStack(engine.journal, engine.journal.read(info.id)), pv.vg, {pv.uuid: pv_node},
+                          True, lambda volume: "")
+        with images.mounted(f"/dev/mapper/{VG}-home", read_only=True):
+            with pytest.raises(BusyError, match=f"{VG}-home.* is in use: imgmount maps no second thin pool"):
+                mapper.node("home")
+            assert not [d for d in dm_devices() if d.uuid.startswith(f"IMGMOUNT-{info.id}-")]
+        engine.unmount(info.id)
+        assert thin_guest.host_activated() == set()
+        assert nbd.is_free(Path(info.device).name)
