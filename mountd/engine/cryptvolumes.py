@@ -19,7 +19,8 @@ from dataclasses import replace
 
 from mountd.engine.inspection import DiskLayout, Volume, VolumeKind, analyse_disk
 from mountd.engine.unlocking import is_locked, lock_kind
-from mountd.engine.volumes import VolumeAttacher, _dm_name
+from mountd.engine.lvmapping import dm_name
+from mountd.engine.volumes import VolumeAttacher
 from mountd.errors import UnsupportedError, WrongKeyError
 from mountd.image.blockio import FileReader
 from mountd.layers.bitlocker import BitLockerSpec
@@ -81,7 +82,7 @@ def _luks(attacher: VolumeAttacher, volume: Volume, secrets: list[bytes]) -> str
     """The opened LUKS volume's device-mapper node."""
     assert volume.signature is not None
     stack = attacher.stack
-    spec = CryptSpec(attacher.node(volume), _dm_name(f"imgmount-{stack.record.id}-{volume.name}"),
+    spec = CryptSpec(attacher.node(volume), dm_name(f"imgmount-{stack.record.id}-{volume.name}"),
                      volume.signature.version, volume.signature.uuid, attacher.request.read_only)
     with _secret_files(secrets) as fds:
         return stack.push(spec.plan(volume.name), fds=fds).node
@@ -97,7 +98,7 @@ def _bitlocker(attacher: VolumeAttacher, volume: Volume, secrets: list[bytes]) -
     stack, read_only = attacher.stack, attacher.request.read_only
     where = stack.journal.root / "bitlocker"
     where.mkdir(mode=0o700, parents=True, exist_ok=True)
-    spec = BitLockerSpec(attacher.node(volume), str(where / _dm_name(f"{stack.record.id}-{volume.name}")),
+    spec = BitLockerSpec(attacher.node(volume), str(where / dm_name(f"{stack.record.id}-{volume.name}")),
                          read_only)
     with _secret_files([p + b"\n" for p in passwords]) as fds:  # dislocker reads one line
         decrypted = stack.push(spec.plan(volume.name), fds=fds).node

@@ -213,8 +213,9 @@ def _selected(layout: DiskLayout, names: tuple[str, ...], device_mapper: bool,
             raise NotFoundError(f"no volume named {echo(', '.join(missing))} in this image (it has: {known})")
         return [v for n in names if (v := layout.volume(n)) is not None]
     types = fusedrivers.mountable_types(mountable_types(), host)
-    chosen = [v for v in layout.volumes if ((v.filesystem and mount_type(v.filesystem, types) in types)
-              or unlocking.can_unlock(v)) and (v.offset is not None or device_mapper)]
+    chosen = [v for v in layout.volumes
+              if (((v.filesystem and mount_type(v.filesystem, types) in types) or unlocking.can_unlock(v))
+                  and (v.offset is not None or device_mapper)) or (v.thin and device_mapper)]
     if not chosen:
         found = _some(f"{v.name}: {v.signature.type if v.signature else 'nothing'}" for v in layout.volumes)
         raise UnsupportedError(f"no mountable filesystem in this image (found {found})")

@@ -20,7 +20,8 @@ from mountd.image.blockio import BlockReader, FileReader, SliceReader
 from mountd.image.fsprobe import Signature, probe
 from mountd.image.imageinfo import ContainedDisk, ImageInfo, block_options, chain_fds, probe_image
 from mountd.image.lvmlabel import MetadataTexts, PhysicalVolume, read_pv
-from mountd.image.lvmmeta import VolumeGroup
+from mountd.image.lvmmeta import LogicalVolume, VolumeGroup
+from mountd.image.lvmthin import is_thin, is_thin_pool, pool_name
 from mountd.image.nbdclient import open_image
 from mountd.image.partitions import Partition, PartitionTable, read_partition_table
 from mountd.keys import IMAGE, NO_KEYS, Keys
@@ -52,6 +53,7 @@ class Volume:
     note: str = ""  # what stands in the way of mounting it, or what it is instead (shown, never parsed)
     pv: bool = False  # an LVM physical volume (of ``vg``, if that is known)
     unmapped: str = ""  # an LV that is not one piece of the disk: why (it then needs device-mapper)
+    thin: bool = False  # a thin LV: its filesystem is known only once its pool is mapped
 
     @property
     def filesystem(self) -> str:
@@ -234,9 +236,9 @@ def _vg_volumes(probes: _Probes, vg: VolumeGroup, regions: list[_Region]) -> Ite
         name = f"{vg.name}/{lv.name}"
         extent = vg.linear_extent(lv.name)
         if extent is None:
-            why = "not one linear extent (striped, mirrored, thin or split)"
+            why = _unmapped(lv)
             yield Volume(name, VolumeKind.LV, None, lv.size, None, vg=vg.name,
-                         note=f"{why}: needs device-mapper", unmapped=why)
+                         note=f"{why}: needs device-mapper", unmapped=why, thin=is_thin(lv))
         elif extent[0] not in present:
             why = f"on physical volume {extent[0]}, which is not in this image"
             yield Volume(name, VolumeKind.LV, None, lv.size, None, vg=vg.name,
@@ -246,6 +248,14 @@ def _vg_volumes(probes: _Probes, vg: VolumeGroup, regions: list[_Region]) -> Ite
             signature, note = probes.probe(
                 offset, extent[2], f"volume group {vg.name} is missing physical volumes" if missing else "")
             yield Volume(name, VolumeKind.LV, offset, extent[2], signature, vg=vg.name, note=note)
+
+
+def _unmapped(lv: LogicalVolume) -> str:
+    if is_thin(lv):
+        return f"a thin volume in thin pool {pool_name(lv)} (thin provisioning)"
+    if is_thin_pool(lv):
+        return "a thin pool (thin provisioning), which holds thin volumes"
+    return "not one linear extent (striped, mirrored or split)"
 
 
 def _region_volumes(

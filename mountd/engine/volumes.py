@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import logging
 import os
-import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from mountd.engine.backends import Disk, export_path
 from mountd.engine.inspection import WHOLE_DISK, DiskLayout, Volume, VolumeKind
+from mountd.engine.lvmapping import LvMapper, probe_node
 from mountd.engine.stack import MountStack
 from mountd.engine.unlocking import is_locked, unlock_volume
 from mountd.engine.windows import ntfs_note
@@ -37,7 +37,6 @@ from mountd.host.filesystems import (
 from mountd.host.nbddev import logical_block_size
 from mountd.host.support import HostSupport
 from mountd.image.recovery import ELSEWHERE, log_name
-from mountd.layers.dm import DmSpec, lv_table
 from mountd.layers.fuse import ExportSpec
 from mountd.layers.layer import LayerState
 from mountd.layers.loop import LoopSpec
@@ -62,8 +61,14 @@ class VolumeAttacher:
     host: HostSupport
 
     def mount(self, volume: Volume) -> None:
-        """Attach ``volume``'s block device and mount its filesystem under the mount root; a locked volume is
-        unlocked first, and each filesystem inside it (one, or its LVs) mounted."""
+        """Attach ``volume``'s block device and mount its filesystem under the mount root. A thin volume is
+        mapped first (its filesystem shows once it is); a locked volume is unlocked first, and each
+        filesystem inside it (one, or its LVs) mounted."""
+        if volume.thin:  # where device-mapper is: else its node is an error
+            volume = replace(volume, signature=probe_node(self.node(volume)))
+            if not volume.filesystem and not self.request.volumes:
+                log.info("thin volume %s holds no filesystem: not mounted", volume.name)
+                return
         unlocked = unlock_volume(self.stack, self.disk, volume, self.request) if is_locked(volume) else []
         for node, inside in unlocked or [("", volume)]:
             self._mount(inside, node)
@@ -170,12 +175,8 @@ class VolumeAttacher:
             for region in self.layout.volumes
             if region.vg == vg.name and region.kind != VolumeKind.LV and region.signature is not None
         }
-        lv_name = volume.name.rsplit("/", 1)[1]  # "vg/lv", or "disk2/vg/lv" on a disk of an OVA
-        lv = vg.lv(lv_name)
-        mount_id = self.stack.record.id
-        return self.stack.push(DmSpec(_dm_name(f"imgmount-{mount_id}-{vg.name}-{lv_name}"),
-                                      f"IMGMOUNT-{mount_id}-{lv.uuid}", self.request.read_only,
-                                      lv_table(vg, lv_name, pv_nodes)).plan(volume.name)).node
+        mapper = LvMapper(self.stack, vg, pv_nodes, self.request.read_only, self._node_of)
+        return mapper.node(volume.name.rsplit("/", 1)[1])  # "vg/lv", or "disk2/vg/lv" on a disk of an OVA
 
     def _loop(self, volume: Volume) -> str:
         assert volume.offset is not None
@@ -209,6 +210,3 @@ def _stem(image: str) -> str:
     base = os.path.basename(image)
     return base.split(".", 1)[0] or base
 
-
-def _dm_name(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_+.-]", "_", name)[:120]

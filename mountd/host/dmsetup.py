@@ -18,12 +18,16 @@ from pathlib import Path
 
 from mountd.errors import CommandError
 from mountd.host import command
+from mountd.host.blockdev import lock_out_udev
 from mountd.host.processes import entries, text_of
 from mountd.host.users import SYS_CLASS_BLOCK
 
 log = logging.getLogger(__name__)
 
 DM_TIMEOUT = 60.0
+#: How long a host's auto-activation of a VG on our devices may run before the teardown goes on without it
+#: (LVM activating a thin pool runs thin_check first: seconds, more under emulation).
+HOST_ACTIVATION_TIMEOUT = 60.0
 UDEV_CONTROL = "/run/udev/control"
 UDEV_RULE_DIRS = ("/etc/udev/rules.d", "/run/udev/rules.d", "/usr/lib/udev/rules.d", "/lib/udev/rules.d")
 
@@ -84,19 +88,19 @@ def release_host_activations(nodes: Iterable[str]) -> list[str]:
 
     A host's udev rules run ``vgchange -aay`` as soon as a VG's PVs appear, unless systemd/60-imgmount.rules
     is installed; such LVs would keep our devices busy for ever. Only device-mapper devices that LVM made
-    (uuid "LVM-...") and that sit on nothing but ``nodes`` (or on each other) are removed, topmost first; one
-    in use stays, and the detach below it names it. Reads sysfs only, unless there is something to remove.
+    (uuid "LVM-...") and that sit on nothing but ``nodes`` (or on each other) are removed, holders first (a
+    thin LV, then its pool, then the pool's data and metadata LVs); one in use stays, and the detach below it
+    names it. An activation still under way is waited for (bounded): udev runs it while it holds the lock of
+    our whole disk, and until it is done, it holds its devices open (thin_check on a pool's metadata LV).
     """
-    ours = {name for n in nodes if n.startswith("/dev/") and (name := _sysname(n))}
-    stacked = _lvm_devices_on(ours)
-    if not stacked:
-        return []
+    ours = _with_partitions(nodes)
+    _wait_for_udev(ours)
     removed: list[str] = []
     env, extra = udev_mode()
-    for sysname in stacked:  # topmost first
+    for sysname in _lvm_devices_on(ours):  # topmost first
         name = _sys_read(sysname, "dm/name")
-        try:
-            command.run(["dmsetup", "remove", name, *extra], env=env, timeout=DM_TIMEOUT)
+        try:  # --retry: udev may still be probing it (it holds it open meanwhile)
+            command.run(["dmsetup", "remove", "--retry", name, *extra], env=env, timeout=DM_TIMEOUT)
         except CommandError as exc:
             log.warning("the host activated %s on imgmount's devices and it is in use: %s", name, exc.message)
             break  # everything below it is still needed
@@ -116,6 +120,39 @@ def _sysname(node: str) -> str:
         return ""
     sysfs = f"/sys/dev/block/{os.major(rdev)}:{os.minor(rdev)}"
     return os.path.basename(os.path.realpath(sysfs)) if rdev else ""
+
+
+def host_activations(nodes: Iterable[str]) -> list[str]:
+    """The names of the dm devices a host's LVM made on our devices ``nodes`` (and on each other)."""
+    return [_sys_read(sysname, "dm/name") for sysname in _lvm_devices_on(_with_partitions(nodes))]
+
+
+def _with_partitions(nodes: Iterable[str]) -> set[str]:
+    """The sysnames of ``nodes`` and of every partition of them: the host activates a VG on a partition of
+    our disk that the mount itself never used (a PV whose LVs were not asked for)."""
+    ours = {name for n in nodes if n.startswith("/dev/") and (name := _sysname(n))}
+    return ours | {part for disk in ours for part in _sys_list(disk, "")
+                   if part.startswith(disk) and Path(SYS_CLASS_BLOCK, disk, part, "partition").exists()}
+
+
+def _wait_for_udev(ours: set[str]) -> None:
+    """Until udev has finished the events of our disks (their partitions' included), or
+    :data:`HOST_ACTIVATION_TIMEOUT` has passed: take and drop the lock udev holds meanwhile."""
+    for disk in sorted({_whole_disk(sysname) for sysname in ours if not sysname.startswith("dm-")}):
+        try:
+            fd = os.open(f"/dev/{disk}", os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+        except OSError:
+            continue  # gone, or not a device node of ours by that name
+        try:
+            lock_out_udev(fd, HOST_ACTIVATION_TIMEOUT)
+        finally:
+            os.close(fd)
+
+
+def _whole_disk(sysname: str) -> str:
+    """A partition's disk (its parent in sysfs); a disk itself."""
+    path = Path(os.path.realpath(SYS_CLASS_BLOCK / sysname))
+    return path.parent.name if (path / "partition").exists() else sysname
 
 
 def _lvm_devices_on(ours: set[str]) -> list[str]:

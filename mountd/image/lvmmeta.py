@@ -34,6 +34,12 @@ class LvSegment:
     #: striped segments only: (PV name as in the metadata, e.g. "pv0", or an LV name; first extent)
     stripes: tuple[tuple[str, int], ...]
     stripe_size: int = 0  # bytes; 0 unless striped over more than one area
+    #: other types only: the segment's own keys with a number or string value (a thin LV's "device_id", a
+    #: thin pool's "metadata", ...), read by the module that maps that type (:mod:`mountd.image.lvmthin`)
+    settings: tuple[tuple[str, int | str], ...] = field(default=(), compare=False)
+
+    def setting(self, key: str) -> int | str | None:
+        return next((value for name, value in self.settings if name == key), None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,7 +163,8 @@ def _segment(body: ConfigSection, where: str, areas: Mapping[str, int | None]) -
     if count == 0:
         raise LvmMetadataError(f"{where} is empty")
     if kind != "striped":
-        return LvSegment(start, count, kind, ())
+        settings = tuple((k, v) for k, v in body.items() if isinstance(v, int | str))
+        return LvSegment(start, count, kind, (), settings=settings)
     stripe_count = _int(body, "stripe_count", where)
     if stripe_count > MAX_STRIPES:
         raise LvmMetadataError(f"the LVM metadata gives {where} {stripe_count} stripes, more than the "

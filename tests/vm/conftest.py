@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from mountd.engine.engine import Engine
+from mountd.engine.journal import Journal
 from tests.support import nbd
 
 RUN_THEM = "run them with scripts/vm-run -- .venv/bin/pytest tests/vm"
@@ -48,3 +50,12 @@ def free_nbd() -> Iterator[str]:
     device = f"/dev/{free[0]}"
     yield device
     assert nbd.is_free(free[0]), f"{device} is still attached after the test"
+
+
+@pytest.fixture
+def engine(scratch: Path) -> Iterator[Engine]:
+    """An engine with its state in the scratch directory; whatever a test leaves mounted is unmounted."""
+    eng = Engine(Journal(str(scratch / "state")))
+    yield eng
+    for m in eng.mounts():
+        eng.unmount(m.id, force=True)

@@ -12,7 +12,6 @@ import pytest
 
 from imgmount_testkit import images
 from mountd.engine.engine import Engine
-from mountd.engine.journal import Journal
 from mountd.model import MountInfo, MountRequest
 from tests.support import guests, leftovers
 from tests.support.guests import Guest
@@ -21,14 +20,6 @@ MiB = images.MiB
 FORMATS = [("raw", ()), ("qcow2", ()), ("qcow", ()), ("vmdk", ()), ("vdi", ()), ("vhdx", ()),
            ("vpc", ("force_size=on",)), ("qed", ()), ("parallels", ())]
 LVM_ENV = {**os.environ, "DM_DISABLE_UDEV": "1", "LVM_SUPPRESS_FD_WARNINGS": "1"}
-
-
-@pytest.fixture
-def engine(scratch: Path) -> Iterator[Engine]:
-    eng = Engine(Journal(str(scratch / "state")))
-    yield eng
-    for m in eng.mounts():
-        eng.unmount(m.id, force=True)
 
 
 @pytest.fixture(scope="module")

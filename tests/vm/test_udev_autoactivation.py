@@ -23,16 +23,12 @@ from mountd.engine.engine import Engine
 from mountd.engine.journal import Journal
 from mountd.model import MountRequest
 from tests.support import guests, nbd
+from tests.support.hostlvm import host_state_forgotten, settle
 
 RULE = Path(__file__).resolve().parents[2] / "systemd" / "60-imgmount.rules"
 VG = "guestvg"
 HOST_ACTIVATED = Path(f"/dev/mapper/{VG}-root")
 LVM_ENV = {**os.environ, "LVM_SUPPRESS_FD_WARNINGS": "1"}
-
-
-def settle() -> None:
-    """Wait until udevd has handled every queued event, the LVM rule's vgchange included (bounded)."""
-    images.run(["udevadm", "settle", "--timeout=60"])
 
 
 @pytest.fixture(scope="module")
@@ -60,18 +56,6 @@ def guest(tmp_path_factory: pytest.TempPathFactory) -> guests.Guest:
     return guests.gpt_guest(tmp_path_factory.mktemp("udev") / "gpt.raw")
 
 
-@contextlib.contextmanager
-def host_state_forgotten() -> Iterator[None]:
-    """Start as a freshly booted host would, and leave no host activation behind."""
-    images.forget_vg_online(VG)
-    try:
-        yield
-    finally:
-        settle()
-        subprocess.run(["vgchange", "-q", "-an", VG], env=LVM_ENV, check=False, capture_output=True)
-        images.forget_vg_online(VG)
-
-
 def control_nbd(guest: guests.Guest, image: Path) -> Callable[[], object]:
     """``qemu-nbd -c`` as a person types it; returns the detach."""
     device = f"/dev/{nbd.free_devices()[0]}"
@@ -94,7 +78,7 @@ def test_host_activates_a_plain_attach_but_leaves_imgmount_alone(
         control: Callable[[guests.Guest, Path], Callable[[], object]]) -> None:
     image = images.convert(guest.raw, tmp_path / "gpt.qcow2", "qcow2")
 
-    with host_state_forgotten():
+    with host_state_forgotten(VG):
         detach = control(guest, image)
         try:
             settle()
@@ -104,7 +88,7 @@ def test_host_activates_a_plain_attach_but_leaves_imgmount_alone(
             detach()
 
     engine = Engine(Journal())  # the default /run/imgmount: where the udev rule looks for claims
-    with our_rule_installed(), host_state_forgotten():
+    with our_rule_installed(), host_state_forgotten(VG):
         info = engine.mount(MountRequest(str(image), mount_root=str(tmp_path / "media"), backend=backend))
         try:
             settle()
@@ -124,7 +108,7 @@ def test_without_our_rule_the_host_activation_is_removed_at_unmount(udevd: None,
     guest VG on our nbd partition, and the unmount removes that activation instead of failing busy."""
     image = images.convert(guest.raw, tmp_path / "gpt.qcow2", "qcow2")
     engine = Engine(Journal())
-    with host_state_forgotten():
+    with host_state_forgotten(VG):
         info = engine.mount(MountRequest(str(image), mount_root=str(tmp_path / "media"), backend="nbd"))
         settle()
         assert HOST_ACTIVATED.exists(), "the host did not auto-activate the guest VG: this proves nothing"
