@@ -23,7 +23,14 @@ from mountd.engine.backends import Disk, export_path
 from mountd.engine.inspection import DiskLayout, Volume, VolumeKind
 from mountd.engine.stack import MountStack
 from mountd.errors import MountdError, UnsupportedError
-from mountd.host.filesystems import NO_REPLAY, check_mountable, mount_options, mount_type, replay_refused
+from mountd.host.filesystems import (
+    NO_REPLAY,
+    NOT_FILESYSTEMS,
+    check_mountable,
+    mount_options,
+    mount_type,
+    replay_refused,
+)
 from mountd.host.support import HostSupport
 from mountd.image.recovery import ELSEWHERE, log_name
 from mountd.layers.dm import DmSpec, lv_table
@@ -52,9 +59,13 @@ class VolumeAttacher:
 
     def mount(self, volume: Volume) -> None:
         """Attach ``volume``'s block device and mount its filesystem under the mount root."""
+        if volume.kind == VolumeKind.MD and volume.offset is None:
+            raise UnsupportedError(f"volume {volume.name} cannot be mounted: {volume.unmapped}")
         if not volume.filesystem:
             what = volume.signature.type if volume.signature else "no filesystem"
-            raise UnsupportedError(f"volume {volume.name} holds {what}, not a filesystem imgmount can mount")
+            why = f": {NOT_FILESYSTEMS[what]}" if what in NOT_FILESYSTEMS else ""
+            raise UnsupportedError(f"volume {volume.name} holds {what}, not a filesystem imgmount can "
+                                   f"mount{why}")
         check_mountable(volume.filesystem)
         fstype = mount_type(volume.filesystem)
         node = self.node(volume)

@@ -1,0 +1,82 @@
+"""md RAID guests: the disks of a RAID1 mirror as an installer leaves them (GPT, "Linux RAID" partitions, the
+array's filesystem or LVM PV in each member's data area), with known files.
+
+On this host (no md driver) the superblocks come from imgmount_testkit.mdraid; in the VM lane
+:func:`mdadm_pair` builds the pair with ``mdadm --create`` itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+from imgmount_testkit import images
+from imgmount_testkit.mdraid import LINUX_RAID, Array, data_area, format_data_area, write_member
+from tests.support import guests
+from tests.support.guests import Guest
+
+MiB = images.MiB
+ARRAY = Array("debian:data")
+VOLUME = "md/data"
+PART = 48 * MiB
+
+
+def members(raw: Path, count: int) -> list[tuple[int, int]]:
+    """A GPT of ``count`` "Linux RAID" partitions of :data:`PART` each: their (offset, size) in bytes."""
+    images.partition(raw, "label: gpt\n" + f"size={PART // MiB}MiB, type={LINUX_RAID}\n" * count)
+    return [(p["start"] * 512, p["size"] * 512) for p in images.sfdisk_json(raw)["partitions"]]
+
+
+def mirror_guest(path: Path, version: str = "1.2", *, roles: tuple[int, ...] = (0, 1)) -> Guest:
+    """GPT with one partition per role in ``roles`` of a two-disk RAID1 whose array holds ext4."""
+    raw = images.blank(path, (len(roles) * PART) + 4 * MiB)
+    files = guests._content(VOLUME)
+    for role, (offset, size) in zip(roles, members(raw, len(roles)), strict=True):
+        format_data_area(raw, offset, size, version, "ext4", files)
+        write_member(raw, offset, size, version, ARRAY, role)
+    return Guest(raw, {VOLUME: files}, {VOLUME: "ext4"})
+
+
+def whole_disk_member(path: Path, version: str = "1.0") -> Guest:
+    """One disk of a mirror made of whole disks (no partition table): the superblock at the end (1.0, 0.90)
+    leaves the filesystem at the disk's start, as boot loaders that cannot read md need."""
+    raw = images.blank(path, PART)
+    files = guests._content(VOLUME)
+    format_data_area(raw, 0, PART, version, "ext4", files)
+    write_member(raw, 0, PART, version, ARRAY, 1)
+    return Guest(raw, {VOLUME: files}, {VOLUME: "ext4"})
+
+
+def lvm_mirror_guest(path: Path) -> Guest:
+    """The mirror holds an LVM PV of VG ``raidvg`` with an ext4 LV ``root`` (the Debian installer's
+    "RAID1, then LVM" layout): a single member, degraded."""
+    raw = images.blank(path, PART + 4 * MiB)
+    ((offset, size),) = members(raw, 1)
+    start, length = data_area("1.2", size)
+    lv_files = guests._content("raidvg/root")
+    images.make_lvm(raw, offset + start, length, "raidvg", [images.LvSpec("root", 24, "ext4", "root", lv_files)])
+    write_member(raw, offset, size, "1.2", ARRAY, 0)
+    return Guest(raw, {"raidvg/root": lv_files}, {"raidvg/root": "ext4"})
+
+
+@contextlib.contextmanager
+def mdadm_pair(path: Path, version: str = "1.2") -> Iterator[Guest]:
+    """The VM lane's pair, made by ``mdadm --create`` on loop devices of the two partitions (the array is
+    stopped again before the image is used)."""
+    raw = images.blank(path, 2 * PART + 4 * MiB)
+    files = guests._content(VOLUME)
+    with contextlib.ExitStack() as stack:
+        devs = [stack.enter_context(images.loop(raw, offset, size)) for offset, size in members(raw, 2)]
+        images.run(["mdadm", "--create", "/dev/md/imgtest", "--run", "--level=1", "--raid-devices=2",
+                    f"--metadata={version}", "--name=data", "--homehost=debian", "--assume-clean", *devs])
+        try:
+            images.mkfs("/dev/md/imgtest", "ext4", "raid")
+            with images.mounted("/dev/md/imgtest") as mnt:
+                for name, data in files.items():
+                    (mnt / name).parent.mkdir(parents=True, exist_ok=True)
+                    (mnt / name).write_bytes(data)
+        finally:
+            subprocess.run(["mdadm", "--stop", "/dev/md/imgtest"], check=False, capture_output=True)
+    yield Guest(raw, {VOLUME: files}, {VOLUME: "ext4"})
