@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 
 from mountd.engine.backends import Disk, export_path
 from mountd.engine.inspection import DiskLayout, Volume, VolumeKind
+from mountd.engine.mdarrays import assembled_here, member_volumes
 from mountd.engine.stack import MountStack
 from mountd.errors import MountdError, UnsupportedError
 from mountd.host.filesystems import (
@@ -37,6 +38,7 @@ from mountd.layers.dm import DmSpec, lv_table
 from mountd.layers.fuse import ExportSpec
 from mountd.layers.layer import LayerState
 from mountd.layers.loop import LoopSpec
+from mountd.layers.md import MdSpec
 from mountd.layers.mount import MountSpec, unique_mountpoint
 from mountd.layers.nbd import PartitionSpec
 
@@ -59,7 +61,7 @@ class VolumeAttacher:
 
     def mount(self, volume: Volume) -> None:
         """Attach ``volume``'s block device and mount its filesystem under the mount root."""
-        if volume.kind == VolumeKind.MD and volume.offset is None:
+        if volume.kind == VolumeKind.MD and volume.offset is None and not assembled_here(volume, self.host):
             raise UnsupportedError(f"volume {volume.name} cannot be mounted: {volume.unmapped}")
         if not volume.filesystem:
             what = volume.signature.type if volume.signature else "no filesystem"
@@ -127,6 +129,8 @@ class VolumeAttacher:
         disk = self.disk
         if volume.kind == VolumeKind.LV:
             return self._lv_node(volume)
+        if assembled_here(volume, self.host):
+            return self._md_node(volume)
         if volume.kind == VolumeKind.DISK and disk.backend != "fuse":  # an export is a file: it needs a loop
             return disk.node
         if volume.kind == VolumeKind.PARTITION and disk.kernel_partitions and volume.partition is not None \
@@ -134,6 +138,13 @@ class VolumeAttacher:
             spec = PartitionSpec(disk.node, volume.partition.number, volume.offset, volume.size)
             return self.stack.push(spec.plan(volume.name)).node
         return self._loop(volume)
+
+    def _md_node(self, volume: Volume) -> str:
+        """The array assembled read-only from its members' devices (those of this mount only)."""
+        assert volume.array is not None
+        members = tuple(self.node(v) for v in member_volumes(volume, self.layout))
+        spec = MdSpec(volume.array.first.uuid, members, self.request.read_only)
+        return self.stack.push(spec.plan(volume.name)).node
 
     def _lv_node(self, volume: Volume) -> str:
         if not self.disk.device_mapper:

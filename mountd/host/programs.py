@@ -25,6 +25,7 @@ PROGRAMS: tuple[Program, ...] = (
     Program("setpriv", "util-linux", "mounts by other users than root: their QEMU runs as them"),
     Program("dmsetup", "dmsetup", "logical volumes through device-mapper"),
     Program("modprobe", "kmod", "loading the nbd module and filesystem modules"),
+    Program("mdadm", "mdadm", "assembling md RAID arrays whose members are all in one image"),
 )
 #: Other programs whose package a message may name (the tests' tools, the VM lane's).
 OTHER_PACKAGES = {"qemu-system-x86_64": "qemu-system-x86", "losetup": "mount", "sfdisk": "fdisk",

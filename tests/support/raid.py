@@ -2,22 +2,22 @@
 array's filesystem or LVM PV in each member's data area), with known files.
 
 On this host (no md driver) the superblocks come from imgmount_testkit.mdraid; in the VM lane
-:func:`mdadm_pair` builds the pair with ``mdadm --create`` itself.
+:func:`mdadm_guest` builds the pair with ``mdadm --create`` itself.
 """
 
 from __future__ import annotations
 
 import contextlib
-import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 from imgmount_testkit import images
 from imgmount_testkit.mdraid import LINUX_RAID, Array, data_area, format_data_area, write_member
+from mountd.host.mddev import stop_host_arrays
 from tests.support import guests
 from tests.support.guests import Guest
 
 MiB = images.MiB
+MD_BUILD = "/dev/md100"  # where the VM lane's images are built (imgmount's arrays are md200 and up)
 ARRAY = Array("debian:data")
 VOLUME = "md/data"
 PART = 48 * MiB
@@ -61,22 +61,26 @@ def lvm_mirror_guest(path: Path) -> Guest:
     return Guest(raw, {"raidvg/root": lv_files}, {"raidvg/root": "ext4"})
 
 
-@contextlib.contextmanager
-def mdadm_pair(path: Path, version: str = "1.2") -> Iterator[Guest]:
-    """The VM lane's pair, made by ``mdadm --create`` on loop devices of the two partitions (the array is
-    stopped again before the image is used)."""
-    raw = images.blank(path, 2 * PART + 4 * MiB)
+def mdadm_guest(path: Path, version: str = "1.2", *, count: int = 2) -> Guest:
+    """The VM lane's mirror, made by ``mdadm --create`` on loop devices of ``count`` partitions (with one
+    partition: the other member "missing", as a disk taken out of a running mirror); the array holds ext4
+    with known files, and is stopped again before the image is used."""
+    raw = images.blank(path, count * PART + 4 * MiB)
     files = guests._content(VOLUME)
     with contextlib.ExitStack() as stack:
-        devs = [stack.enter_context(images.loop(raw, offset, size)) for offset, size in members(raw, 2)]
-        images.run(["mdadm", "--create", "/dev/md/imgtest", "--run", "--level=1", "--raid-devices=2",
-                    f"--metadata={version}", "--name=data", "--homehost=debian", "--assume-clean", *devs])
+        devs = [stack.enter_context(images.loop(raw, offset, size)) for offset, size in members(raw, count)]
+        images.run(["mdadm", "--create", MD_BUILD, "--run", "--level=1", "--raid-devices=2", "--assume-clean",
+                    f"--metadata={version}", "--name=data", "--homehost=debian",
+                    *devs, *["missing"] * (2 - count)])
         try:
-            images.mkfs("/dev/md/imgtest", "ext4", "raid")
-            with images.mounted("/dev/md/imgtest") as mnt:
+            images.mkfs(MD_BUILD, "ext4", "raid")
+            with images.mounted(MD_BUILD) as mnt:
                 for name, data in files.items():
                     (mnt / name).parent.mkdir(parents=True, exist_ok=True)
                     (mnt / name).write_bytes(data)
         finally:
-            subprocess.run(["mdadm", "--stop", "/dev/md/imgtest"], check=False, capture_output=True)
-    yield Guest(raw, {VOLUME: files}, {VOLUME: "ext4"})
+            images.run(["mdadm", "--stop", MD_BUILD])
+            # The host's incremental assembly sees the members change and may assemble them again: undo it.
+            images.run(["udevadm", "settle", "--timeout=60"])
+            stop_host_arrays(devs)
+    return Guest(raw, {VOLUME: files}, {VOLUME: "ext4"})
