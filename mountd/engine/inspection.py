@@ -254,7 +254,7 @@ def _region_volumes(
         vg = vg_names.get(r.pv.vg.uuid, "") if r.pv and r.pv.vg else ""
         note = "" if r.pv is None else f"LVM physical volume of {vg}" if vg else "LVM physical volume, no VG"
         md_note = r.member.note if r.member else r.array.note if r.array else ""
-        signature, note = probes.probe(r.offset, r.size, note or md_note)
+        signature, note = probes.probe(r.offset, r.size, "; ".join(n for n in (md_note, note) if n))
         yield Volume(r.name, kind, r.offset, r.size, signature, r.partition, vg=vg, note=note,
                      pv=r.pv is not None, array=r.array)
 

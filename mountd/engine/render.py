@@ -175,6 +175,8 @@ def _belongs(lv: Volume, region: Volume, regions: list[Volume]) -> bool:
 
 
 def _part_type(ins: Inspection, v: Volume) -> str:
+    if v.array is not None:
+        return f"{v.array.first.level_name} array"
     if v.partition is None or ins.table is None:
         return "disk"
     return type_name(ins.table.label, v.partition.type)

@@ -1,11 +1,12 @@
 """An md RAID array assembled read-only from imgmount's own member devices (design: "A mount is a stack of
 layers"; issue 10, md RAID).
 
-``mdadm --assemble /dev/mdN --config=none --uuid=U --readonly --no-degraded MEMBER...``: no configuration
+``mdadm --assemble /dev/mdN --config=none --uuid=U --readonly MEMBER...``: no configuration
 file (the host's ``mdadm.conf`` may name DEVICE patterns or arrays), the array's uuid, and our member devices
 listed one by one, so mdadm looks at nothing of the host's. ``--readonly`` starts it read-only (no resync,
 no superblock update): the members' bytes stay as they are. Only arrays whose every member is in the image
-are assembled (``--no-degraded`` makes sure); a mirror missing a member is read from one member instead.
+are assembled (without ``--run`` mdadm starts none that is newly degraded); a mirror missing a member is
+read from one member instead.
 
 We choose the array's number ourselves (from :data:`FIRST_MINOR` up, where nothing else allocates), so the
 journal names it, and the engine claims it for systemd/60-imgmount.rules, before mdadm creates it.
@@ -120,7 +121,7 @@ class MdLayer(Layer[str]):
 
 def _assemble_argv(node: str, spec: MdSpec) -> list[str]:
     mode = ["--readonly"] if spec.read_only else []
-    return ["mdadm", "--assemble", node, "--config=none", f"--uuid={spec.uuid}", "--no-degraded", *mode,
+    return ["mdadm", "--assemble", node, "--config=none", f"--uuid={spec.uuid}", *mode,
             *spec.members]
 
 

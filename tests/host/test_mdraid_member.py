@@ -19,11 +19,13 @@ from imgmount_testkit.mdraid import Array, data_area, examine, superblock, write
 from mountd.engine.engine import Engine
 from mountd.engine.inspection import VolumeKind, inspect_image
 from mountd.engine.journal import Journal
+from mountd.engine.render import render_tree
 from mountd.errors import InvalidImageError, UnsupportedError
 from mountd.layers.layer import InjectedFault
 from mountd.model import MountInfo, MountRequest
 from mountd.settings import Settings
 from tests.support import guests, leftovers, raid
+from tests.support.engines import cleaned
 from tests.support.guests import Guest
 
 VERSIONS = ("1.2", "1.1", "1.0", "0.90")
@@ -31,10 +33,8 @@ VERSIONS = ("1.2", "1.1", "1.0", "0.90")
 
 @pytest.fixture
 def engine(tmp_path: Path) -> Iterator[Engine]:
-    eng = Engine(Journal(str(tmp_path / "state")))
-    yield eng
-    for m in eng.mounts():
-        eng.unmount(m.id, force=True)
+    with cleaned(Engine(Journal(str(tmp_path / "state")))) as eng:
+        yield eng
 
 
 def mount(engine: Engine, image: Path, root: Path, **kw: object) -> MountInfo:
@@ -116,6 +116,10 @@ def test_lvm_inside_the_mirror_follows(engine: Engine, tmp_path: Path) -> None:
     ins = inspect_image(str(guest.raw))
     md = ins.layout.volume(raid.VOLUME)
     assert md is not None and md.pv and md.vg == "raidvg"
+    assert md.note == "degraded: member 2 of 2 is not in this image; read from p1; LVM physical volume of raidvg"
+    rows = [line.split() for line in render_tree(ins).splitlines()]
+    assert ["└─md/data", "2", "MiB", "47", "MiB", "RAID1", "array", "LVM2_member"] in [r[:8] for r in rows]
+    assert any(r[:1] == ["└─raidvg/root"] for r in rows)
     check_and_unmount(engine, mount(engine, guest.raw, tmp_path / "media"), guest)
 
 

@@ -8,11 +8,11 @@ On this host (no md driver) the superblocks come from imgmount_testkit.mdraid; i
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
 from imgmount_testkit import images
 from imgmount_testkit.mdraid import LINUX_RAID, Array, data_area, format_data_area, write_member
-from mountd.host.mddev import stop_host_arrays
 from tests.support import guests
 from tests.support.guests import Guest
 
@@ -68,6 +68,7 @@ def mdadm_guest(path: Path, version: str = "1.2", *, count: int = 2) -> Guest:
     raw = images.blank(path, count * PART + 4 * MiB)
     files = guests._content(VOLUME)
     with contextlib.ExitStack() as stack:
+        stack.enter_context(host_assembly_masked())
         devs = [stack.enter_context(images.loop(raw, offset, size)) for offset, size in members(raw, count)]
         images.run(["mdadm", "--create", MD_BUILD, "--run", "--level=1", "--raid-devices=2", "--assume-clean",
                     f"--metadata={version}", "--name=data", "--homehost=debian",
@@ -80,7 +81,21 @@ def mdadm_guest(path: Path, version: str = "1.2", *, count: int = 2) -> Guest:
                     (mnt / name).write_bytes(data)
         finally:
             images.run(["mdadm", "--stop", MD_BUILD])
-            # The host's incremental assembly sees the members change and may assemble them again: undo it.
-            images.run(["udevadm", "settle", "--timeout=60"])
-            stop_host_arrays(devs)
     return Guest(raw, {VOLUME: files}, {VOLUME: "ext4"})
+
+
+@contextlib.contextmanager
+def host_assembly_masked() -> Iterator[None]:
+    """Debian's 64-md-raid-assembly.rules masked (a rule file of that name in /run/udev/rules.d wins) while an
+    image is built: the host would assemble the members on the build's loop devices again after the array is
+    stopped, and keep them busy. What the tests test is imgmount's devices, not these."""
+    mask = Path("/run/udev/rules.d/64-md-raid-assembly.rules")
+    mask.parent.mkdir(parents=True, exist_ok=True)
+    mask.write_text("# masked while a test image is built\n")
+    images.run(["udevadm", "control", "--reload"])
+    try:
+        yield
+    finally:
+        images.run(["udevadm", "settle", "--timeout=60"])
+        mask.unlink()
+        images.run(["udevadm", "control", "--reload"])

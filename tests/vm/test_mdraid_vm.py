@@ -25,6 +25,7 @@ from mountd.layers.layer import InjectedFault
 from mountd.model import MountInfo, MountRequest
 from mountd.settings import Settings
 from tests.support import guests, nbd, raid
+from tests.support.engines import cleaned
 from tests.support.guests import Guest
 from tests.vm.test_udev_autoactivation import our_rule_installed, settle, udevd
 
@@ -43,10 +44,8 @@ def member(tmp_path_factory: pytest.TempPathFactory) -> Guest:
 
 @pytest.fixture
 def engine() -> Iterator[Engine]:
-    eng = Engine(Journal())  # the default /run/imgmount: where the udev rule looks for claims
-    yield eng
-    for m in eng.mounts():
-        eng.unmount(m.id, force=True)
+    with cleaned(Engine(Journal())) as eng:  # the default /run/imgmount: where the udev rule looks for claims
+        yield eng
 
 
 def mount(engine: Engine, image: Path, root: Path, **kw: object) -> MountInfo:
