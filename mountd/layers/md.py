@@ -20,7 +20,17 @@ from typing import Any, ClassVar
 
 from mountd.errors import BusyError, CommandError, FailedError, InvalidArgumentError
 from mountd.host import command
-from mountd.host.mddev import MD_TIMEOUT, array_on, array_state, ensure_md_module, md_devices, stop, sysname
+from mountd.host.mddev import (
+    MD_TIMEOUT,
+    array_on,
+    array_state,
+    ensure_md_module,
+    md_devices,
+    slaves,
+    stop,
+    stop_host_arrays,
+    sysname,
+)
 from mountd.host.processes import text_of
 from mountd.host.users import SYS_CLASS_BLOCK, block_users
 from mountd.layers.layer import Layer, LayerRecord, Progress, Spec
@@ -74,6 +84,7 @@ class MdLayer(Layer[str]):
     def _attach(self, progress: Progress) -> LayerRecord:
         spec = self._spec
         ensure_md_module()
+        stop_host_arrays(spec.members)  # the host's incremental assembly got there first (no udev rule)
         for _ in range(TRIES):
             node = _free_node()
             record = replace(self.record, identity={**self.identity, "node": node})
@@ -82,16 +93,22 @@ class MdLayer(Layer[str]):
             try:
                 command.run(_assemble_argv(node, spec), timeout=MD_TIMEOUT)
             except CommandError as exc:
-                if "already" in exc.stderr and array_on(self._members) is None:
-                    continue  # "/dev/mdN is already in use": another took the number meanwhile
+                if f"{node} is already in use" in exc.stderr:
+                    continue  # another took the number between our look and mdadm's create
                 raise FailedError(f"mdadm could not assemble the array {spec.uuid} from "
                                   f"{', '.join(spec.members)}: {exc.message.split(': ', 1)[-1]}") from None
             md = array_on(self._members)
             if md is None or f"/dev/{md}" != node:
-                raise FailedError(f"mdadm assembled {spec.uuid}, yet {node} is not the array of "
-                                  f"{', '.join(spec.members)}")
+                raise FailedError(f"mdadm assembled {node} without {self._held_elsewhere()}")
             return replace(record, identity={**record.identity, "devnum": _devnum(md)})
-        raise FailedError(f"no free md device number from md{FIRST_MINOR} to md{LAST_MINOR}")
+        raise FailedError(f"md device numbers from md{FIRST_MINOR} on were taken {TRIES} times while mdadm "
+                          "started: try again")
+
+    def _held_elsewhere(self) -> str:
+        """The members missing from our array, and who holds them."""
+        ours = slaves(sysname(self.node))
+        return "; ".join(f"/dev/{m} ({'; '.join(block_users(m).described()) or 'not in the array'})"
+                         for m in sorted(self._members - ours))
 
     def verify(self) -> bool:
         md = array_on(self._members)
@@ -100,7 +117,12 @@ class MdLayer(Layer[str]):
         return (array_state(md) in READ_ONLY_STATES) == self._spec.read_only
 
     def _present(self) -> str | None:
-        return array_on(self._members)
+        """Our array, whole or (a member was taken from under mdadm) partly assembled on our number."""
+        found = array_on(self._members)
+        if found is None and self.node:
+            held = slaves(sysname(self.node))
+            found = sysname(self.node) if held and held <= self._members else None
+        return found
 
     def _release(self, md: str, *, force: bool) -> None:
         """Stop the array. ``force`` changes nothing: an array in use is never stopped from under its user."""
