@@ -13,6 +13,7 @@ from pathlib import Path
 
 from imgmount_testkit import images
 from imgmount_testkit.mdraid import LINUX_RAID, Array, data_area, format_data_area, write_member
+from mountd.host.blockdev import BlockEvents
 from tests.support import guests
 from tests.support.guests import Guest
 
@@ -64,24 +65,35 @@ def lvm_mirror_guest(path: Path) -> Guest:
 def mdadm_guest(path: Path, version: str = "1.2", *, count: int = 2) -> Guest:
     """The VM lane's mirror, made by ``mdadm --create`` on loop devices of ``count`` partitions (with one
     partition: the other member "missing", as a disk taken out of a running mirror); the array holds ext4
-    with known files, and is stopped again before the image is used."""
+    with known files, and is stopped, and its loop devices gone, before the image is used."""
     raw = images.blank(path, count * PART + 4 * MiB)
     files = guests._content(VOLUME)
-    with contextlib.ExitStack() as stack:
-        stack.enter_context(host_assembly_masked())
-        devs = [stack.enter_context(images.loop(raw, offset, size)) for offset, size in members(raw, count)]
-        images.run(["mdadm", "--create", MD_BUILD, "--run", "--level=1", "--raid-devices=2", "--assume-clean",
-                    f"--metadata={version}", "--name=data", "--homehost=debian",
-                    *devs, *["missing"] * (2 - count)])
-        try:
-            images.mkfs(MD_BUILD, "ext4", "raid")
-            with images.mounted(MD_BUILD) as mnt:
-                for name, data in files.items():
-                    (mnt / name).parent.mkdir(parents=True, exist_ok=True)
-                    (mnt / name).write_bytes(data)
-        finally:
-            images.run(["mdadm", "--stop", MD_BUILD])
+    with host_assembly_masked():
+        events = BlockEvents()  # before the loop devices go: their detach may wait for udev to close them
+        with contextlib.ExitStack() as stack:
+            devs = [stack.enter_context(images.loop(raw, offset, size)) for offset, size in members(raw, count)]
+            images.run(["mdadm", "--create", MD_BUILD, "--run", "--level=1", "--raid-devices=2",
+                        "--assume-clean", f"--metadata={version}", "--name=data", "--homehost=debian",
+                        *devs, *["missing"] * (2 - count)])
+            try:
+                _fill(MD_BUILD, files)
+            finally:
+                images.run(["mdadm", "--stop", MD_BUILD])
+        if not events.wait(lambda: not any(_attached(d) for d in devs), 30):
+            raise RuntimeError(f"the build's loop devices {devs} are still attached 30 s after their detach")
     return Guest(raw, {VOLUME: files}, {VOLUME: "ext4"})
+
+
+def _fill(device: str, files: dict[str, bytes]) -> None:
+    images.mkfs(device, "ext4", "raid")
+    with images.mounted(device) as mnt:
+        for name, data in files.items():
+            (mnt / name).parent.mkdir(parents=True, exist_ok=True)
+            (mnt / name).write_bytes(data)
+
+
+def _attached(device: str) -> bool:
+    return Path("/sys/block", Path(device).name, "loop", "backing_file").exists()
 
 
 @contextlib.contextmanager

@@ -78,7 +78,8 @@ def test_our_reading_of_mdadm_superblocks(pair: Guest, member: Guest) -> None:
 
 @pytest.mark.parametrize(("backend", "fmt"), [("nbd", "qcow2"), ("loop", "raw")])
 def test_a_mirror_in_one_image_is_assembled_read_only(engine: Engine, pair: Guest, scratch: Path, udevd: None,
-                                                      backend: str, fmt: str) -> None:
+                                                      caplog: pytest.LogCaptureFixture, backend: str,
+                                                      fmt: str) -> None:
     image = pair.raw if fmt == "raw" else images.convert(pair.raw, scratch / "pair.qcow2", fmt)
     with our_rule_installed():
         info = mount(engine, image, scratch / "media", backend=backend)
@@ -91,6 +92,8 @@ def test_a_mirror_in_one_image_is_assembled_read_only(engine: Engine, pair: Gues
         engine.unmount(info.id)
         assert md not in md_devices()
         check_gone(engine, info)
+    assert "the host assembled" not in caplog.text, "the rule did not keep the host's assembly away"
+
 
 
 def test_a_single_member_is_read_degraded(engine: Engine, member: Guest, scratch: Path, udevd: None) -> None:
