@@ -5,12 +5,17 @@ missing a member is read degraded from the member present, on any host; other ar
 from __future__ import annotations
 
 from mountd.engine.inspection import DiskLayout, Volume, VolumeKind
+from mountd.host.mddev import running_uuids
 from mountd.host.support import HostSupport
 
 
 def assembled_here(volume: Volume, host: HostSupport) -> bool:
+    """Not when the host runs an array of the same uuid (an image of one of its own disks, or the host's
+    incremental assembly got to our members first): mdadm would join our members to that array."""
     array = volume.array
-    return volume.kind == VolumeKind.MD and array is not None and not array.missing() and host.md_assembly
+    if volume.kind != VolumeKind.MD or array is None or array.missing() or not host.md_assembly:
+        return False
+    return array.first.uuid not in running_uuids()
 
 
 def member_volumes(volume: Volume, layout: DiskLayout) -> list[Volume]:

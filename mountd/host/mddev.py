@@ -22,6 +22,7 @@ from mountd.host.users import SYS_CLASS_BLOCK
 log = logging.getLogger(__name__)
 
 MD_TIMEOUT = 60.0
+MAP_FILE = "/run/mdadm/map"  # mdadm's record of the arrays it assembled: "mdN version uuid path"
 
 
 def md_devices() -> list[str]:
@@ -53,6 +54,12 @@ def ensure_md_module() -> None:
     """Load md (mdadm would have the kernel load it on first open, but not where autoloading is off)."""
     if not os.path.isdir("/sys/module/md_mod"):
         command.run(["modprobe", "md_mod"], timeout=MD_TIMEOUT)
+
+
+def running_uuids() -> set[str]:
+    """The uuids (mdadm's 8:8:8:8 form) of the arrays mdadm started on this host (its map file)."""
+    lines = text_of(MAP_FILE).splitlines()[:4096]
+    return {fields[2] for line in lines if len(fields := line.split()) >= 3}
 
 
 def stop(md: str) -> None:

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from imgmount_testkit import images
-from imgmount_testkit.mdraid import LINUX_RAID, Array, data_area, format_data_area, write_member
+from imgmount_testkit.mdraid import LINUX_RAID, Array, data_area, examine, format_data_area, write_member
 from mountd.host.blockdev import BlockEvents
 from tests.support import guests
 from tests.support.guests import Guest
@@ -82,6 +82,18 @@ def mdadm_guest(path: Path, version: str = "1.2", *, count: int = 2) -> Guest:
         if not events.wait(lambda: not any(_attached(d) for d in devs), 30):
             raise RuntimeError(f"the build's loop devices {devs} are still attached 30 s after their detach")
     return Guest(raw, {VOLUME: files}, {VOLUME: "ext4"})
+
+
+def examined(raw: Path, offset: int, size: int) -> dict[str, str]:
+    """``mdadm --examine`` of a member, on a loop device the host's assembly is kept away from (else the host
+    would assemble the image's array from that loop device, and mdadm would later join our members to it)."""
+    with host_assembly_masked():
+        events = BlockEvents()
+        shown = examine(raw, offset, size)
+        device = images.run(["losetup", "--associated", str(raw), "--noheadings", "-O", "NAME"]).split()
+        if not events.wait(lambda: not any(_attached(d) for d in device), 30):
+            raise RuntimeError(f"the loop device of mdadm --examine is still attached: {device}")
+    return shown
 
 
 def _fill(device: str, files: dict[str, bytes]) -> None:

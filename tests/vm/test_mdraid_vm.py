@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 
 from imgmount_testkit import images
-from imgmount_testkit.mdraid import examine
 from mountd.engine.engine import Engine
 from mountd.engine.inspection import VolumeKind, inspect_image
 from mountd.engine.journal import Journal
@@ -69,7 +68,7 @@ def test_our_reading_of_mdadm_superblocks(pair: Guest, member: Guest) -> None:
     ins = inspect_image(str(pair.raw))
     p1, p2, md = ins.volumes
     assert [p1.note, p2.note] == ["member 1 of 2 of RAID1 array data", "member 2 of 2 of RAID1 array data"]
-    shown = examine(pair.raw, p1.offset or 0, p1.size)
+    shown = raid.examined(pair.raw, p1.offset or 0, p1.size)
     assert md.offset == (p1.offset or 0) + int(shown["Data Offset"].split()[0]) * 512
     assert (md.kind, md.filesystem, md.size) == (VolumeKind.MD, "ext4", int(shown["Array Size"].split()[0]) * 1024)
     single = inspect_image(str(member.raw)).volumes
