@@ -18,8 +18,8 @@ from collections.abc import Iterator
 from dataclasses import replace
 
 from mountd.engine.inspection import DiskLayout, Volume, VolumeKind, analyse_disk
-from mountd.engine.unlocking import is_locked, lock_kind
 from mountd.engine.lvmapping import dm_name
+from mountd.engine.unlocking import is_locked, lock_kind
 from mountd.engine.volumes import VolumeAttacher
 from mountd.errors import UnsupportedError, WrongKeyError
 from mountd.image.blockio import FileReader

@@ -32,7 +32,7 @@ from mountd.host.mediaroot import ensure_private_root
 from mountd.host.opener import Credentials, Opener
 from mountd.host.support import HostSupport, check_host
 from mountd.image.imageinfo import ContainedDisk, ImageInfo, probe_image
-from mountd.layers import bitlocker, crypt, dm, fuse, loop, mount, nbd, server  # noqa: F401
+from mountd.layers import bitlocker, crypt, dm, fuse, loop, md, mount, nbd, server  # noqa: F401
 from mountd.layers.layer import FaultPoints, layer_from_record
 from mountd.model import BACKENDS, MountInfo, MountRequest, MountState, find_mount
 from mountd.settings import Settings

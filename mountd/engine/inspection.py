@@ -22,6 +22,7 @@ from mountd.image.imageinfo import ContainedDisk, ImageInfo, block_options, chai
 from mountd.image.lvmlabel import MetadataTexts, PhysicalVolume, read_pv
 from mountd.image.lvmmeta import LogicalVolume, VolumeGroup
 from mountd.image.lvmthin import is_thin, is_thin_pool, pool_name
+from mountd.image.mdraid import MdArray, MdMember, MdSuperblockError, Placed, group_arrays, read_member
 from mountd.image.nbdclient import open_image
 from mountd.image.partitions import Partition, PartitionTable, read_partition_table
 from mountd.keys import IMAGE, NO_KEYS, Keys
@@ -37,13 +38,14 @@ class VolumeKind(StrEnum):
     DISK = "disk"
     PARTITION = "partition"
     LV = "lv"
+    MD = "md"  # an md RAID array (the data area of a member, for a mirror)
 
 
 @dataclass(frozen=True)
 class Volume:
     """A place that may hold a filesystem: the whole disk, a partition, or an LVM logical volume."""
 
-    name: str  # what ``--volume`` takes: "disk", "p1", "vg/lv"
+    name: str  # what ``--volume`` takes: "disk", "p1", "vg/lv", "md/name"
     kind: VolumeKind
     offset: int | None  # bytes from the start of the virtual disk; None: not one linear piece of it
     size: int
@@ -52,8 +54,9 @@ class Volume:
     vg: str = ""  # an LV's volume group, or the VG a PV partition belongs to
     note: str = ""  # what stands in the way of mounting it, or what it is instead (shown, never parsed)
     pv: bool = False  # an LVM physical volume (of ``vg``, if that is known)
-    unmapped: str = ""  # an LV that is not one piece of the disk: why (it then needs device-mapper)
+    unmapped: str = ""  # an LV or array that is not one piece of the disk: why (it then needs dm or md)
     thin: bool = False  # a thin LV: its filesystem is known only once its pool is mapped
+    array: MdArray | None = None  # an md array's members in this image
 
     @property
     def filesystem(self) -> str:
@@ -129,6 +132,8 @@ class _Region:
     size: int
     partition: Partition | None
     pv: PhysicalVolume | None = None
+    member: MdMember | None = None  # an md RAID member: its data area is another region (the array's)
+    array: MdArray | None = None  # the region is an md array's data (a member's data area)
 
 
 def inspect_image(path: str, *, fmt: str | None = None, confined: Credentials | None = None,
@@ -161,10 +166,12 @@ def analyse_disk(disk: BlockReader) -> DiskLayout:
     """Run the parsers on a virtual disk: partition table, LVM metadata, filesystem signatures."""
     table = read_partition_table(disk)
     regions = _regions(disk, table)
+    regions += _array_regions(disk, regions)
     groups = _volume_groups(regions)
     probes = _Probes(disk)
     volumes = [*_region_volumes(probes, regions, table, groups)]
     volumes += [v for vg in groups for v in _vg_volumes(probes, vg, regions)]
+    volumes += _unmapped_arrays(regions)
     return DiskLayout(table, tuple(groups), tuple(volumes))
 
 
@@ -210,11 +217,47 @@ def _regions(disk: BlockReader, table: PartitionTable | None) -> list[_Region]:
     else:
         bounds = [(f"p{p.number}", p.start, p.size, p) for p in table.partitions]
     texts = MetadataTexts()
-    return [
-        _Region(name, offset, size, part,
-                None if part and part.container else read_pv(SliceReader(disk, offset, size), texts))
-        for name, offset, size, part in bounds
-    ]
+    regions = []
+    for name, offset, size, part in bounds:
+        reader = SliceReader(disk, offset, size)
+        member = None if part and part.container else _member(name, reader)
+        pv = None if (part and part.container) or member else read_pv(reader, texts)
+        regions.append(_Region(name, offset, size, part, pv, member))
+    return regions
+
+
+def _member(name: str, reader: SliceReader) -> MdMember | None:
+    try:
+        return read_member(reader)
+    except MdSuperblockError as exc:
+        where = "the disk" if name == WHOLE_DISK else f"partition {name}"
+        raise MdSuperblockError(f"{where}: {exc}") from None
+
+
+def _array_regions(disk: BlockReader, regions: list[_Region]) -> list[_Region]:
+    """The data of each md array whose members are here and one of which holds all of it (a mirror); its
+    contents are read as any region's (a filesystem, or an LVM physical volume)."""
+    found = group_arrays([Placed(r.name, r.offset, r.member) for r in regions if r.member is not None])
+    mirrored = []
+    for array in found:
+        copy = array.copy()
+        if copy is not None:
+            reader = SliceReader(disk, copy.data_offset, array.size)
+            mirrored.append(_Region(array.volume_name(found), copy.data_offset, array.size, None,
+                                    read_pv(reader), array=array))
+    return mirrored
+
+
+def _unmapped_arrays(regions: list[_Region]) -> list[Volume]:
+    """The arrays no single member holds whole (striped, parity): only md itself can assemble them."""
+    found = group_arrays([Placed(r.name, r.offset, r.member) for r in regions if r.member is not None])
+    volumes = []
+    for array in found:
+        if array.copy() is None:
+            why = array.obstacle()
+            volumes.append(Volume(array.volume_name(found), VolumeKind.MD, None, array.size, None,
+                                  note=why, unmapped=why, array=array))
+    return volumes
 
 
 def _volume_groups(regions: list[_Region]) -> list[VolumeGroup]:
@@ -261,15 +304,17 @@ def _unmapped(lv: LogicalVolume) -> str:
 def _region_volumes(
     probes: _Probes, regions: list[_Region], table: PartitionTable | None, groups: list[VolumeGroup]
 ) -> Iterator[Volume]:
-    kind = VolumeKind.PARTITION if table is not None else VolumeKind.DISK
     vg_names = {vg.uuid: vg.name for vg in groups}
     for r in regions:
         if r.partition is not None and r.partition.container:
-            yield Volume(r.name, kind, r.offset, r.size, None, r.partition,
+            yield Volume(r.name, VolumeKind.PARTITION, r.offset, r.size, None, r.partition,
                          note="extended partition (holds the logical partitions)")
             continue
+        kind = VolumeKind.MD if r.array else VolumeKind.PARTITION if table is not None else VolumeKind.DISK
         vg = vg_names.get(r.pv.vg.uuid, "") if r.pv and r.pv.vg else ""
         note = "" if r.pv is None else f"LVM physical volume of {vg}" if vg else "LVM physical volume, no VG"
-        signature, note = probes.probe(r.offset, r.size, note)
+        md_note = r.member.note if r.member else r.array.note if r.array else ""
+        signature, note = probes.probe(r.offset, r.size, "; ".join(n for n in (md_note, note) if n))
         yield Volume(r.name, kind, r.offset, r.size, signature, r.partition, vg=vg, note=note,
-                     pv=r.pv is not None)
+                     pv=r.pv is not None, array=r.array)
+

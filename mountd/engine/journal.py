@@ -179,7 +179,7 @@ def _lock_file(path: Path) -> int:
 
 def _claimable(node: object) -> str:
     name = os.path.basename(str(node or ""))
-    return name if str(node).startswith("/dev/") and name.startswith(("nbd", "loop")) else ""
+    return name if str(node).startswith("/dev/") and name.startswith(("nbd", "loop", "md")) else ""
 
 
 def _fsync_dir(path: Path) -> None:

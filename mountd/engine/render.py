@@ -213,6 +213,8 @@ def _disk_of(ins: Inspection, v: Volume) -> InspectedDisk | None:
 
 
 def _part_type(ins: Inspection, v: Volume) -> str:
+    if v.array is not None:
+        return f"{v.array.first.level_name} array"
     disk = _disk_of(ins, v)
     table = disk.layout.table if disk else ins.table
     if v.partition is None or table is None:

@@ -16,6 +16,7 @@ from typing import Any
 from mountd.engine.journal import Journal, MountRecord
 from mountd.errors import BusyError, MountdError, OperationTimeoutError
 from mountd.host.dmsetup import release_host_activations
+from mountd.host.mddev import stop_host_arrays
 from mountd.host.processes import kill
 from mountd.layers.layer import FaultPoints, Layer, LayerRecord, layer_from_record
 from mountd.model import MountState
@@ -106,7 +107,9 @@ class MountStack:
     def teardown(self, *, force: bool = False) -> None:
         """Detach every layer top-down; stop at the first that will not come off and say what is left."""
         self._save(replace(self.record, state=MountState.UNMOUNTING))
-        release_host_activations(layer_from_record(r).node for r in self.record.layers)
+        nodes = [layer_from_record(r).node for r in self.record.layers]
+        release_host_activations(nodes)
+        stop_host_arrays(nodes)
         for rec in reversed(self.record.layers):
             layer = layer_from_record(rec)
             try:

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 from mountd.engine.backends import Disk, export_path
 from mountd.engine.inspection import WHOLE_DISK, DiskLayout, Volume, VolumeKind
 from mountd.engine.lvmapping import LvMapper, probe_node
+from mountd.engine.mdarrays import assembled_here, member_volumes
 from mountd.engine.stack import MountStack
 from mountd.engine.unlocking import is_locked, unlock_volume
 from mountd.engine.windows import ntfs_note
@@ -28,6 +29,7 @@ from mountd.errors import MountdError, UnsupportedError
 from mountd.host import fusedrivers
 from mountd.host.filesystems import (
     NO_REPLAY,
+    NOT_FILESYSTEMS,
     check_mountable,
     mount_options,
     mount_type,
@@ -40,6 +42,7 @@ from mountd.image.recovery import ELSEWHERE, log_name
 from mountd.layers.fuse import ExportSpec
 from mountd.layers.layer import LayerState
 from mountd.layers.loop import LoopSpec
+from mountd.layers.md import MdSpec
 from mountd.layers.mount import MountSpec, unique_mountpoint
 from mountd.layers.nbd import PartitionSpec
 
@@ -74,9 +77,13 @@ class VolumeAttacher:
             self._mount(inside, node)
 
     def _mount(self, volume: Volume, unlocked: str) -> None:
+        if volume.kind == VolumeKind.MD and volume.offset is None and not assembled_here(volume, self.host):
+            raise UnsupportedError(f"volume {volume.name} cannot be mounted: {volume.unmapped}")
         if not volume.filesystem:
             what = volume.signature.type if volume.signature else "no filesystem"
-            raise UnsupportedError(f"volume {volume.name} holds {what}, not a filesystem imgmount can mount")
+            why = f": {NOT_FILESYSTEMS[what]}" if what in NOT_FILESYSTEMS else ""
+            raise UnsupportedError(f"volume {volume.name} holds {what}, not a filesystem imgmount can "
+                                   f"mount{why}")
         kernel = mountable_types()
         available = fusedrivers.mountable_types(kernel, self.host)
         check_mountable(volume.filesystem, available)
@@ -145,6 +152,8 @@ class VolumeAttacher:
         disk = self.disk
         if volume.kind == VolumeKind.LV:
             return self._lv_node(volume)
+        if assembled_here(volume, self.host):
+            return self._md_node(volume)
         if volume.kind == VolumeKind.DISK and disk.backend != "fuse":  # an export is a file: it needs a loop
             return disk.node
         if volume.kind == VolumeKind.PARTITION and volume.partition is not None \
@@ -162,6 +171,13 @@ class VolumeAttacher:
         table = self.layout.table
         return self.disk.kernel_partitions and table is not None and \
             table.sector_size == logical_block_size(os.path.basename(self.disk.node))
+
+    def _md_node(self, volume: Volume) -> str:
+        """The array assembled read-only from its members' devices (those of this mount only)."""
+        assert volume.array is not None
+        members = tuple(self.node(v) for v in member_volumes(volume, self.layout))
+        spec = MdSpec(volume.array.first.uuid, members, self.request.read_only)
+        return self.stack.push(spec.plan(volume.name)).node
 
     def _lv_node(self, volume: Volume) -> str:
         if not self.disk.device_mapper:

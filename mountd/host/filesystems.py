@@ -51,7 +51,7 @@ NOT_FILESYSTEMS: dict[str, str] = {
     "LVM2_member": "it is an LVM physical volume: its logical volumes are mounted instead",
     "crypto_LUKS": "it is encrypted with LUKS: give its passphrase to mount what it holds",
     "BitLocker": "it is encrypted with BitLocker: give its password to mount what it holds",
-    "linux_raid_member": "it is a member of an md RAID array, and imgmount does not assemble arrays",
+    "linux_raid_member": "it is a member of an md RAID array: mount the array's volume (md/NAME) instead",
     "isw_raid_member": "it is a member of a firmware RAID array, and imgmount does not assemble arrays",
     "ddf_raid_member": "it is a member of a firmware RAID array, and imgmount does not assemble arrays",
     "zfs_member": "it is a member of a ZFS pool, which the Linux kernel cannot mount by itself",

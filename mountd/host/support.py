@@ -21,6 +21,7 @@ class HostSupport:
     device_mapper: bool = False
     fuse: bool = False  # /dev/fuse
     programs: frozenset[str] = field(default_factory=lambda: frozenset(p.name for p in PROGRAMS))
+    md: bool = False  # the md (software RAID) driver is loaded, or modprobe can load it
 
     def has(self, program: str) -> bool:
         return program in self.programs
@@ -29,6 +30,10 @@ class HostSupport:
     def fuse_exports(self) -> bool:
         """A ``qemu-storage-daemon`` FUSE export works here (the fuse backend, the recovery overlay)."""
         return self.fuse and self.has("qemu-storage-daemon")
+
+    @property
+    def md_assembly(self) -> bool:
+        return self.md and self.has("mdadm")
 
     @property
     def lv_mapping(self) -> bool:
@@ -61,7 +66,8 @@ def check_host() -> HostSupport:
     return HostSupport(missing=tuple(p for p in PROGRAMS if p.name not in found),
                        nbd=Path("/sys/module/nbd").exists() or _can_load("nbd", found),
                        device_mapper=Path("/sys/class/misc/device-mapper").exists(),
-                       fuse=Path("/dev/fuse").exists(), programs=found)
+                       fuse=Path("/dev/fuse").exists(), programs=found,
+                       md=Path("/sys/module/md_mod").exists() or _can_load("md_mod", found))
 
 
 def _can_load(module: str, programs: frozenset[str]) -> bool:

@@ -1,4 +1,5 @@
-"""An in-process engine for a test: its own journal, and nothing left mounted after it."""
+"""Engines for tests: whatever a failing test left mounted is unmounted afterwards, so that the leftover check
+reports the failure once, not every mount it left."""
 
 from __future__ import annotations
 
@@ -11,12 +12,16 @@ from mountd.engine.journal import Journal
 
 
 @contextlib.contextmanager
-def engine_in(state: Path) -> Iterator[Engine]:
-    """An engine journalling under ``state``; what a failing test left mounted is unmounted after it (so the
-    leftover check reports only real leaks)."""
-    eng = Engine(Journal(str(state)))
+def cleaned(engine: Engine) -> Iterator[Engine]:
     try:
-        yield eng
+        yield engine
     finally:
-        for m in eng.mounts():
-            eng.unmount(m.id, force=True)
+        for m in engine.mounts():
+            engine.unmount(m.id, force=True)
+
+
+@contextlib.contextmanager
+def engine_in(state: Path) -> Iterator[Engine]:
+    """An engine journalling under ``state``."""
+    with cleaned(Engine(Journal(str(state)))) as eng:
+        yield eng

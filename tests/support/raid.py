@@ -1,0 +1,125 @@
+"""md RAID guests: the disks of a RAID1 mirror as an installer leaves them (GPT, "Linux RAID" partitions, the
+array's filesystem or LVM PV in each member's data area), with known files.
+
+On this host (no md driver) the superblocks come from imgmount_testkit.mdraid; in the VM lane
+:func:`mdadm_guest` builds the pair with ``mdadm --create`` itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+
+from imgmount_testkit import images
+from imgmount_testkit.mdraid import LINUX_RAID, Array, data_area, examine, format_data_area, write_member
+from mountd.host.blockdev import BlockEvents
+from tests.support import guests
+from tests.support.guests import Guest
+
+MiB = images.MiB
+MD_BUILD = "/dev/md100"  # where the VM lane's images are built (imgmount's arrays are md200 and up)
+ARRAY = Array("debian:data")
+VOLUME = "md/data"
+PART = 48 * MiB
+
+
+def members(raw: Path, count: int) -> list[tuple[int, int]]:
+    """A GPT of ``count`` "Linux RAID" partitions of :data:`PART` each: their (offset, size) in bytes."""
+    images.partition(raw, "label: gpt\n" + f"size={PART // MiB}MiB, type={LINUX_RAID}\n" * count)
+    return [(p["start"] * 512, p["size"] * 512) for p in images.sfdisk_json(raw)["partitions"]]
+
+
+def mirror_guest(path: Path, version: str = "1.2", *, roles: tuple[int, ...] = (0, 1)) -> Guest:
+    """GPT with one partition per role in ``roles`` of a two-disk RAID1 whose array holds ext4."""
+    raw = images.blank(path, (len(roles) * PART) + 4 * MiB)
+    files = guests._content(VOLUME)
+    for role, (offset, size) in zip(roles, members(raw, len(roles)), strict=True):
+        format_data_area(raw, offset, size, version, "ext4", files)
+        write_member(raw, offset, size, version, ARRAY, role)
+    return Guest(raw, {VOLUME: files}, {VOLUME: "ext4"})
+
+
+def whole_disk_member(path: Path, version: str = "1.0") -> Guest:
+    """One disk of a mirror made of whole disks (no partition table): the superblock at the end (1.0, 0.90)
+    leaves the filesystem at the disk's start, as boot loaders that cannot read md need."""
+    raw = images.blank(path, PART)
+    files = guests._content(VOLUME)
+    format_data_area(raw, 0, PART, version, "ext4", files)
+    write_member(raw, 0, PART, version, ARRAY, 1)
+    return Guest(raw, {VOLUME: files}, {VOLUME: "ext4"})
+
+
+def lvm_mirror_guest(path: Path) -> Guest:
+    """The mirror holds an LVM PV of VG ``raidvg`` with an ext4 LV ``root`` (the Debian installer's
+    "RAID1, then LVM" layout): a single member, degraded."""
+    raw = images.blank(path, PART + 4 * MiB)
+    ((offset, size),) = members(raw, 1)
+    start, length = data_area("1.2", size)
+    lv_files = guests._content("raidvg/root")
+    images.make_lvm(raw, offset + start, length, "raidvg", [images.LvSpec("root", 24, "ext4", "root", lv_files)])
+    write_member(raw, offset, size, "1.2", ARRAY, 0)
+    return Guest(raw, {"raidvg/root": lv_files}, {"raidvg/root": "ext4"})
+
+
+def mdadm_guest(path: Path, version: str = "1.2", *, count: int = 2) -> Guest:
+    """The VM lane's mirror, made by ``mdadm --create`` on loop devices of ``count`` partitions (with one
+    partition: the other member "missing", as a disk taken out of a running mirror); the array holds ext4
+    with known files, and is stopped, and its loop devices gone, before the image is used."""
+    raw = images.blank(path, count * PART + 4 * MiB)
+    files = guests._content(VOLUME)
+    with host_assembly_masked():
+        events = BlockEvents()  # before the loop devices go: their detach may wait for udev to close them
+        with contextlib.ExitStack() as stack:
+            devs = [stack.enter_context(images.loop(raw, offset, size)) for offset, size in members(raw, count)]
+            images.run(["mdadm", "--create", MD_BUILD, "--run", "--level=1", "--raid-devices=2",
+                        "--assume-clean", f"--metadata={version}", "--name=data", "--homehost=debian",
+                        *devs, *["missing"] * (2 - count)])
+            try:
+                _fill(MD_BUILD, files)
+            finally:
+                images.run(["mdadm", "--stop", MD_BUILD])
+        if not events.wait(lambda: not any(_attached(d) for d in devs), 30):
+            raise RuntimeError(f"the build's loop devices {devs} are still attached 30 s after their detach")
+    return Guest(raw, {VOLUME: files}, {VOLUME: "ext4"})
+
+
+def examined(raw: Path, offset: int, size: int) -> dict[str, str]:
+    """``mdadm --examine`` of a member, on a loop device the host's assembly is kept away from (else the host
+    would assemble the image's array from that loop device, and mdadm would later join our members to it)."""
+    with host_assembly_masked():
+        events = BlockEvents()
+        shown = examine(raw, offset, size)
+        device = images.run(["losetup", "--associated", str(raw), "--noheadings", "-O", "NAME"]).split()
+        if not events.wait(lambda: not any(_attached(d) for d in device), 30):
+            raise RuntimeError(f"the loop device of mdadm --examine is still attached: {device}")
+    return shown
+
+
+def _fill(device: str, files: dict[str, bytes]) -> None:
+    images.mkfs(device, "ext4", "raid")
+    with images.mounted(device) as mnt:
+        for name, data in files.items():
+            (mnt / name).parent.mkdir(parents=True, exist_ok=True)
+            (mnt / name).write_bytes(data)
+
+
+def _attached(device: str) -> bool:
+    return Path("/sys/block", Path(device).name, "loop", "backing_file").exists()
+
+
+@contextlib.contextmanager
+def host_assembly_masked() -> Iterator[None]:
+    """Debian's 64-md-raid-assembly.rules masked (a rule file of that name in /run/udev/rules.d wins) while an
+    image is built: the host would assemble the members on the build's loop devices again after the array is
+    stopped, and keep them busy. What the tests test is imgmount's devices, not these."""
+    mask = Path("/run/udev/rules.d/64-md-raid-assembly.rules")
+    mask.parent.mkdir(parents=True, exist_ok=True)
+    mask.write_text("# masked while a test image is built\n")
+    images.run(["udevadm", "control", "--reload"])
+    try:
+        yield
+    finally:
+        images.run(["udevadm", "settle", "--timeout=60"])
+        mask.unlink()
+        images.run(["udevadm", "control", "--reload"])
