@@ -68,7 +68,7 @@ def luks1_volume(path: Path, passphrase: bytes, filesystem: Path, *, formatter: 
             blank(path, filesystem.stat().st_size + LUKS1_ROOM)
             luks_format(path, passphrase, version=1)
         else:
-            _qemu_keyed(["qemu-img", "create", "-q", "-f", "luks", *qemu_secret(secret),
+            qemu_keyed(["qemu-img", "create", "-q", "-f", "luks", *qemu_secret(secret),
                          "-o", "key-secret=sec0,iter-time=100", str(path), str(filesystem.stat().st_size)])
         target = f"driver=luks,key-secret=sec0,file.driver=file,file.filename={path}"
         run(["qemu-img", "convert", *qemu_secret(secret), "-n", "-f", "raw", str(filesystem),
@@ -82,12 +82,12 @@ def encrypted_qcow2(src: Path, dst: Path, passphrase: bytes, encryption: str = "
     if encryption == "luks":
         options += ",encrypt.iter-time=100"
     with secret_file(passphrase) as secret:
-        _qemu_keyed(["qemu-img", "convert", *qemu_secret(secret), "-f", "raw", "-O", "qcow2", "-o", options,
+        qemu_keyed(["qemu-img", "convert", *qemu_secret(secret), "-f", "raw", "-O", "qcow2", "-o", options,
                      str(src), str(dst)])
     return dst
 
 
-def _qemu_keyed(argv: list[str]) -> None:
+def qemu_keyed(argv: list[str]) -> None:
     """A qemu-img that makes a LUKS header: QEMU times its key derivation, and gives up on a loaded host."""
     for attempt in range(3):
         try:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from imgmount_testkit.crypt_images import ext4_with, luks1_volume, luks_format, secret_file
+from imgmount_testkit.crypt_images import ext4_with, luks1_volume, luks_format, qemu_keyed, secret_file
 from imgmount_testkit.images import MiB, blank, run
 from mountd.image.blockio import FileReader, SliceReader
 from mountd.image.luks import LuksHeader, LuksHeaderError, read_header
@@ -71,8 +71,8 @@ def test_luks1_in_a_partition_window(workdir: Path) -> None:
 
 def test_luks1_created_by_qemu(workdir: Path) -> None:
     with secret_file(SECRET) as secret:
-        run(["qemu-img", "create", "-q", "-f", "luks", "--object", f"secret,id=s,file={secret}",
-             "-o", "key-secret=s,iter-time=100", str(workdir / "q.luks"), "4M"])
+        qemu_keyed(["qemu-img", "create", "-q", "-f", "luks", "--object", f"secret,id=s,file={secret}",
+                    "-o", "key-secret=s,iter-time=100", str(workdir / "q.luks"), "4M"])
     header = header_of(workdir / "q.luks")
     assert header is not None and header.version == 1
     assert header.payload_offset == int(dumped(workdir / "q.luks", "Payload offset")) * 512
