@@ -12,10 +12,7 @@ from mountd.model import MountInfo, MountRequest
 from tests.support import leftovers
 from tests.support.macdisk import gpt_dmg
 from tests.support.wide_sectors import gpt4k_guest
-from tests.vm import test_engine_vm
 from tests.vm.test_engine_vm import _check, _kinds
-
-engine = test_engine_vm.engine  # the same fixture: an engine whose mounts are undone after each test
 
 
 def _mount_nbd(engine: Engine, image: Path, root: Path) -> MountInfo:
