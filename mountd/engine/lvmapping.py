@@ -58,17 +58,19 @@ def thin_table(size: int, pool: str, device_id: int) -> Table:
 @dataclass(frozen=True)
 class LvMapper:
     """Maps the LVs of ``vg`` as layers of ``stack``, on the PV nodes ``pv_nodes`` (PV uuid -> node);
-    ``attached`` gives the node a volume already has in the stack ("" if none)."""
+    ``attached`` gives the node a volume already has in the stack ("" if none); ``disk``: the volumes' prefix
+    on a disk of several (an OVA's ``disk1/``)."""
 
     stack: MountStack
     vg: VolumeGroup
     pv_nodes: Mapping[str, str]
     read_only: bool
     attached: Callable[[str], str]
+    disk: str = ""
 
     def node(self, lv_name: str) -> str:
         """The device-mapper node of LV ``lv_name``, mapping it (and what it sits on) unless it is."""
-        volume = f"{self.vg.name}/{lv_name}"
+        volume = f"{self.disk}{self.vg.name}/{lv_name}"
         existing = self.attached(volume)
         if existing:
             return existing

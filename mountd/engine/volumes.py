@@ -191,8 +191,10 @@ class VolumeAttacher:
             for region in self.layout.volumes
             if region.vg == vg.name and region.kind != VolumeKind.LV and region.signature is not None
         }
-        mapper = LvMapper(self.stack, vg, pv_nodes, self.request.read_only, self._node_of)
-        return mapper.node(volume.name.rsplit("/", 1)[1])  # "vg/lv", or "disk2/vg/lv" on a disk of an OVA
+        lv_name = volume.name.rsplit("/", 1)[1]
+        disk = volume.name.removesuffix(f"{vg.name}/{lv_name}")  # "disk2/" for "disk2/vg/lv" (an OVA's disk)
+        mapper = LvMapper(self.stack, vg, pv_nodes, self.request.read_only, self._node_of, disk)
+        return mapper.node(lv_name)
 
     def _loop(self, volume: Volume) -> str:
         assert volume.offset is not None
