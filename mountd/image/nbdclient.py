@@ -128,7 +128,7 @@ def open_image(info: ImageInfo, key_fd: int = -1) -> Iterator[NbdReader]:
     sock_path, pid_path = os.path.join(workdir, "sock"), os.path.join(workdir, "pid")
     try:
         run_forked(["qemu-nbd", "--fork", "--read-only", "--socket", sock_path, "--pid-file", pid_path,
-                    "--cache=none", "--aio=threads", *secret_object(key_fd),
+                    "--aio=threads", *secret_object(key_fd),
                     "--image-opts", block_options(info, force_share=True)],
                    pid_path, timeout=HANDSHAKE_TIMEOUT, pass_fds=(key_fd,) if key_fd >= 0 else ())
         reader = NbdReader(_connect(sock_path))
