@@ -104,6 +104,17 @@ class Daemon:
     def fd_count(self) -> int:
         return len(os.listdir(f"/proc/{self.pid}/fd"))
 
+    def holds(self, path: Path) -> list[int]:
+        """The daemon's descriptors open on the file ``path`` (compared by device and inode)."""
+        want = os.stat(path)
+        found = []
+        for name in os.listdir(f"/proc/{self.pid}/fd"):
+            with contextlib.suppress(OSError):  # closed meanwhile
+                st = os.stat(f"/proc/{self.pid}/fd/{name}")
+                if (st.st_dev, st.st_ino) == (want.st_dev, want.st_ino):
+                    found.append(int(name))
+        return found
+
     def close(self) -> None:
         """Stop the daemon (SIGTERM unmounts everything); whatever is still recorded is undone in-process."""
         if self.proc is not None and self.proc.poll() is None:

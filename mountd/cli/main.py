@@ -172,13 +172,15 @@ def _locked(image: str, fmt: str | None, volumes: Sequence[str]) -> Locked:
     """What must be unlocked to mount ``volumes`` (all, if none are named): the image QEMU encrypted, or
     each locked volume, with what locks it."""
     from mountd.engine.unlocking import can_unlock, image_lock_kind, lock_kind  # noqa: PLC0415 - deferred
+    from mountd.host.support import check_host  # noqa: PLC0415
     from mountd.keys import IMAGE  # noqa: PLC0415
 
     found = _inspection(image, fmt)
     if found.image.encryption:
         return [(IMAGE, image_lock_kind(found.image))]
+    host = found.host or check_host()
     return [(v.name, lock_kind(v)) for v in found.volumes
-            if lock_kind(v) and (v.name in volumes if volumes else can_unlock(v))]
+            if lock_kind(v) and (v.name in volumes if volumes else can_unlock(v, host))]
 
 
 def _usage(message: str) -> Callable[[], Any]:

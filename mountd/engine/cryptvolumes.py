@@ -19,9 +19,9 @@ from dataclasses import replace
 
 from mountd.engine.inspection import DiskLayout, Volume, VolumeKind, analyse_disk
 from mountd.engine.lvmapping import dm_name
-from mountd.engine.unlocking import is_locked, lock_kind
+from mountd.engine.unlocking import can_unlock, is_locked, key_needed, lock_kind
 from mountd.engine.volumes import VolumeAttacher
-from mountd.errors import UnsupportedError, WrongKeyError
+from mountd.errors import UnsupportedError
 from mountd.image.blockio import FileReader
 from mountd.layers.bitlocker import BitLockerSpec
 from mountd.layers.crypt import CryptSpec
@@ -52,18 +52,20 @@ def unlock(attacher: VolumeAttacher, names: tuple[str, ...]) -> VolumeAttacher:
 
 
 def _to_unlock(attacher: VolumeAttacher, names: tuple[str, ...]) -> list[Volume]:
-    """The locked volumes named, each needing a key; with no names (or a name found only inside a locked
-    volume, like ``vgubuntu/root``), every locked volume the caller gave a key for."""
+    """The locked volumes named; with no names, every locked volume this host unlocks (as a mount of every
+    volume includes them: :func:`mountd.engine.unlocking.can_unlock`): each needs a key. With a name found
+    only inside a locked volume (``vgubuntu/root``), every locked volume the caller gave a key for."""
     layout, keys = attacher.layout, attacher.request.keys
     locked = [v for v in layout.volumes if is_locked(v) and _opened_here(v, attacher.disk.device_mapper)]
-    if names and all(layout.volume(n) is not None for n in names):
-        named = [v for v in locked if v.name in names]
-        for v in named:
-            if not keys.for_volume(v.name):
-                raise WrongKeyError(f"volume {v.name} is encrypted ({lock_kind(v)}): give its passphrase "
-                                    "(imgmount asks for it, or takes --passphrase-stdin or --key-file)")
-        return named
-    return [v for v in locked if keys.for_volume(v.name)]
+    inside_only = names and any(layout.volume(n) is None for n in names)
+    if inside_only:
+        return [v for v in locked if keys.for_volume(v.name)]
+    wanted = [v for v in locked if v.name in names] if names else \
+        [v for v in locked if can_unlock(v, attacher.host)]
+    for v in wanted:
+        if not keys.for_volume(v.name):
+            raise key_needed(v)
+    return wanted
 
 
 def _inside(attacher: VolumeAttacher, volume: Volume) -> DiskLayout:

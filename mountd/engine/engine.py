@@ -213,9 +213,8 @@ def _selected(layout: DiskLayout, names: tuple[str, ...], device_mapper: bool,
             raise NotFoundError(f"no volume named {echo(', '.join(missing))} in this image (it has: {known})")
         return [v for n in names if (v := layout.volume(n)) is not None]
     types = fusedrivers.mountable_types(mountable_types(), host)
-    chosen = [v for v in layout.volumes
-              if (((v.filesystem and mount_type(v.filesystem, types) in types) or unlocking.can_unlock(v))
-                  and (v.offset is not None or device_mapper)) or (v.thin and device_mapper)]
+    reachable = [v for v in layout.volumes if v.offset is not None or device_mapper]
+    chosen = [v for v in reachable if _mountable(v, types, host) or (v.thin and device_mapper)]
     if not chosen:
         found = _some(f"{v.name}: {v.signature.type if v.signature else 'nothing'}" for v in layout.volumes)
         raise UnsupportedError(f"no mountable filesystem in this image (found {found})")
@@ -223,6 +222,13 @@ def _selected(layout: DiskLayout, names: tuple[str, ...], device_mapper: bool,
         raise UnsupportedError(f"this image holds {len(chosen)} mountable volumes, more than the "
                                f"{MAX_LISTED} one mount takes: name the ones to mount (imgmount --volume)")
     return chosen
+
+
+def _mountable(volume: Volume, types: frozenset[str], host: HostSupport) -> bool:
+    """Whether a mount of every volume includes ``volume``: a filesystem this host mounts, or a lock it opens
+    (the mount then asks for its key)."""
+    fs = volume.filesystem
+    return bool(fs and mount_type(fs, types) in types) or unlocking.can_unlock(volume, host)
 
 
 def _some(names: Iterable[str], shown: int = 20) -> str:

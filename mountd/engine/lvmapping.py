@@ -75,12 +75,14 @@ class LvMapper:
         if existing:
             return existing
         lv = self.vg.lv(lv_name)
-        mount_id = self.stack.record.id
-        name = dm_name(f"imgmount-{mount_id}-{self.vg.name}-{lv_name}")
+        # The disk's name keeps two VGs of one name (disks made from one template, even one uuid) apart.
+        disk = f"{dm_name(self.disk.rstrip('/'))}-" if self.disk else ""
+        where = f"{self.stack.record.id}-{disk}"
         # The kernel takes a thin-pool in read-write tables only ("always writeable"): a read-only pool is
         # one whose table says read_only (pool_features), over read-only metadata and data devices.
         read_only = self.read_only and not is_thin_pool(lv)
-        spec = DmSpec(name, f"IMGMOUNT-{mount_id}-{lv.uuid}", read_only, self._table(lv_name))
+        spec = DmSpec(dm_name(f"imgmount-{where}{self.vg.name}-{lv_name}"), f"IMGMOUNT-{where}{lv.uuid}",
+                      read_only, self._table(lv_name))
         return self.stack.push(spec.plan(volume)).node
 
     def _table(self, lv_name: str) -> Table:

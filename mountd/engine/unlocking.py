@@ -24,6 +24,7 @@ from mountd.engine.inspection import DiskLayout, Volume, VolumeKind, analyse_dis
 from mountd.engine.stack import MountStack
 from mountd.errors import UnsupportedError, WrongKeyError
 from mountd.host.qemusecret import SECRET_ID
+from mountd.host.support import HostSupport
 from mountd.image.blockio import FileReader, SliceReader
 from mountd.image.imageinfo import ImageInfo
 from mountd.image.luks import LuksHeader, read_header
@@ -41,10 +42,20 @@ def is_locked(volume: Volume) -> bool:
     return volume.signature is not None and volume.signature.type in LOCKED_TYPES
 
 
-def can_unlock(volume: Volume) -> bool:
-    """Whether this version unlocks ``volume`` (a mount of every volume then includes it, asking for its key):
-    LUKS1, through QEMU's luks driver. Others are mounted only when named, and then say what they need."""
-    return lock_kind(volume) == "LUKS1"
+def can_unlock(volume: Volume, host: HostSupport) -> bool:
+    """Whether ``host`` unlocks ``volume``, so that a mount of every volume includes it and asks for its key:
+    LUKS through dm-crypt, else LUKS1 through QEMU's luks driver; BitLocker through dislocker's FUSE. Others
+    are mounted only when named, and then say what they need."""
+    kind = lock_kind(volume)
+    if kind == "BitLocker":
+        return host.fuse and host.has("dislocker-fuse")
+    dm_crypt = host.device_mapper and host.has("cryptsetup")
+    return kind.startswith("LUKS") and (dm_crypt or (kind == "LUKS1" and host.fuse_exports))
+
+
+def key_needed(volume: Volume) -> KeyNeededError:
+    return KeyNeededError(f"volume {volume.name} is locked ({lock_kind(volume)}): give its passphrase "
+                          f"({HOW_TO_GIVE})")
 
 
 def lock_kind(volume: Volume) -> str:
@@ -84,7 +95,7 @@ def unlock_volume(stack: MountStack, disk: Disk, volume: Volume,
                                f"(dm-crypt), which {lacking} (QEMU's luks driver reads LUKS1 only)")
     secrets = request.keys.for_volume(volume.name)
     if not secrets:
-        raise KeyNeededError(f"volume {volume.name} is locked ({kind}): give its passphrase ({HOW_TO_GIVE})")
+        raise key_needed(volume)
     payload = volume.size - header.payload_offset
     blockdev = _luks_blockdev(disk.node, volume.offset, volume.size)
     export = export_path(stack.journal.root, f"{stack.record.id}-{len(stack.record.layers)}")

@@ -2,7 +2,8 @@
 
 LVM's own activation cannot map two images whose VGs share a name (every stock Ubuntu is "ubuntu-vg"), or a
 guest VG named like an active host VG: its dm names ("VG-LV") and uuids ("LVM-<vg uuid><lv uuid>") collide.
-Ours never do: the name is "imgmount-<mount id>-<vg>-<lv>" and the uuid "IMGMOUNT-<mount id>-<lv uuid>",
+Ours never do: the name is "imgmount-<mount id>-<vg>-<lv>" and the uuid "IMGMOUNT-<mount id>-<lv uuid>"
+(with "<disk>-" after the mount id on a disk of several, an OVA's),
 and the table comes from :mod:`mountd.image.lvmmeta`, so nothing is written to either image and no LVM command
 ever runs on the guest's VG to map it.
 """

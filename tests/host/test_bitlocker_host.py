@@ -9,6 +9,7 @@ identifies as BitLocker version 2 and which dislocker reads and rejects. A volum
 
 from __future__ import annotations
 
+import os
 import struct
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,8 +25,10 @@ from mountd.errors import InvalidArgumentError, InvalidImageError, UnsupportedEr
 from mountd.keys import Keys
 from mountd.model import MountRequest
 from tests.support import guests, leftovers
+from tests.support.daemon_calls import BIN
 from tests.support.engines import engine_in
 from tests.support.secret_scan import scanning_processes
+from tests.support.terminal import at_terminal
 
 PASSWORD = b"BitLocker user password 42"
 FVE_AT = 64 << 10
@@ -66,8 +69,15 @@ def test_inspection_shows_bitlocker_locked(stub: Path) -> None:
     assert p2.signature.version == "2"
 
 
-def test_without_a_password_the_other_volume_mounts(engine: Engine, stub: Path, tmp_path: Path) -> None:
-    info = engine.mount(MountRequest(str(stub), mount_root=str(tmp_path / "media")))
+def test_a_mount_of_every_volume_asks_for_its_password_and_the_others_mount_when_named(
+        engine: Engine, stub: Path, tmp_path: Path) -> None:
+    """dislocker's FUSE runs here, so BitLocker is a volume this host unlocks: mounting every volume without
+    its password names it (as for LUKS), and leaves nothing; naming the other volume mounts it."""
+    before = leftovers.snapshot()
+    with pytest.raises(InvalidArgumentError, match=r"^volume p2 is locked \(BitLocker\): give its passphrase"):
+        engine.mount(MountRequest(str(stub), mount_root=str(tmp_path / "media")))
+    assert engine.mounts() == [] and leftovers.ours(leftovers.snapshot().new_since(before), stub.parent) == []
+    info = engine.mount(MountRequest(str(stub), mount_root=str(tmp_path / "media"), volumes=("p1",)))
     assert [v.name for v in info.volumes] == ["p1"]
     guests.check_files(Path(info.volumes[0].mountpoint), content("p1"))
     engine.unmount(info.id)
@@ -96,6 +106,20 @@ def test_a_recovery_password_is_refused_with_the_reason(engine: Engine, stub: Pa
 
 
 def test_naming_it_without_a_password_says_to_give_one(engine: Engine, stub: Path, tmp_path: Path) -> None:
-    with pytest.raises(InvalidArgumentError, match=r"^volume p2 is encrypted \(BitLocker\): give its passphrase"):
+    with pytest.raises(InvalidArgumentError, match=r"^volume p2 is locked \(BitLocker\): give its passphrase"):
         engine.mount(MountRequest(str(stub), mount_root=str(tmp_path / "media"), volumes=("p2",)))
     assert engine.mounts() == []
+
+
+def test_the_command_asks_for_the_bitlocker_password_on_a_terminal(stub: Path, tmp_path: Path) -> None:
+    """A volume this host unlocks is asked for, whatever locks it (not LUKS1 only); what dislocker then says
+    of the STUB reaches the user, and nothing is left."""
+    env = {**os.environ, "IMGMOUNT_STATE_DIR": str(tmp_path / "state")}
+    before = leftovers.snapshot()
+    with at_terminal([str(BIN / "imgmount"), str(stub)], env) as term:
+        assert term.read_until(b": ").strip().endswith(b"Passphrase for volume p2 (BitLocker):")
+        term.type(PASSWORD)
+        said = term.read_until(b"Abort.")
+        assert term.proc.wait(timeout=120) == InvalidImageError.exit_code
+    assert b"dislocker could not open the BitLocker volume" in said and PASSWORD not in said
+    assert leftovers.ours(leftovers.snapshot().new_since(before), stub.parent, tmp_path) == []

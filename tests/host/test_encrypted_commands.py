@@ -4,14 +4,9 @@ each locked volume, and ``--info`` saying what is locked and with what."""
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
-import pty
-import select
 import subprocess
-import termios
-import time
 from pathlib import Path
 
 from imgmount_testkit.bus import Bus
@@ -23,6 +18,7 @@ from tests.support.crypt_guests import IMAGE_PASSPHRASE, PASSPHRASE
 from tests.support.daemon_calls import BIN, command, copy
 from tests.support.guests import Guest
 from tests.support.secret_scan import scanning_processes
+from tests.support.terminal import at_terminal
 
 
 def check_mounted(result: subprocess.CompletedProcess[str], guest: Guest) -> dict[str, str]:
@@ -96,35 +92,13 @@ def test_info_shows_what_is_locked(bus: Bus, luks1_disk: Guest, luks_qcow2: Gues
 def test_asks_on_the_terminal_for_each_locked_volume(tmp_path: Path, luks1_disk: Guest) -> None:
     """With a terminal on stdin and no key given, the command asks (no echo) for p2 only."""
     env = {**os.environ, "IMGMOUNT_STATE_DIR": str(tmp_path / "state")}
-    master, slave = pty.openpty()
-    # The pty becomes the child's controlling terminal (getpass reads /dev/tty): only preexec_fn can do
-    # that between fork and exec; no other thread of this test runs meanwhile.
-    proc = subprocess.Popen([str(BIN / "imgmount"), str(luks1_disk.raw), "--json"], stdin=slave,
-                            stdout=subprocess.PIPE, stderr=slave, env=env, start_new_session=True,
-                            preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0))  # noqa: PLW1509
-    os.close(slave)
-    try:
-        prompt = _read_until(master, b": ")
+    with at_terminal([str(BIN / "imgmount"), str(luks1_disk.raw), "--json"], env) as term:
+        prompt = term.read_until(b": ")
         assert prompt.strip().endswith(b"Passphrase for volume p2 (LUKS1):")
-        os.write(master, PASSPHRASE + b"\n")
-        out, _ = proc.communicate(timeout=120)
-        echoed = _read_until(master, b"", timeout=0.5)
-    finally:
-        os.close(master)
+        term.type(PASSPHRASE)
+        out, _ = term.proc.communicate(timeout=120)
+        echoed = term.read_until(b"", timeout=0.5)
     assert PASSPHRASE not in echoed  # no echo
-    check_mounted(subprocess.CompletedProcess([], proc.returncode, out.decode(), ""), luks1_disk)
+    check_mounted(subprocess.CompletedProcess([], term.proc.returncode, out.decode(), ""), luks1_disk)
     done = subprocess.run([str(BIN / "imgumount"), str(luks1_disk.raw)], env=env, check=False)
     assert done.returncode == 0
-
-
-def _read_until(fd: int, end: bytes, timeout: float = 60.0) -> bytes:
-    """What the terminal shows until ``end`` (or, for ``b""``, until ``timeout`` passes quietly)."""
-    data, deadline = b"", time.monotonic() + timeout
-    while (not end or end not in data) and (left := deadline - time.monotonic()) > 0:
-        if not select.select([fd], [], [], left)[0]:
-            break
-        try:
-            data += os.read(fd, 4096)
-        except OSError:  # the other side closed
-            break
-    return data

@@ -76,7 +76,8 @@ def test_luks_qcow2_with_the_passphrases_option(c: Client, daemon: Daemon, luks_
 
 def test_legacy_aes_qcow2_with_a_key_file(c: Client, daemon: Daemon, aes_qcow2: Guest,
                                           key_file: Callable[[bytes], Path]) -> None:
-    fd, before = os.open(key_file(IMAGE_PASSPHRASE), os.O_RDONLY), daemon.fd_count()
+    key = key_file(IMAGE_PASSPHRASE)
+    fd = os.open(key, os.O_RDONLY)
     try:
         with scanning_processes([IMAGE_PASSPHRASE]) as seen:
             path = c.call("/io/github/imgmount/Mountd1", "io.github.imgmount.Mountd1.Manager", "Mount", "sa{sv}",
@@ -84,7 +85,7 @@ def test_legacy_aes_qcow2_with_a_key_file(c: Client, daemon: Daemon, aes_qcow2: 
     finally:
         os.close(fd)
     assert seen == set()
-    assert daemon.fd_count() == before  # the key file's descriptor was closed after the call
+    assert daemon.holds(key) == []  # the key file's descriptor was closed after the call
     check_and_unmount(c, path, aes_qcow2)
     assert_no_secret_kept(daemon, IMAGE_PASSPHRASE)
 

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from mountd.engine.cryptvolumes import RECOVERY_PASSWORD, _with_inside
 from mountd.engine.inspection import DiskLayout, Volume, VolumeKind
-from mountd.engine.unlocking import is_locked
+from mountd.engine.unlocking import can_unlock, is_locked
+from mountd.host.programs import PROGRAMS
+from mountd.host.support import HostSupport
 from mountd.image.fsprobe import Signature
 from mountd.image.partitions import PartitionTable
 
 LUKS2 = Signature("crypto_LUKS", "crypto", uuid="0b1c-2d", version="2")
 PV = Signature("LVM2_member", "raid", uuid="pv-uuid")
 EXT4 = Signature("ext4", "filesystem", label="root")
+ALL = frozenset(p.name for p in PROGRAMS)
 
 
 def test_an_unlocked_pv_keeps_its_name_and_its_lvs_join_unmapped() -> None:
@@ -41,3 +46,21 @@ def test_a_partition_table_inside_is_said_not_read() -> None:
 def test_recovery_passwords_are_told_from_passwords() -> None:
     assert RECOVERY_PASSWORD.fullmatch(b"-".join([b"123456"] * 8))
     assert not RECOVERY_PASSWORD.fullmatch(b"123456-123456") and not RECOVERY_PASSWORD.fullmatch(b"hunter22")
+
+
+def test_what_a_host_unlocks_decides_what_a_mount_of_every_volume_asks_for() -> None:
+    """LUKS through dm-crypt where device-mapper and cryptsetup are; else LUKS1 only, through QEMU's luks
+    driver on a FUSE export; BitLocker wherever dislocker's FUSE runs. An unlocked-looking volume never."""
+    def volume(sig: Signature) -> Volume:
+        return Volume("p3", VolumeKind.PARTITION, 1 << 20, 64 << 20, sig)
+
+    luks1, luks2 = volume(replace(LUKS2, version="1")), volume(LUKS2)
+    bitlocker, ext4 = volume(Signature("BitLocker", "crypto", version="2")), volume(EXT4)
+    dm_host = HostSupport(device_mapper=True, fuse=True)
+    fuse_only = HostSupport(fuse=True)
+    no_cryptsetup = HostSupport(device_mapper=True, fuse=True, programs=ALL - {"cryptsetup"})
+    bare = HostSupport(programs=ALL - {"qemu-storage-daemon", "dislocker-fuse"})
+    assert [can_unlock(v, dm_host) for v in (luks1, luks2, bitlocker, ext4)] == [True, True, True, False]
+    assert [can_unlock(v, fuse_only) for v in (luks1, luks2, bitlocker, ext4)] == [True, False, True, False]
+    assert [can_unlock(v, no_cryptsetup) for v in (luks1, luks2, bitlocker)] == [True, False, True]
+    assert [can_unlock(v, bare) for v in (luks1, luks2, bitlocker)] == [False, False, False]
