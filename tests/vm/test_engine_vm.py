@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import subprocess
@@ -136,6 +137,21 @@ def test_sixteen_images_at_once(engine: Engine, scratch: Path) -> None:
         engine.unmount(m.id)
     assert engine.mounts() == []
     assert leftovers.snapshot().new_since(before) == []
+
+
+def test_an_image_on_a_tmpfs_without_o_direct(engine: Engine, scratch: Path) -> None:
+    """Debian 12's kernel (6.1) has no O_DIRECT on tmpfs (6.6 added it), and /dev/shm, /run/user and many a
+    /tmp are tmpfs: an image there mounts all the same (inspection's qemu-nbd once asked for O_DIRECT, and
+    every such image failed with "filesystem does not support O_DIRECT")."""
+    probe = scratch / "probe"
+    probe.write_bytes(b"x")
+    with pytest.raises(OSError) as refused:  # the condition itself: the lane's scratch is such a tmpfs
+        os.close(os.open(probe, os.O_RDONLY | os.O_DIRECT))
+    assert refused.value.errno == errno.EINVAL
+    guest = guests.whole_disk_guest(scratch / "shm.raw")
+    info = _mount(engine, images.convert(guest.raw, scratch / "shm.qcow2", "qcow2"), scratch / "media")
+    guests.check_files(Path(info.volumes[0].mountpoint), guest.files["disk"])
+    _unmount_and_check_gone(engine, info)
 
 
 @pytest.fixture
