@@ -39,6 +39,19 @@ def gpt_guest(path: Path) -> Guest:
     return Guest(raw, {name: _content(name) for name in fstypes}, fstypes)
 
 
+def small_gpt_guest(path: Path) -> Guest:
+    """GPT, small: p1 ext4, p2 an LVM PV of VG ``guestvg`` with a linear ext4 LV ``root`` (a partition node
+    and a device-mapper LV, for what varies with the image format and not with the filesystems)."""
+    raw = images.blank(path, 96 * MiB)
+    images.partition(raw, "label: gpt\nsize=32MiB\ntype=E6D6D379-F507-44C2-A23C-238F2A3DF928\n")
+    p1, p2 = images.sfdisk_json(raw)["partitions"]
+    images.format_region(raw, p1["start"] * 512, p1["size"] * 512, "ext4", label="p1", files=_content("p1"))
+    images.make_lvm(raw, p2["start"] * 512, p2["size"] * 512, "guestvg",
+                    [images.LvSpec("root", 40, "ext4", "root", _content("guestvg/root"))])
+    fstypes = {"p1": "ext4", "guestvg/root": "ext4"}
+    return Guest(raw, {name: _content(name) for name in fstypes}, fstypes)
+
+
 def mbr_guest(path: Path) -> Guest:
     """MBR: p1 ext4, an extended partition p2 with logicals p5 ext4 and p6 xfs."""
     raw = images.blank(path, 160 * MiB)

@@ -19,10 +19,17 @@ from mountd.service.dbusapi import MOUNT_IFACE
 from tests.support import guests
 
 
-@pytest.fixture
-def served(scratch: Path) -> Iterator[tuple[Bus, Client]]:
+@pytest.fixture(scope="module")
+def served() -> Iterator[tuple[Bus, Client]]:
+    """One bus and daemon for this module's tests (a start costs nearly a minute under emulation); each test
+    ends with no mount left."""
     with tmpfs() as run, serving(run) as (bus, _, cl):
         yield bus, cl
+
+
+@pytest.fixture(scope="module")
+def gpt(tmp_path_factory: pytest.TempPathFactory) -> guests.Guest:
+    return guests.gpt_guest(tmp_path_factory.mktemp("gpt") / "gpt.raw")
 
 
 @pytest.fixture
@@ -36,8 +43,8 @@ def group() -> Iterator[int]:
         yield gid
 
 
-def test_nbd_and_lvm_through_the_daemon(c: Client, scratch: Path) -> None:
-    guest = guests.gpt_guest(scratch / "gpt.raw")
+def test_nbd_and_lvm_through_the_daemon(c: Client, gpt: guests.Guest, scratch: Path) -> None:
+    guest = gpt
     image = images.convert(guest.raw, scratch / "gpt.qcow2", "qcow2")
     path = c.mount(image).value()
     props = c.props(path, MOUNT_IFACE)
@@ -59,7 +66,7 @@ def test_nbd_and_lvm_through_the_daemon(c: Client, scratch: Path) -> None:
 
 
 def test_a_callers_image_on_nbd_is_parsed_by_a_qemu_running_as_the_caller(
-        served: tuple[Bus, Client], group: int) -> None:
+        served: tuple[Bus, Client], gpt: guests.Guest, group: int) -> None:
     """A group member's qcow2 on the nbd backend: her own qemu-storage-daemon (her uid, no capabilities,
     no_new_privs) parses it; root's qemu-nbd on /dev/nbdN is only an NBD client of it; the kernel's partition
     nodes and our device-mapper LV carry her files; unmount leaves no server."""
@@ -67,7 +74,7 @@ def test_a_callers_image_on_nbd_is_parsed_by_a_qemu_running_as_the_caller(
     account = pwd.getpwnam("daemon")
     shared = world_dir("imgmount-vm-")
     try:
-        guest = guests.gpt_guest(shared / "gpt.raw")
+        guest = gpt
         image = images.convert(guest.raw, shared / "gpt.qcow2", "qcow2")
         os.chown(image, account.pw_uid, account.pw_gid)
         image.chmod(0o600)

@@ -53,16 +53,22 @@ def _unmount_and_check_gone(engine: Engine, info: MountInfo) -> None:
     assert all(f" {v.mountpoint} " not in mounted for v in info.volumes)
 
 
+@pytest.fixture(scope="module")
+def small_gpt(tmp_path_factory: pytest.TempPathFactory) -> Guest:
+    return guests.small_gpt_guest(tmp_path_factory.mktemp("small-gpt") / "small-gpt.raw")
+
+
 @pytest.mark.parametrize(("fmt", "options"), FORMATS, ids=[f for f, _ in FORMATS])
-def test_nbd_backend_every_format(engine: Engine, gpt: Guest, scratch: Path, fmt: str,
+def test_nbd_backend_every_format(engine: Engine, small_gpt: Guest, scratch: Path, fmt: str,
                                   options: tuple[str, ...]) -> None:
-    image = images.convert(gpt.raw, scratch / f"gpt.{fmt}", fmt, *options)
+    """Each format through qemu-nbd, with a partition and an LV: what varies with the format (the other
+    tests here mount ext4, xfs and btrfs side by side)."""
+    image = images.convert(small_gpt.raw, scratch / f"gpt.{fmt}", fmt, *options)
     info = _mount(engine, image, scratch / "media", backend="nbd")
     assert (info.backend, info.format) == ("nbd", fmt) and info.device.startswith("/dev/nbd")
-    _check(info, gpt)
+    _check(info, small_gpt)
     # max_part=16: the kernel's own partition nodes; the LV through our own device-mapper table
-    assert _kinds(engine, info) == {"p1": "partition", "p2": "partition", "p3": "partition",
-                                    "p4": "partition", "guestvg/root": "dm"}
+    assert _kinds(engine, info) == {"p1": "partition", "p2": "partition", "guestvg/root": "dm"}
     _unmount_and_check_gone(engine, info)
 
 
