@@ -24,7 +24,7 @@ from mountd.engine.engine import Engine
 from mountd.engine.journal import Journal
 from mountd.errors import InvalidArgumentError, OperationTimeoutError
 from mountd.keys import Keys
-from mountd.layers.crypt import OPEN_TIMEOUT
+from mountd.layers import crypt
 from mountd.layers.layer import InjectedFault
 from mountd.model import MountInfo, MountRequest
 from mountd.settings import Settings
@@ -154,7 +154,6 @@ from pathlib import Path
 from mountd.engine.engine import Engine
 from mountd.engine.journal import Journal
 from mountd.keys import Keys
-from mountd.layers.crypt import OPEN_TIMEOUT
 from mountd.model import MountRequest
 from mountd.settings import Settings
 state, image, media, step = sys.argv[1:]
@@ -193,8 +192,12 @@ def test_luks1_partition_with_ext4_inside(engine: Engine, scratch: Path) -> None
     _ours_gone(info)
 
 
-def test_a_crafted_key_slot_is_bounded_in_time(engine: Engine, scratch: Path) -> None:
-    """LUKS1 has no header checksum: key slot 0 patched to ask for 2^32 - 1 PBKDF2 iterations (hours)."""
+def test_a_crafted_key_slot_is_bounded_in_time(engine: Engine, scratch: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """LUKS1 has no header checksum: key slot 0 patched to ask for 2^32 - 1 PBKDF2 iterations (hours). The
+    bound (OPEN_TIMEOUT, 60 s) is shortened to 10 s here: what is tested is that there is one, and what
+    reaching it leaves (nothing) and says."""
+    monkeypatch.setattr(crypt, "OPEN_TIMEOUT", 10.0)
     raw = images.blank(scratch / "crafted.raw", 24 << 20)  # a partition: a whole-disk LUKS file is QEMU's
     images.partition(raw, "label: gpt\nsize=16MiB\n")
     offset = images.sfdisk_json(raw)["partitions"][0]["start"] * 512
@@ -207,7 +210,7 @@ def test_a_crafted_key_slot_is_bounded_in_time(engine: Engine, scratch: Path) ->
     start = time.monotonic()
     with pytest.raises(OperationTimeoutError) as caught:
         _mount(engine, raw, scratch / "media", Keys(everywhere=SECRET))
-    assert time.monotonic() - start < OPEN_TIMEOUT + 30
-    assert str(caught.value) == (f"unlocking volume p1 took more than {OPEN_TIMEOUT:g} s: its key slots ask for "
+    assert time.monotonic() - start < crypt.OPEN_TIMEOUT + 30
+    assert str(caught.value) == ("unlocking volume p1 took more than 10 s: its key slots ask for "
                                  "more key derivation than a real volume does (a damaged or crafted header)")
     assert engine.mounts() == [] and leftovers.snapshot().new_since(before) == []
