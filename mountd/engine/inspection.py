@@ -281,7 +281,7 @@ def _vg_volumes(probes: _Probes, vg: VolumeGroup, regions: list[_Region]) -> Ite
         if extent is None:
             why = _unmapped(lv)
             yield Volume(name, VolumeKind.LV, None, lv.size, None, vg=vg.name,
-                         note=f"{why}: needs device-mapper", unmapped=why, thin=is_thin(lv))
+                         note=why, unmapped=why, thin=is_thin(lv))  # what that takes: the host (render)
         elif extent[0] not in present:
             why = f"on physical volume {extent[0]}, which is not in this image"
             yield Volume(name, VolumeKind.LV, None, lv.size, None, vg=vg.name,

@@ -5,6 +5,7 @@ The JSON schema is documented in README.md ("imgmount --info --json"); keys are 
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from mountd.engine.inspection import InspectedDisk, Inspection, Volume, VolumeKind
@@ -69,7 +70,7 @@ def inspection_to_dict(ins: Inspection) -> dict[str, Any]:
              "logical-volumes": [lv.name for lv in vg.lvs if lv.visible]}
             for vg in ins.volume_groups
         ],
-        "volumes": [_volume_dict(v) for v in ins.volumes],
+        "volumes": [_volume_dict(v) for v in _noted(ins)],
         "host": None if ins.host is None else _host_dict(ins.host),
     }
 
@@ -183,9 +184,22 @@ def _file_line(f: ImageFile, usage: dict[str, FileUsage], depth: int) -> str:
             f"{extra}{snaps}; {u.describe() if u else 'free'}")
 
 
+def _noted(ins: Inspection) -> tuple[Volume, ...]:
+    """The volumes; an LV that is no one piece of the disk (striped, thin) also says what mapping it takes on
+    the host that inspected it."""
+    mapped = ins.host is not None and ins.host.lv_mapping
+    tail = "mapped through device-mapper when mounted" if mapped else "needs device-mapper"
+    return tuple(replace(v, note=f"{v.note}: {tail}") if _mapped_only(v) else v for v in ins.volumes)
+
+
+def _mapped_only(v: Volume) -> bool:
+    return v.kind == VolumeKind.LV and bool(v.unmapped) and v.note == v.unmapped
+
+
 def _volume_rows(ins: Inspection) -> list[tuple[str, ...]]:
-    top = [v for v in ins.volumes if v.kind != VolumeKind.LV]
-    lvs = [v for v in ins.volumes if v.kind == VolumeKind.LV]
+    volumes = _noted(ins)
+    top = [v for v in volumes if v.kind != VolumeKind.LV]
+    lvs = [v for v in volumes if v.kind == VolumeKind.LV]
     rows: list[tuple[str, ...]] = []
     for i, v in enumerate(top):
         last = i == len(top) - 1 or _disk_of(ins, top[i + 1]) != _disk_of(ins, v)  # of its disk, in an OVA

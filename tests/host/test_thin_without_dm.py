@@ -14,9 +14,11 @@ import pytest
 
 from imgmount_testkit.lvm_synth import crafted_vg, pv_file
 from mountd.engine.engine import Engine
+from mountd.engine.inspection import inspect_image
 from mountd.engine.journal import Journal
+from mountd.engine.render import inspection_to_dict, render_tree
 from mountd.errors import UnsupportedError
-from mountd.host.support import check_host
+from mountd.host.support import HostSupport, check_host
 from mountd.model import MountRequest
 from tests.support import leftovers
 
@@ -36,6 +38,16 @@ def test_info_lists_thin_volumes_that_need_device_mapper(thin_pv: Path) -> None:
     volumes = {v["name"]: v for v in json.loads(proc.stdout)["volumes"]}
     assert volumes["big/thin0"]["note"] == "a thin volume in thin pool pool (thin provisioning): needs device-mapper"
     assert volumes["big/pool"]["note"].startswith("a thin pool (thin provisioning)")
+
+
+def test_the_note_says_what_the_inspecting_host_does_with_it(thin_pv: Path) -> None:
+    """What a thin LV takes is the inspecting host's matter: one with device-mapper (described here, as this
+    host has none; the VM lane mounts thin volumes on a real one) maps it when it is mounted."""
+    with_dm = HostSupport(device_mapper=True, fuse=True)
+    notes = {v["name"]: v["note"] for v in inspection_to_dict(inspect_image(str(thin_pv), host=with_dm))["volumes"]}
+    assert notes["big/thin0"] == ("a thin volume in thin pool pool (thin provisioning): mapped through "
+                                  "device-mapper when mounted")
+    assert "needs device-mapper" not in render_tree(inspect_image(str(thin_pv), host=with_dm))
 
 
 def test_mounting_a_thin_volume_names_thin_provisioning_and_device_mapper(thin_pv: Path, tmp_path: Path) -> None:
