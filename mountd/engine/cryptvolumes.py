@@ -32,10 +32,11 @@ BITLOCKER = "BitLocker"
 RECOVERY_PASSWORD = re.compile(rb"[0-9]{6}(-[0-9]{6}){7}")
 
 
-def _opened_here(volume: Volume, device_mapper: bool) -> bool:
-    """LUKS is opened here with dm-crypt; without device-mapper it is left to :mod:`mountd.engine.unlocking`
-    (QEMU's luks driver for LUKS1, the error naming device-mapper for LUKS2). BitLocker needs only FUSE."""
-    return device_mapper or _is_bitlocker(volume)
+def _opened_here(volume: Volume, attacher: VolumeAttacher) -> bool:
+    """LUKS is opened here with dm-crypt, where device-mapper and cryptsetup are; else it is left to
+    :mod:`mountd.engine.unlocking` (QEMU's luks driver for LUKS1, the error naming what is missing for LUKS2).
+    BitLocker needs only FUSE."""
+    return _is_bitlocker(volume) or (attacher.disk.device_mapper and attacher.host.has("cryptsetup"))
 
 
 def _is_bitlocker(volume: Volume) -> bool:
@@ -56,7 +57,7 @@ def _to_unlock(attacher: VolumeAttacher, names: tuple[str, ...]) -> list[Volume]
     volume includes them: :func:`mountd.engine.unlocking.can_unlock`): each needs a key. With a name found
     only inside a locked volume (``vgubuntu/root``), every locked volume the caller gave a key for."""
     layout, keys = attacher.layout, attacher.request.keys
-    locked = [v for v in layout.volumes if is_locked(v) and _opened_here(v, attacher.disk.device_mapper)]
+    locked = [v for v in layout.volumes if is_locked(v) and _opened_here(v, attacher)]
     inside_only = names and any(layout.volume(n) is None for n in names)
     if inside_only:
         return [v for v in locked if keys.for_volume(v.name)]

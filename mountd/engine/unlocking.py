@@ -90,9 +90,10 @@ def unlock_volume(stack: MountStack, disk: Disk, volume: Volume,
         raise UnsupportedError(f"volume {volume.name} is {kind} on a volume that needs device-mapper")
     header = _header(disk.node, volume)
     if header.version != 1:
-        lacking = "this version of imgmount lacks" if disk.device_mapper else "this kernel lacks"
-        raise UnsupportedError(f"volume {volume.name} is {kind}: unlocking it needs device-mapper "
-                               f"(dm-crypt), which {lacking} (QEMU's luks driver reads LUKS1 only)")
+        need = ("cryptsetup (package cryptsetup-bin), which this host lacks" if disk.device_mapper
+                else "device-mapper (dm-crypt), which this kernel lacks")
+        raise UnsupportedError(f"volume {volume.name} is {kind}: unlocking it needs {need} (QEMU's luks "
+                               "driver reads LUKS1 only)")
     secrets = request.keys.for_volume(volume.name)
     if not secrets:
         raise key_needed(volume)
