@@ -109,6 +109,10 @@ def test_read_write_persists(engine: Engine, ubuntu: CryptGuest, scratch: Path) 
 def test_wrong_passphrase_is_one_sentence_and_leaves_nothing(engine: Engine, ubuntu: CryptGuest,
                                                              scratch: Path) -> None:
     before = leftovers.snapshot()
+    with pytest.raises(InvalidArgumentError) as needed:  # no key: this host opens LUKS2, so it is asked for
+        _mount(engine, ubuntu.raw, scratch / "media", Keys())
+    assert str(needed.value).startswith("volume p3 is locked (LUKS2): give its passphrase")
+    assert engine.mounts() == [] and leftovers.snapshot().new_since(before) == []
     with pytest.raises(InvalidArgumentError) as caught:
         _mount(engine, ubuntu.raw, scratch / "media", Keys(everywhere=WRONG))
     assert str(caught.value).startswith("wrong passphrase or key file for volume p3 (LUKS2 on /dev/nbd")
