@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from imgmount_testkit import images
+from imgmount_testkit.crypt_images import FAST_KDF
 from imgmount_testkit.images import LVM_ENV, MiB, blank, format_region, loop, mkfs, mounted, partition, run
 
-FAST_KDF = ("--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000")
 ESP, LINUX_FS = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B", "0FC63DAF-8483-4772-8E79-3D69D8477DE4"
 NO_BACKUP = "backup { backup = 0 archive = 0 }"
 
