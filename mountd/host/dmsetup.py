@@ -9,18 +9,21 @@ for ever on a udevd that is gone (a stale socket in a container).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import select
 import socket
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from mountd.errors import CommandError
+from mountd.errors import BusyError, CommandError
 from mountd.host import command
-from mountd.host.blockdev import lock_out_udev
+from mountd.host.blockdev import TICK, UDEV_LOCK_TIMEOUT, lock_out_udev
 from mountd.host.processes import entries, text_of
-from mountd.host.users import SYS_CLASS_BLOCK
+from mountd.host.users import SYS_CLASS_BLOCK, block_users
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +69,47 @@ class DmDevice:
     def sysname(self) -> str:
         """``dm-N``, its name under /sys/block."""
         return os.path.basename(os.path.realpath(f"/sys/dev/block/{self.devnum}"))
+
+
+#: Programs whose holding a device open is udev probing it (a worker's exe: systemd-udevd, or udevadm that
+#: Debian links it to).
+UDEV_PROGRAMS = frozenset({"systemd-udevd", "udevadm", "udevd"})
+
+
+def settled(device: DmDevice, find: Callable[[], DmDevice | None]) -> DmDevice | None:
+    """``device`` as ``find`` sees it once udev is done with it (None: gone). udev's probe of a new device
+    holds it open, and its event may start only after we looked at udev's lock: an open count that no one
+    but udev accounts for is waited out, for at most UDEV_LOCK_TIMEOUT; what stays is a user."""
+    deadline = time.monotonic() + UDEV_LOCK_TIMEOUT
+    while True:
+        let_udev_finish(device)
+        now = find()
+        if now is None or now.open_count == 0 or time.monotonic() > deadline or not _udev_only(now):
+            return now
+        select.select([], [], [], TICK)
+
+
+def let_udev_finish(device: DmDevice) -> None:
+    """udev holds a device's lock while it processes an event of it: take and drop the lock."""
+    with contextlib.suppress(OSError):
+        fd = os.open(f"/dev/{device.sysname}", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            lock_out_udev(fd)
+        finally:
+            os.close(fd)
+
+
+def _udev_only(device: DmDevice) -> bool:
+    """Nothing but udev (or no one we can name any more: a probe that ended meanwhile) holds ``device``."""
+    users = block_users(device.sysname)
+    return not (users.mounts or users.stacked or users.loops) and \
+        all(h.program in UDEV_PROGRAMS for _, h in users.openers)
+
+
+def busy_error(device: DmDevice) -> BusyError:
+    holders = block_users(device.sysname).described()
+    return BusyError(f"/dev/mapper/{device.name} is in use ({'; '.join(holders) or 'held open'}): "
+                     "unmount or close it first")
 
 
 def dm_devices() -> list[DmDevice]:

@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from mountd.errors import (
-    BusyError,
     CommandError,
     FailedError,
     InvalidArgumentError,
@@ -29,10 +28,18 @@ from mountd.errors import (
     WrongKeyError,
 )
 from mountd.host import command
-from mountd.host.blockdev import lock_out_udev
-from mountd.host.dmsetup import DM_TIMEOUT, DmDevice, dm_devices, release_host_activations, udev_mode
+from mountd.host.dmsetup import (
+    DM_TIMEOUT,
+    DmDevice,
+    busy_error,
+    dm_devices,
+    let_udev_finish,
+    release_host_activations,
+    settled,
+    udev_mode,
+)
 from mountd.host.processes import entries, text_of
-from mountd.host.users import SYS_CLASS_BLOCK, block_users
+from mountd.host.users import SYS_CLASS_BLOCK
 from mountd.layers.layer import Layer, LayerRecord, Progress, Spec
 
 #: cryptsetup's exit status for "no key available with this passphrase".
@@ -142,16 +149,16 @@ class CryptLayer(Layer[DmDevice]):
         """Close the volume. ``force`` changes nothing: a device in use is never torn from its user."""
         env, _ = udev_mode()
         _keep_host_lvm_off(device)
-        settled = self._present()
-        if settled is not None and settled.open_count > 0:
-            raise _busy(settled)
-        if settled is None:
+        now = settled(device, self._present)
+        if now is not None and now.open_count > 0:
+            raise busy_error(now)
+        if now is None:
             return
         try:
             command.run(["cryptsetup", "close", self._name], env=env, timeout=DM_TIMEOUT)
         except CommandError as exc:
             if "busy" in exc.stderr.lower() or "in use" in exc.stderr.lower():
-                raise _busy(settled) from None
+                raise busy_error(now) from None
             raise
         if self._present() is not None:
             raise FailedError(f"{self._name} is still open after cryptsetup close")
@@ -184,18 +191,6 @@ def _ensure_node(name: str, node: str, devnum: str) -> None:
 
 def _keep_host_lvm_off(device: DmDevice) -> None:
     """Remove the LVs a host's LVM auto-activation (Debian's 69-lvm.rules, where 60-imgmount.rules is not
-    installed) mapped on the unlocked volume: udev runs it while it processes the device's event, holding
-    the device's lock, so take and drop that lock first."""
-    with contextlib.suppress(OSError):
-        fd = os.open(f"/dev/{device.sysname}", os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            lock_out_udev(fd)
-        finally:
-            os.close(fd)
+    installed) mapped on the unlocked volume: udev runs it while it processes the device's event."""
+    let_udev_finish(device)
     release_host_activations([f"/dev/{device.sysname}"])
-
-
-def _busy(device: DmDevice) -> BusyError:
-    holders = block_users(device.sysname).described()
-    return BusyError(f"/dev/mapper/{device.name} is in use ({'; '.join(holders) or 'held open'}): "
-                     "unmount or close it first")

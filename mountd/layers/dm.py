@@ -10,7 +10,6 @@ ever runs on the guest's VG to map it.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import re
@@ -19,11 +18,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
-from mountd.errors import BusyError, CommandError, FailedError, InvalidArgumentError, UnsupportedError
+from mountd.errors import CommandError, FailedError, InvalidArgumentError, UnsupportedError
 from mountd.host import command
-from mountd.host.blockdev import lock_out_udev
-from mountd.host.dmsetup import DM_TIMEOUT, DmDevice, dm_devices, udev_mode
-from mountd.host.users import block_users
+from mountd.host.dmsetup import DM_TIMEOUT, DmDevice, busy_error, dm_devices, settled, udev_mode
 from mountd.image.lvmmeta import VolumeGroup
 from mountd.layers.layer import Layer, LayerRecord, Progress, Spec
 
@@ -166,33 +163,18 @@ class DmLinearLayer(Layer[DmDevice]):
         """Remove the device, found by uuid. ``force`` changes nothing: a device in use is never torn from
         under its user (``dmsetup remove --force`` would swap in an error table); the holders are named."""
         env, extra = udev_mode()
-        self._wait_for_udev(device)
-        settled = _find(self._uuid)  # as udev left it: its open count
-        if settled is not None and settled.open_count > 0:
-            raise self._busy(settled)
-        if settled is not None:
+        now = settled(device, lambda: _find(self._uuid))  # as udev left it: its open count
+        if now is not None and now.open_count > 0:
+            raise busy_error(now)
+        if now is not None:
             try:
-                command.run(["dmsetup", "remove", settled.name, *extra], env=env, timeout=DM_TIMEOUT)
+                command.run(["dmsetup", "remove", now.name, *extra], env=env, timeout=DM_TIMEOUT)
             except CommandError as exc:
                 if "busy" in exc.stderr.lower():
-                    raise self._busy(settled) from None
+                    raise busy_error(now) from None
                 raise
         if _find(self._uuid) is not None:
             raise FailedError(f"device-mapper device {self._name} is still there after dmsetup remove")
-
-    def _wait_for_udev(self, device: DmDevice) -> None:
-        """Let udev finish probing the device (it holds it open meanwhile): take and drop its lock."""
-        with contextlib.suppress(OSError):
-            fd = os.open(f"/dev/{device.sysname}", os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                lock_out_udev(fd)
-            finally:
-                os.close(fd)
-
-    def _busy(self, device: DmDevice) -> BusyError:
-        holders = block_users(device.sysname).described()
-        return BusyError(f"/dev/mapper/{device.name} is in use ({'; '.join(holders) or 'held open'}): "
-                         "unmount or close it first")
 
     def _clean_up(self) -> None:
         self._drop_stale_node()
