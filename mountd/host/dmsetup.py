@@ -21,7 +21,7 @@ from pathlib import Path
 
 from mountd.errors import BusyError, CommandError
 from mountd.host import command
-from mountd.host.blockdev import TICK, UDEV_LOCK_TIMEOUT, lock_out_udev
+from mountd.host.blockdev import TICK, lock_out_udev
 from mountd.host.processes import entries, text_of
 from mountd.host.users import SYS_CLASS_BLOCK, block_users
 
@@ -76,11 +76,16 @@ class DmDevice:
 UDEV_PROGRAMS = frozenset({"systemd-udevd", "udevadm", "udevd"})
 
 
+#: How long an open count that only udev accounts for is waited out before it counts as a user: udev takes
+#: no lock on device-mapper devices, and under load its rules for one event can run for seconds.
+UDEV_PROBE_TIMEOUT = 30.0
+
+
 def settled(device: DmDevice, find: Callable[[], DmDevice | None]) -> DmDevice | None:
     """``device`` as ``find`` sees it once udev is done with it (None: gone). udev's probe of a new device
-    holds it open, and its event may start only after we looked at udev's lock: an open count that no one
-    but udev accounts for is waited out, for at most UDEV_LOCK_TIMEOUT; what stays is a user."""
-    deadline = time.monotonic() + UDEV_LOCK_TIMEOUT
+    holds it open, and its event may start only after we looked: an open count that no one but udev
+    accounts for is waited out, for at most UDEV_PROBE_TIMEOUT; what stays is a user."""
+    deadline = time.monotonic() + UDEV_PROBE_TIMEOUT
     while True:
         let_udev_finish(device)
         now = find()
