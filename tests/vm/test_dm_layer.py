@@ -198,28 +198,6 @@ def test_udev_makes_the_node_where_udevd_runs(guest: Guest, monkeypatch: pytest.
     assert not os.path.exists(node)
 
 
-def test_a_udev_probe_at_the_moment_of_removal_is_waited_out(guest: Guest, monkeypatch: pytest.MonkeyPatch) -> None:
-    """udev probes a device on each event of it (a "change" from anyone: here udevadm trigger, as after our
-    own table load), holding it open meanwhile, and the event may start after the removal looked at udev's
-    lock: the removal waits for the probe instead of failing "in use (held open)" (the VM lane's thin
-    rollback met this once). Three rounds, each with the event queued just before the removal."""
-    monkeypatch.delenv("DM_DISABLE_UDEV", raising=False)
-    assert udev_running()
-    with mapped(guest.a, "m7", ()) as m:
-        for round_ in range(3):
-            name = f"imgmount-m7-{VG}-lin{round_}"
-            layer, _ = attach("dm", f"{VG}/lin", name=name, uuid=f"IMGMOUNT-m7-{round_}", read_only=True,
-                              table=lv_table(m.vg, "lin", {pv.uuid: n for pv, n in zip(read_pvs(m.nodes),
-                                                                                      m.nodes, strict=True)}))
-            images.run(["udevadm", "trigger", "--action=change", f"/sys/class/block/{_sysname(name)}"])
-            layer.detach()
-            assert not [d for d in dm_devices() if d.name == name]
-
-
-def _sysname(dm_name: str) -> str:
-    return os.path.basename(os.path.realpath(f"/dev/mapper/{dm_name}"))
-
-
 def test_a_table_the_kernel_refuses_leaves_nothing(guest: Guest) -> None:
     with mapped(guest.a, "m5", ()) as m:
         past_the_end = [[0, 8192, "linear", m.nodes[0], 44 * 2048]]  # starts at the end of the 44 MiB PV
