@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 from collections.abc import Iterator
 from dataclasses import replace
 
@@ -21,15 +20,12 @@ from mountd.engine.inspection import DiskLayout, Volume, VolumeKind, analyse_dis
 from mountd.engine.lvmapping import dm_name
 from mountd.engine.unlocking import can_unlock, is_locked, key_needed, lock_kind
 from mountd.engine.volumes import VolumeAttacher
-from mountd.errors import UnsupportedError
 from mountd.image.blockio import FileReader
 from mountd.layers.bitlocker import BitLockerSpec
 from mountd.layers.crypt import CryptSpec
 from mountd.layers.loop import LoopSpec
 
 BITLOCKER = "BitLocker"
-#: A BitLocker recovery password: eight groups of six digits.
-RECOVERY_PASSWORD = re.compile(rb"[0-9]{6}(-[0-9]{6}){7}")
 
 
 def _opened_here(volume: Volume, attacher: VolumeAttacher) -> bool:
@@ -93,17 +89,12 @@ def _luks(attacher: VolumeAttacher, volume: Volume, secrets: list[bytes]) -> str
 
 def _bitlocker(attacher: VolumeAttacher, volume: Volume, secrets: list[bytes]) -> str:
     """A loop device on the decrypted file that dislocker-fuse serves (no device-mapper needed)."""
-    passwords = [s for s in secrets if not RECOVERY_PASSWORD.fullmatch(s)]
-    if not passwords:
-        raise UnsupportedError(f"volume {volume.name} is BitLocker, and imgmount opens it with its user "
-                               "password only: dislocker reads a recovery password from a terminal or an "
-                               "argument, and an argument is visible to every user")
     stack, read_only = attacher.stack, attacher.request.read_only
     where = stack.journal.root / "bitlocker"
     where.mkdir(mode=0o700, parents=True, exist_ok=True)
     spec = BitLockerSpec(attacher.node(volume), str(where / dm_name(f"{stack.record.id}-{volume.name}")),
                          read_only)
-    with _secret_files([p + b"\n" for p in passwords]) as fds:  # dislocker reads one line
+    with _secret_files([p + b"\n" for p in secrets]) as fds:  # dislocker reads one line
         decrypted = stack.push(spec.plan(volume.name), fds=fds).node
     return stack.push(LoopSpec(decrypted, 0, 0, read_only=read_only, qemu_locks=False).plan(volume.name)).node
 

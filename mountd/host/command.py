@@ -14,6 +14,7 @@ import logging
 import os
 import shutil
 import subprocess
+import tty
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -83,6 +84,22 @@ def run(
     if check and proc.returncode != 0:
         raise CommandError(argv, proc.returncode, result.stderr)
     return result
+
+
+def run_typing(argv: Sequence[str], typed: bytes, *, timeout: float = DEFAULT_TIMEOUT) -> Result:
+    """Run ``argv`` (not checked) with a pseudo-terminal of its own as its controlling terminal and standard
+    input, ``typed`` already waiting there: for a program that reads a secret only from ``/dev/tty``. The
+    terminal is raw (no echo, no line editing), so nothing typed comes back; only this process holds its
+    master side, and the secret is in no command line."""
+    master, slave = os.openpty()
+    try:
+        tty.setraw(slave)
+        os.write(master, typed)
+        # setsid makes the program a session leader; --ctty makes its standard input (the slave) its terminal.
+        return run(["setsid", "--ctty", *argv], stdin_fd=slave, timeout=timeout, check=False)
+    finally:
+        os.close(slave)
+        os.close(master)
 
 
 def _text(data: bytes | str) -> str:

@@ -30,6 +30,7 @@ PROGRAMS: tuple[Program, ...] = (
     Program("fusefat", "fusefat", "FAT volumes (read-only) where the kernel has no vfat"),
     Program("cryptsetup", "cryptsetup-bin", "unlocking LUKS volumes (through device-mapper)"),
     Program("dislocker-fuse", "dislocker", "unlocking BitLocker volumes"),
+    Program("setsid", "util-linux", "BitLocker recovery passwords (dislocker reads them from a terminal)"),
     Program("mdadm", "mdadm", "assembling md RAID arrays whose members are all in one image"),
 )
 #: Other programs whose package a message may name (the tests' tools, the VM lane's).

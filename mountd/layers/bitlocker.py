@@ -6,17 +6,21 @@ and the recovery password only as arguments (``-p``, ``-r``), which every user r
 and reads only; libbde calls itself alpha. dislocker 0.7.3 (upstream still merging in 2026) reads a user
 password from standard input (``-u`` without a value, since 2019: "make it possible to read passwords from
 pipes"), mounts read-only (``-r``) or read-write, and logs the password only at its debug verbosity, which
-we never ask for. Its recovery password is read from an argument or the terminal (``/dev/tty``) only: that
-would need a pseudo-terminal, not done yet (:mod:`mountd.engine.unlocking` refuses a recovery password).
+we never ask for. Its recovery password is read from an argument or the terminal (``/dev/tty``) only, so
+dislocker gets a pseudo-terminal of its own with the digits waiting in it
+(:func:`mountd.host.command.run_typing`).
 
-Each secret is tried in turn (a memfd as standard input, one line); "Unable to grab VMK or FVEK" is
-dislocker's word for a key that does not open the volume.
+Each secret is tried in turn: one shaped like a recovery password (48 digits) as that, then as a user
+password (a memfd as standard input, one line); "Unable to grab VMK or FVEK" is dislocker's word for a key
+that does not open the volume.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
@@ -27,6 +31,10 @@ from mountd.host.mountinfo import mountinfo
 from mountd.layers.layer import Layer, LayerRecord, Progress, Spec
 
 WRONG_KEY = "Unable to grab VMK or FVEK"
+#: A BitLocker recovery password as Windows shows it: eight groups of six digits (hyphens optional).
+RECOVERY_PASSWORD = re.compile(rb"[0-9]{6}(-?[0-9]{6}){7}")
+#: The longest secret read back from its memfd: a recovery password and its line end.
+LONGEST_RECOVERY_PASSWORD = 56
 #: The user password's key derivation is 2^20 SHA-256 rounds: seconds, even under emulation.
 OPEN_TIMEOUT = 120.0
 DECRYPTED = "dislocker-file"
@@ -63,12 +71,7 @@ class BitLockerLayer(Layer[str]):
         os.makedirs(self._mountpoint, mode=0o700, exist_ok=True)
         if not self.fds:
             raise WrongKeyError(f"{device} is locked and no password was given for it")
-        argv = ["dislocker-fuse", "-V", device, "-u", "--", self._mountpoint]
-        if self.identity.get("read_only", True):
-            argv.insert(1, "-r")
-        for fd in self.fds:
-            os.lseek(fd, 0, os.SEEK_SET)
-            result = command.run(argv, stdin_fd=fd, check=False, timeout=OPEN_TIMEOUT)
+        for result in self._tries(device):
             if result.status == 0:
                 break
             said = _last_words(result.stdout + result.stderr)
@@ -81,6 +84,19 @@ class BitLockerLayer(Layer[str]):
         if _fuse_at(self._mountpoint) is None or not os.path.isfile(node):
             raise FailedError(f"dislocker-fuse succeeded, yet {node} is not there")
         return replace(self.record, identity={**self.identity, "node": node})
+
+    def _tries(self, device: str) -> Iterator[command.Result]:
+        """dislocker run once a way of using each secret, until one opens the volume."""
+        argv = ["dislocker-fuse", "-V", device]
+        if self.identity.get("read_only", True):
+            argv.insert(1, "-r")
+        for fd in self.fds:
+            secret = os.pread(fd, LONGEST_RECOVERY_PASSWORD + 1, 0).strip()
+            if is_recovery_password(secret):
+                yield command.run_typing([*argv, "-p", "--", self._mountpoint], secret, timeout=OPEN_TIMEOUT)
+            os.lseek(fd, 0, os.SEEK_SET)
+            yield command.run([*argv, "-u", "--", self._mountpoint], stdin_fd=fd, check=False,
+                              timeout=OPEN_TIMEOUT)
 
     def verify(self) -> bool:
         return _fuse_at(self._mountpoint) is not None
@@ -100,6 +116,21 @@ class BitLockerLayer(Layer[str]):
     def _clean_up(self) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.rmdir(self._mountpoint)
+
+
+def is_recovery_password(secret: bytes) -> bool:
+    """Whether ``secret`` is a recovery password dislocker accepts (its ``valid_block``: each block a multiple
+    of 11 below 2^16 * 11, its last digit the alternating sum of the others modulo 11). dislocker's prompt
+    waits for more digits after an invalid block, so only a valid one is typed to it."""
+    if not RECOVERY_PASSWORD.fullmatch(secret):
+        return False
+    digits = secret.replace(b"-", b"").decode()
+    return all(_valid_block(digits[i:i + 6]) for i in range(0, 48, 6))
+
+
+def _valid_block(block: str) -> bool:
+    d = [int(c) for c in block]
+    return int(block) % 11 == 0 and int(block) < 720896 and (d[0] - d[1] + d[2] - d[3] + d[4]) % 11 == d[5]
 
 
 def _fuse_at(path: str) -> str | None:

@@ -21,7 +21,7 @@ from imgmount_testkit.crypt_layouts import LINUX_FS, content
 from mountd.engine.engine import Engine
 from mountd.engine.inspection import inspect_image
 from mountd.engine.unlocking import lock_kind
-from mountd.errors import InvalidArgumentError, InvalidImageError, UnsupportedError
+from mountd.errors import InvalidArgumentError, InvalidImageError
 from mountd.keys import Keys
 from mountd.model import MountRequest
 from tests.support import guests, leftovers
@@ -97,12 +97,18 @@ def test_a_volume_dislocker_rejects_is_one_sentence_and_leaves_nothing(engine: E
     assert not any((tmp_path / "state" / "bitlocker").iterdir())
 
 
-def test_a_recovery_password_is_refused_with_the_reason(engine: Engine, stub: Path, tmp_path: Path) -> None:
-    recovery = b"-".join([b"123456"] * 8)
-    with pytest.raises(UnsupportedError, match="user password only: dislocker reads a recovery password"):
+def test_a_recovery_password_reaches_dislocker_through_a_terminal(engine: Engine, stub: Path,
+                                                                    tmp_path: Path) -> None:
+    """dislocker reads a recovery password only from /dev/tty: it gets a pseudo-terminal with the digits in it,
+    reads them (it checks their format before it reads the volume) and then says what it says of the STUB;
+    the digits are in no command line, and nothing is left."""
+    recovery = b"-".join([b"123453", b"000000", b"720885", b"011011", b"654313", b"111111", b"222222", b"333333"])
+    before = leftovers.snapshot()
+    with scanning_processes([recovery]) as seen, pytest.raises(InvalidImageError, match="dislocker could not open"):
         engine.mount(MountRequest(str(stub), mount_root=str(tmp_path / "media"), volumes=("p2",),
                                   keys=Keys(everywhere=recovery)))
-    assert engine.mounts() == []
+    assert seen == set() and engine.mounts() == []
+    assert leftovers.ours(leftovers.snapshot().new_since(before), stub.parent, tmp_path) == []
 
 
 def test_naming_it_without_a_password_says_to_give_one(engine: Engine, stub: Path, tmp_path: Path) -> None:

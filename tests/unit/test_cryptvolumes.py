@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from mountd.engine.cryptvolumes import RECOVERY_PASSWORD, _with_inside
+from mountd.engine.cryptvolumes import _with_inside
 from mountd.engine.inspection import DiskLayout, Volume, VolumeKind
 from mountd.engine.unlocking import can_unlock, is_locked
 from mountd.host.programs import PROGRAMS
 from mountd.host.support import HostSupport
 from mountd.image.fsprobe import Signature
 from mountd.image.partitions import PartitionTable
+from mountd.layers.bitlocker import is_recovery_password
 
 LUKS2 = Signature("crypto_LUKS", "crypto", uuid="0b1c-2d", version="2")
 PV = Signature("LVM2_member", "raid", uuid="pv-uuid")
@@ -43,9 +44,13 @@ def test_a_partition_table_inside_is_said_not_read() -> None:
                                            "encrypted volumes")
 
 
-def test_recovery_passwords_are_told_from_passwords() -> None:
-    assert RECOVERY_PASSWORD.fullmatch(b"-".join([b"123456"] * 8))
-    assert not RECOVERY_PASSWORD.fullmatch(b"123456-123456") and not RECOVERY_PASSWORD.fullmatch(b"hunter22")
+def test_recovery_passwords_are_told_from_passwords_as_dislocker_checks_them() -> None:
+    """Each block a multiple of 11 below 2^16 * 11 (dislocker's valid_block); with or without hyphens."""
+    valid = b"-".join([b"123453", b"000000", b"720885", b"011011", b"654313", b"111111", b"222222", b"333333"])
+    assert is_recovery_password(valid) and is_recovery_password(valid.replace(b"-", b""))
+    assert not is_recovery_password(valid.replace(b"123453", b"123456"))  # not a multiple of 11
+    assert not is_recovery_password(valid.replace(b"720885", b"720896"))  # 2^16 * 11
+    assert not is_recovery_password(b"123453-123453") and not is_recovery_password(b"hunter22")
 
 
 def test_what_a_host_unlocks_decides_what_a_mount_of_every_volume_asks_for() -> None:
