@@ -143,6 +143,18 @@ def test_a_striped_array_missing_members_says_what_is_missing(engine: Engine, tm
         mount(engine, raw, tmp_path / "media")
 
 
+def test_a_complete_striped_array_names_the_md_driver_this_host_lacks(engine: Engine, tmp_path: Path) -> None:
+    """Every member of a RAID5 is here, but no member's data area is the array: it takes md to assemble it
+    (the VM lane assembles it), and this kernel has none."""
+    raw = images.blank(tmp_path / "raid5.raw", 3 * raid.PART + 4 * images.MiB)
+    for role, (offset, size) in enumerate(raid.members(raw, 3)):
+        write_member(raw, offset, size, "1.2", Array("debian:big", level=5, raid_disks=3), role)
+    with pytest.raises(UnsupportedError, match=r"^volume md/big cannot be mounted: RAID5 array big is spread "
+                                               r"over 3 members: it needs the kernel's md driver to assemble it$"):
+        mount(engine, raw, tmp_path / "media", volumes=("md/big",))
+    assert engine.mounts() == []
+
+
 def test_a_crafted_superblock_is_one_sentence_and_nothing_is_left(engine: Engine, tmp_path: Path) -> None:
     guest = raid.mirror_guest(tmp_path / "crafted.raw", roles=(0,))
     offset, size = raid.members(guest.raw, 1)[0]

@@ -8,6 +8,7 @@ On this host (no md driver) the superblocks come from imgmount_testkit.mdraid; i
 from __future__ import annotations
 
 import contextlib
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -62,26 +63,36 @@ def lvm_mirror_guest(path: Path) -> Guest:
     return Guest(raw, {"raidvg/root": lv_files}, {"raidvg/root": "ext4"})
 
 
-def mdadm_guest(path: Path, version: str = "1.2", *, count: int = 2) -> Guest:
-    """The VM lane's mirror, made by ``mdadm --create`` on loop devices of ``count`` partitions (with one
-    partition: the other member "missing", as a disk taken out of a running mirror); the array holds ext4
-    with known files, and is stopped, and its loop devices gone, before the image is used."""
+def mdadm_guest(path: Path, version: str = "1.2", *, count: int = 2, level: int = 1, devices: int = 2) -> Guest:
+    """The VM lane's array, made by ``mdadm --create`` on loop devices of ``count`` partitions, of ``devices``
+    members at RAID ``level`` (with fewer partitions than members: the others "missing", as a disk taken out
+    of a running mirror); the array holds ext4 with known files, is resynced as an installer's would be, and
+    is stopped, and its loop devices gone, before the image is used."""
     raw = images.blank(path, count * PART + 4 * MiB)
     files = guests._content(VOLUME)
     with host_assembly_masked():
         events = BlockEvents()  # before the loop devices go: their detach may wait for udev to close them
         with contextlib.ExitStack() as stack:
             devs = [stack.enter_context(images.loop(raw, offset, size)) for offset, size in members(raw, count)]
-            images.run(["mdadm", "--create", MD_BUILD, "--run", "--level=1", "--raid-devices=2",
-                        "--assume-clean", f"--metadata={version}", "--name=data", "--homehost=debian",
-                        *devs, *["missing"] * (2 - count)])
+            images.run(["mdadm", "--create", MD_BUILD, "--run", f"--level={level}", f"--raid-devices={devices}",
+                        *(["--assume-clean"] if level == 1 else []), f"--metadata={version}", "--name=data",
+                        "--homehost=debian", *devs, *["missing"] * (devices - count)])
             try:
                 _fill(MD_BUILD, files)
+                _resynced(MD_BUILD)
             finally:
                 images.run(["mdadm", "--stop", MD_BUILD])
         if not events.wait(lambda: not any(_attached(d) for d in devs), 30):
             raise RuntimeError(f"the build's loop devices {devs} are still attached 30 s after their detach")
     return Guest(raw, {VOLUME: files}, {VOLUME: "ext4"})
+
+
+def _resynced(device: str) -> None:
+    """mdadm --wait: until the array's initial resync (parity, copies) is done; it exits 1 when there was
+    none to wait for."""
+    done = subprocess.run(["mdadm", "--wait", device], capture_output=True, text=True, timeout=600, check=False)
+    if done.returncode not in {0, 1}:
+        raise RuntimeError(f"mdadm --wait {device} failed ({done.returncode}): {done.stderr.strip()}")
 
 
 def examined(raw: Path, offset: int, size: int) -> dict[str, str]:

@@ -96,6 +96,24 @@ def test_a_mirror_in_one_image_is_assembled_read_only(engine: Engine, pair: Gues
 
 
 
+@pytest.mark.parametrize(("level", "devices"), [(0, 2), (5, 3)])
+def test_a_striped_array_in_one_image_is_assembled_read_only(engine: Engine, scratch: Path, udevd: None,
+                                                             level: int, devices: int) -> None:
+    """Not only mirrors: a RAID0 and a RAID5 that mdadm made, every member a partition of the image, are
+    assembled from our devices (no member's data area alone is the array) and read byte for byte."""
+    guest = raid.mdadm_guest(scratch / f"raid{level}.raw", count=devices, level=level, devices=devices)
+    with our_rule_installed():
+        info = mount(engine, guest.raw, scratch / "media", backend="loop")
+        layers = engine.journal.read(info.id).layers
+        (md,) = [Path(r.identity["node"]).name for r in layers if r.kind == "md"]
+        assert array_state(md) == "readonly" and len(slaves(md)) == devices
+        assert Path(f"/sys/block/{md}/md/level").read_text().strip() == f"raid{level}"
+        guests.check_files(Path(info.volumes[0].mountpoint), guest.files[raid.VOLUME])
+        engine.unmount(info.id)
+        assert md not in md_devices()
+        check_gone(engine, info)
+
+
 def test_a_single_member_is_read_degraded(engine: Engine, member: Guest, scratch: Path, udevd: None) -> None:
     image = images.convert(member.raw, scratch / "member.qcow2", "qcow2")
     with our_rule_installed():
