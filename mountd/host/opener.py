@@ -33,6 +33,7 @@ from types import TracebackType
 
 from mountd.errors import (
     FailedError,
+    InUseError,
     InvalidArgumentError,
     NotAuthorizedError,
     NotFoundError,
@@ -353,5 +354,5 @@ def _open_error(path: str, err: int, write: bool, what: str) -> Exception:
         return NotAuthorizedError(f"you cannot open {path} for {how} ({os.strerror(err)}): imgmount mounts "
                                   "only what you can open yourself")
     if err == errno.EWOULDBLOCK:
-        return NotAuthorizedError(f"{path} cannot be opened now: a program holds a lease on it")
+        return InUseError(f"{path} is in use: a program holds a lease on it; try again once it lets go")
     return InvalidArgumentError(f"cannot open {path} for {how}: {os.strerror(err)}")

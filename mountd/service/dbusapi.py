@@ -152,8 +152,9 @@ class ApiInterface(ServiceInterface):
         method = self.api.get(msg.member or "")
         try:
             if method is None:
-                return Message.new_error(msg, "org.freedesktop.DBus.Error.UnknownMethod",
-                                         f"{self.name} has no method {msg.member}")
+                said = f"{self.name} has no method {msg.member}"
+                log.info("%s from %s: UnknownMethod: %s", msg.member, msg.sender, said)
+                return Message.new_error(msg, "org.freedesktop.DBus.Error.UnknownMethod", said)
             if msg.signature != method.in_signature:
                 raise InvalidArgumentError(f"{method.name} takes arguments ({method.in_signature}), "
                                            f"not ({msg.signature})")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -96,12 +97,21 @@ def served(run: Path) -> Iterator[tuple[Daemon, Client]]:
 @pytest.mark.parametrize(("what", "call", "name", "message"), BAD_CALLS, ids=[b[0] for b in BAD_CALLS])
 def test_bad_input_is_a_clear_error(served: tuple[Daemon, Client], bad_images: dict[str, Path], what: str,
                                     call: tuple[str, str, list[Any]], name: str, message: str) -> None:
+    """... and each refusal is logged once, at INFO, with its error name."""
     daemon, c = served
     member, signature, body = call
     args = [_fill(x, bad_images) for x in body]
+    logged = _refusals(daemon, member)
     assert message in error(c.manager(member, signature, *args), name)
+    assert _refusals(daemon, member) == [*logged, name.rsplit(".", 1)[-1]]
     assert c.manager("ListMounts").value() == []  # nothing half-made, and the daemon keeps serving
     assert "Traceback" not in daemon.log()
+
+
+def _refusals(daemon: Daemon, member: str) -> list[str]:
+    """The error names of the refusals of ``member`` that the daemon logged at INFO."""
+    pattern = re.compile(rf"^INFO [\w.]+: {member} from :[0-9.]+: (\w+): ")
+    return [m.group(1) for m in map(pattern.search, daemon.log().splitlines()) if m]
 
 
 def _fill(value: Any, names: dict[str, Path]) -> Any:

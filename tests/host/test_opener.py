@@ -13,7 +13,13 @@ from pathlib import Path
 import pytest
 
 from imgmount_testkit.bus import world_dir
-from mountd.errors import InvalidArgumentError, NotAuthorizedError, NotFoundError, OperationTimeoutError
+from mountd.errors import (
+    InUseError,
+    InvalidArgumentError,
+    NotAuthorizedError,
+    NotFoundError,
+    OperationTimeoutError,
+)
 from mountd.host import opener as opener_module
 from mountd.host.opener import PATH_MAX, Credentials, Opener
 
@@ -96,13 +102,13 @@ def test_a_lease_on_the_file_answers_at_once_instead_of_stalling(where: Path, op
     """A write lease makes a plain open wait lease-break-time (45 s): ours gives up at once."""
     leased = where / "leased.img"
     leased.write_bytes(b"x")
-    leased.chmod(0o644)
+    leased.chmod(0o666)  # she may write it: only the lease stands in the way
     fd = os.open(leased, os.O_RDONLY)
     previous = signal.signal(signal.SIGIO, signal.SIG_IGN)  # the lease holder (us) is told of the break
     try:
         fcntl.fcntl(fd, F_SETLEASE, fcntl.F_RDLCK)  # a read lease: any open for writing must wait
         start = time.monotonic()
-        with pytest.raises((NotAuthorizedError, InvalidArgumentError)):
+        with pytest.raises(InUseError, match="a program holds a lease on it"):
             opener.open(str(leased), write=True)
         assert time.monotonic() - start < 5
     finally:

@@ -199,7 +199,7 @@ sys.stdin.read()
 def test_a_lease_on_her_image_stalls_no_one(bus: Bus, c: Client, daemon: Daemon, guest: Guest, tmp_path: Path,
                                             group: int) -> None:
     """She holds a write lease on her image (an open of it would wait 45 s, lease-break-time) and sends 8
-    Inspect calls of it at once: each is answered with an error at once (the daemon opens her files
+    Inspect and Mount calls of it at once: each is answered InUse at once (the daemon opens her files
     non-blocking), and root mounts and unmounts another image meanwhile in normal time (the client gives up
     after 20 s)."""
     user = pwd.getpwnam("daemon")
@@ -218,7 +218,7 @@ def test_a_lease_on_her_image_stalls_no_one(bus: Bus, c: Client, daemon: Daemon,
             assert c.call(path, MOUNT_IFACE, "Unmount", "a{sv}", [{}]).error is None
             out, err = flood.communicate(timeout=120)
             assert flood.returncode == 0, err
-            assert [name for name, _ in json.loads(out)] == [ERROR_PREFIX + "NotAuthorized"] * 8
+            assert [name for name, _ in json.loads(out)] == [ERROR_PREFIX + "InUse"] * 8
             assert holder.poll() is None  # her lease was never broken by a wait of ours
         finally:
             holder.kill()

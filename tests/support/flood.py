@@ -2,7 +2,7 @@
 this module). Prints one JSON list: for each call, ``[error name or null, length of the reply's text]``.
 
     python -m tests.support.flood ADDRESS                 # oversized Unmount and Mount calls
-    python -m tests.support.flood ADDRESS IMAGE COUNT     # COUNT parallel Inspect calls of IMAGE
+    python -m tests.support.flood ADDRESS IMAGE COUNT     # COUNT parallel Inspect and Mount calls of IMAGE
 """
 
 from __future__ import annotations
@@ -31,8 +31,9 @@ def calls() -> list[Message]:
 
 
 def inspects(image: str, count: int) -> list[Message]:
-    return [Message(destination=BUS_NAME, path=MANAGER, interface=f"{BUS_NAME}.Manager", member="Inspect",
-                    signature="sa{sv}", body=[image, {}]) for _ in range(count)]
+    """Inspect and Mount calls of ``image`` in turn."""
+    return [Message(destination=BUS_NAME, path=MANAGER, interface=f"{BUS_NAME}.Manager",
+                    member=("Inspect", "Mount")[i % 2], signature="sa{sv}", body=[image, {}]) for i in range(count)]
 
 
 async def main(address: str, *inspect: str) -> None:
