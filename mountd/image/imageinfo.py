@@ -23,6 +23,7 @@ from mountd.errors import (
 )
 from mountd.host import command
 from mountd.host.opener import OpenedFile, Opener, confined_argv, fd_path, in_kernel_tree
+from mountd.host.qemuerrors import last_words, qemu_error
 from mountd.host.qemusecret import SECRET_ID
 from mountd.image.blockio import FileReader
 from mountd.image.imagerefs import References, reference_path, scan_head, scan_references, trailer_format
@@ -268,9 +269,7 @@ def _qemu_img_info(opener: Opener, f: OpenedFile, fmt: str | None, data: OpenedF
     try:
         out = command.run(argv, timeout=timeout, pass_fds=fds).stdout
     except CommandError as exc:
-        reason = exc.stderr.strip().splitlines()[-1:] or ["unknown error"]
-        why = reason[0].removeprefix("qemu-img: ").replace(f.proc_path, f.name)
-        raise InvalidImageError(f"QEMU cannot open {f.name}: {why}") from None
+        raise qemu_error(last_words(exc.stderr, {f.proc_path: f.name}), f.name) from None
     try:
         info: dict[str, Any] = json.loads(out)
     except json.JSONDecodeError:

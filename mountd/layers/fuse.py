@@ -38,7 +38,6 @@ from mountd.errors import (
     BusyError,
     CommandError,
     FailedError,
-    InUseError,
     InvalidArgumentError,
     MountdError,
     UnsupportedError,
@@ -50,7 +49,8 @@ from mountd.host.loopdev import loops_backed_by
 from mountd.host.mountinfo import mountinfo
 from mountd.host.opener import fd_path
 from mountd.host.processes import is_alive, proc_state, stop_process
-from mountd.host.qemulocks import QEMU_LOCK_FAILURE, in_use_error
+from mountd.host.qemuerrors import QemuFailure, classify, last_words, qemu_error
+from mountd.host.qemulocks import in_use_error
 from mountd.host.qemusecret import secret_object
 from mountd.host.users import openers_by_name
 from mountd.layers.layer import Layer, LayerRecord, Progress, Spec
@@ -227,17 +227,23 @@ def _read_pid(pidfile: str) -> int:
 
 
 def _start_error(exc: CommandError, spec: ExportSpec) -> MountdError:
-    """A lock conflict becomes InUse naming the holder of the file concerned; anything else stays the
-    command's error."""
-    if not QEMU_LOCK_FAILURE.search(exc.stderr):
-        return exc
+    """A lock conflict becomes InUse naming the holder of the file concerned; anything else the error of
+    its class (:mod:`mountd.host.qemuerrors`), in QEMU's words."""
+    said = last_words(exc.stderr)
+    if classify(said) != QemuFailure.LOCK:
+        return qemu_error(said, _image_of(spec), doing="serve")
     files = _options_ending(spec.blockdev, "file.filename")  # the image, then its backing files
     for path in files:
         with contextlib.suppress(MountdError):
             if file_usage(path).state != FREE:
                 return in_use_error(path, read_only=spec.read_only or path != files[0])
-    image = files[0] if files else spec.blockdev
-    return InUseError(f"QEMU cannot lock image {image}: another program uses it")
+    return qemu_error(said, _image_of(spec))
+
+
+def _image_of(spec: ExportSpec) -> str:
+    """The image an export serves: the first file of its chain."""
+    files = _options_ending(spec.blockdev, "file.filename")
+    return files[0] if files else spec.blockdev
 
 
 def _options_ending(options: str, suffix: str) -> list[str]:

@@ -32,7 +32,6 @@ from mountd.errors import (
     BusyError,
     CommandError,
     FailedError,
-    InUseError,
     InvalidArgumentError,
     InvalidImageError,
     NoFreeDeviceError,
@@ -51,6 +50,7 @@ from mountd.host.nbddev import (
     server_pid,
 )
 from mountd.host.processes import has_exited, open_process, start_time, stop
+from mountd.host.qemuerrors import last_words, qemu_error
 from mountd.host.qemusecret import secret_object
 from mountd.host.users import SYS_CLASS_BLOCK, block_users
 from mountd.layers.layer import Layer, LayerRecord, Progress, Spec
@@ -281,9 +281,7 @@ def _remove_files(pid_file: Path) -> None:
 def _qemu_nbd_error(exc: CommandError, name: str) -> Exception:
     if "NBD socket" in exc.stderr or "Device or resource busy" in exc.stderr:
         return _LostRace()
-    if '" lock' in exc.stderr:  # Failed to get "write" lock / Failed to get shared "write" lock
-        return InUseError(f"qemu-nbd could not lock the image: {exc.message.split(': ', 1)[-1]}")
-    return exc
+    return qemu_error(last_words(exc.stderr), "the image", doing="serve")
 
 
 # --- kernel partitions -------------------------------------------------------------------------------------

@@ -32,16 +32,15 @@ from typing import Any, ClassVar
 from mountd.errors import (
     FailedError,
     InvalidArgumentError,
-    InvalidImageError,
     MountdError,
-    NotAuthorizedError,
     OperationTimeoutError,
 )
 from mountd.host import command
 from mountd.host.forked import report_output
 from mountd.host.opener import Credentials, confined_argv
 from mountd.host.processes import is_alive, proc_state, stop_process
-from mountd.host.qemulocks import QEMU_LOCK_FAILURE, in_use_error
+from mountd.host.qemuerrors import QemuFailure, classify, last_words, qemu_error
+from mountd.host.qemulocks import in_use_error
 from mountd.host.qemusecret import secret_object
 from mountd.image.nbdclient import NbdProtocolError, NbdReader
 from mountd.layers.layer import Layer, LayerRecord, Progress, Spec
@@ -52,9 +51,6 @@ SERVER = "qemu-storage-daemon"
 NODE_NAME = "disk"
 READY_TIMEOUT = 60.0
 LOG_TAIL = 400
-#: What QEMU says of an image it cannot use: the image's fault (or the caller's, who wrote it), not ours.
-IMAGE_ERRORS = ("Could not open", "No such file", "Invalid", "invalid", "not supported", "Unsupported",
-                "corrupt", "Image is not in")
 #: The servers this process started, until stopped: each outlives the call that started it (and this process,
 #: by design), and is reaped when stopped, so no zombie is left and no pid is ever waited for by number.
 _children: dict[int, subprocess.Popen[bytes]] = {}
@@ -208,16 +204,11 @@ def _start_error(spec: ServerSpec, top_fd: int) -> MountdError:
     except OSError:
         text = ""
     text = re.sub(r"/proc/self/fd/\d+", spec.image, text)
-    lines = [x.removeprefix(f"{SERVER}: ") for x in text.strip().splitlines()] or ["no error output"]
-    last = lines[-1]
-    if QEMU_LOCK_FAILURE.search(last):  # QEMU's image locks: someone else holds it
+    last = last_words(text)
+    if classify(last) == QemuFailure.LOCK:  # QEMU's image locks: someone else holds it
         return in_use_error(spec.image, read_only=spec.read_only, fd=top_fd)
-    if "Permission denied" in last:  # a header (changed since it was checked?) names what she cannot open
-        return NotAuthorizedError(f"QEMU, running as you, cannot open what {spec.image} names: {last}")
-    if any(s in last for s in IMAGE_ERRORS):
-        return InvalidImageError(f"QEMU, running as you, cannot open {spec.image} (did it change since it "
-                                 f"was checked?): {last}")
-    return FailedError(f"QEMU (as the caller) could not serve {spec.image}: {last}")
+    # Anything else (her header changed since it was checked, a feature this QEMU lacks): her QEMU's words.
+    return qemu_error(last, spec.image, doing="serve")
 
 
 class ServerLayer(Layer[tuple[int, int]]):

@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
-from mountd.errors import CommandError
+from mountd.errors import (
+    CommandError,
+    FailedError,
+    InvalidImageError,
+    NotAuthorizedError,
+    NotFoundError,
+    UnsupportedError,
+)
 from mountd.host.qemulocks import QEMU_LOCK_FAILURE
 from mountd.layers.fuse import ExportSpec, _start_error
 
@@ -21,8 +28,14 @@ def test_qemus_lock_messages_are_lock_failures() -> None:
 
 
 def test_other_failures_are_not_in_use_although_blockdev_says_lock() -> None:
-    for reason in ("Could not open '/x.qcow2': Permission denied", "Image is not in qcow2 format",
-                   "Unsupported qcow2 feature(s): Unknown incompatible feature: 8"):
+    """Each is the error of its class, in QEMU's words with the file's name, never its option string."""
+    for reason, error in (("Could not open '/x.qcow2': Permission denied", NotAuthorizedError),
+                          ("Image is not in qcow2 format", InvalidImageError),
+                          ("Unsupported qcow2 feature(s): Unknown incompatible feature: 8", UnsupportedError),
+                          ("Could not open '/nonexistent/x.qcow2': No such file or directory", NotFoundError),
+                          ("Out of memory", FailedError)):
         exc = CommandError(["qemu-storage-daemon"], 1, PREFIX + reason)
         assert not QEMU_LOCK_FAILURE.search(exc.stderr)
-        assert _start_error(exc, spec()) is exc  # the command's own error, with QEMU's words
+        got = _start_error(exc, spec())
+        assert type(got) is error and reason.split(": ")[-1] in got.message
+        assert "--blockdev" not in got.message and "/nonexistent/x.qcow2" in got.message
