@@ -101,6 +101,11 @@ class Daemon:
     def log(self) -> str:
         return self.logfile.read_text(errors="replace") if self.logfile.exists() else ""
 
+    def memory_kib(self, field: str = "VmRSS") -> int:
+        """The daemon's resident memory now (``VmRSS``), or its peak so far (``VmHWM``), in KiB."""
+        status = Path(f"/proc/{self.pid}/status").read_text()
+        return int(next(line.split()[1] for line in status.splitlines() if line.startswith(f"{field}:")))
+
     def fd_count(self) -> int:
         return len(os.listdir(f"/proc/{self.pid}/fd"))
 
@@ -115,15 +120,17 @@ class Daemon:
                     found.append(int(name))
         return found
 
-    def close(self) -> None:
-        """Stop the daemon (SIGTERM unmounts everything); whatever is still recorded is undone in-process."""
+    def close(self, *, quiet: bool = False) -> None:
+        """Stop the daemon (SIGTERM unmounts everything); whatever is still recorded is undone in-process.
+        Its log is printed for pytest (shown when the test failed), unless ``quiet``."""
         if self.proc is not None and self.proc.poll() is None:
             self.signal(signal.SIGTERM)
         engine = Engine(Journal(str(self.state)))
         for m in engine.mounts():
             with contextlib.suppress(Exception):
                 engine.unmount(m.id, force=True)
-        print(self.log())  # pytest shows it when the test failed
+        if not quiet:
+            print(self.log())
         shutil.rmtree(self.home, ignore_errors=True)
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import io
 import json
 import os
 import pwd
@@ -25,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench_crafted import crafted_info  # scripts/, beside this file
+from bench_crafted import crafted_info, print_daemon_memory  # scripts/, beside this file
 from bench_crypt import luks_rows, print_rows
 from bench_ntfs import rows as ntfs_rows
 from dbus_fast import Variant
@@ -123,8 +122,7 @@ def commands_env(bus: Bus) -> dict[str, str]:
 
 def close_quietly(daemon: Daemon) -> None:
     """Stop the daemon without printing its log (the test helper prints it for pytest)."""
-    with contextlib.redirect_stdout(io.StringIO()):
-        daemon.close()
+    daemon.close(quiet=True)
 
 
 # --- images ---------------------------------------------------------------------------------------------
@@ -499,6 +497,7 @@ def main() -> None:
             print("\n## host: --info of crafted inputs at each bound (time, peak RSS)")
             for name, seconds, peak in crafted_info():
                 print(f"{name:<48} {seconds:7.3f}s {peak // 1024:7d} MiB")
+            print_daemon_memory()
             print("\n## host: the daemon")
             for what, value in daemon_costs(found, work, args.repeats):
                 print(f"{what:<40} {value:>12}")

@@ -16,13 +16,17 @@ import os
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from imgmount_testkit import images  # noqa: E402
+from imgmount_testkit.bus import private_bus  # noqa: E402
+from imgmount_testkit.client import client  # noqa: E402
+from imgmount_testkit.daemon import Daemon, tmpfs  # noqa: E402
 from imgmount_testkit.lvm_synth import (  # noqa: E402
     CRAFTED_PE_START,
     crafted_items,
@@ -140,21 +144,43 @@ def run_info(case: str, image: str, tree: Path = ROOT) -> Run:
     return Run(case, seconds, peak, status, said)
 
 
-def crafted_runs(tree: Path = ROOT) -> list[Run]:
-    """Every case, each image built just before its run and removed after it."""
-    runs = []
-    with tempfile.TemporaryDirectory(prefix="imgmount-crafted-") as tmp:
-        work = Path(tmp)
-        for case, text in TEXTS.items():
-            image = pv_file(work / "crafted.img", text())
-            runs.append(run_info(case, str(image), tree))
-            image.unlink()
-        # One VG's text on each of many PVs: parsed once (lvmlabel.MetadataTexts).
-        image = pvs_file(work / "pvs.img", crafted_vg(lvs=MAX_LVS, pvs=PV_COPIES), PV_COPIES)
-        runs.append(run_info(f"{PV_COPIES} PVs, {MAX_LVS} LVs", str(image), tree))
+def crafted_inputs(work: Path) -> Iterator[tuple[str, str]]:
+    """Every case and its image (or crafted path), each image built just before it is used and removed
+    after."""
+    for case, text in TEXTS.items():
+        image = pv_file(work / "crafted.img", text())
+        yield case, str(image)
         image.unlink()
-        runs += [run_info(case, path(work), tree) for case, path in PATHS.items()]
-    return runs
+    # One VG's text on each of many PVs: parsed once (lvmlabel.MetadataTexts).
+    image = pvs_file(work / "pvs.img", crafted_vg(lvs=MAX_LVS, pvs=PV_COPIES), PV_COPIES)
+    yield f"{PV_COPIES} PVs, {MAX_LVS} LVs", str(image)
+    image.unlink()
+    for case, path in PATHS.items():
+        yield case, path(work)
+
+
+def crafted_runs(tree: Path = ROOT) -> list[Run]:
+    with tempfile.TemporaryDirectory(prefix="imgmount-crafted-") as tmp:
+        return [run_info(case, image, tree) for case, image in crafted_inputs(Path(tmp))]
+
+
+def daemon_memory() -> list[tuple[str, float, int]]:
+    """One imgmountd (as root, on a private bus) inspects every crafted input in turn: (case, seconds of its
+    Inspect call, the daemon's RSS in KiB after it); first its RSS once started, last its peak (VmHWM). The
+    bound: back under 64 MiB after any of them."""
+    with private_bus() as bus, tmpfs() as run, client(bus.address) as c, \
+            tempfile.TemporaryDirectory(prefix="imgmount-crafted-") as tmp:
+        daemon = Daemon(bus, run).start()
+        try:
+            rows = [("started", 0.0, daemon.memory_kib())]
+            for case, image in crafted_inputs(Path(tmp)):
+                start = time.perf_counter()
+                c.manager("Inspect", "sa{sv}", image, {})
+                rows.append((case, time.perf_counter() - start, daemon.memory_kib()))
+            rows.append(("peak (VmHWM)", 0.0, daemon.memory_kib("VmHWM")))
+        finally:
+            daemon.close(quiet=True)
+    return rows
 
 
 def crafted_info(tree: Path = ROOT) -> list[tuple[str, float, int]]:
@@ -171,6 +197,13 @@ def main() -> None:
     print(f"{'case':<28} {'seconds':>8} {'peak RSS':>10}  exit  says")
     for r in crafted_runs(args.tree.resolve()):
         print(f"{r.case:<28} {r.seconds:7.2f}s {r.peak_kib // 1024:7d} MiB  {r.status:>4}  {r.said[:110]}")
+    print_daemon_memory()
+
+
+def print_daemon_memory() -> None:
+    print("\n## imgmountd inspecting each crafted input in turn: its RSS after each call")
+    for case, seconds, kib in daemon_memory():
+        print(f"{case:<48} {seconds:7.3f}s {kib / 1024:7.1f} MiB")
 
 
 if __name__ == "__main__":
