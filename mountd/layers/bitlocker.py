@@ -93,7 +93,8 @@ class BitLockerLayer(Layer[str]):
         for fd in self.fds:
             secret = os.pread(fd, LONGEST_RECOVERY_PASSWORD + 1, 0).strip()
             if is_recovery_password(secret):
-                yield command.run_typing([*argv, "-p", "--", self._mountpoint], secret, timeout=OPEN_TIMEOUT)
+                yield _without_prompt(command.run_typing([*argv, "-p", "--", self._mountpoint], secret,
+                                                         timeout=OPEN_TIMEOUT))
             os.lseek(fd, 0, os.SEEK_SET)
             yield command.run([*argv, "-u", "--", self._mountpoint], stdin_fd=fd, check=False,
                               timeout=OPEN_TIMEOUT)
@@ -116,6 +117,13 @@ class BitLockerLayer(Layer[str]):
     def _clean_up(self) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.rmdir(self._mountpoint)
+
+
+def _without_prompt(result: command.Result) -> command.Result:
+    """dislocker's output without its prompt, which it redraws with the digits typed so far."""
+    shown = "\n".join(line for line in result.stdout.replace("\r", "\n").splitlines()
+                      if "recovery password:" not in line)
+    return replace(result, stdout=shown)
 
 
 def is_recovery_password(secret: bytes) -> bool:
