@@ -19,6 +19,7 @@ from imgmount_testkit.daemon import Daemon
 from imgmount_testkit.users import OtherUser
 from mountd.service.dbusapi import MOUNT_IFACE
 from tests.support import guests, leftovers
+from tests.support.bitlocker_guest import RECOVERY, bitlocker_guest
 from tests.support.crypt_guests import IMAGE_PASSPHRASE, PASSPHRASE
 from tests.support.daemon_calls import copy, error, v
 from tests.support.guests import Guest
@@ -154,3 +155,29 @@ def test_the_scan_sees_a_secret_in_a_command_line() -> None:
     with scanning_processes([b"visible-secret-123"]) as seen:
         subprocess.run(["sh", "-c", "sleep 0.3", "visible-secret-123"], check=True)
     assert seen
+
+
+@pytest.fixture(scope="module")
+def bitlocker_disk(tmp_path_factory: pytest.TempPathFactory) -> Guest:
+    return bitlocker_guest(tmp_path_factory.mktemp("bde") / "windows.raw")
+
+
+def test_a_users_bitlocker_volume_with_its_recovery_password(c: Client, daemon: Daemon, bitlocker_disk: Guest,
+                                                            other: Callable[..., OtherUser],
+                                                            users: dict[str, tuple[int, int]], group: int,
+                                                            shared: Path) -> None:
+    """Her Windows disk, its BitLocker volume opened with the recovery password given as ``passphrases``
+    (typed to dislocker on a terminal of its own): her files byte for byte, the digits nowhere."""
+    uid, gid = users["daemon"]
+    image = copy(bitlocker_disk.raw, shared / "windows.raw")
+    os.chown(image, uid, gid)
+    before = leftovers.snapshot()
+    her = other(uid, gid, groups=(group,))
+    with scanning_processes([RECOVERY.encode()]) as seen:
+        path = her.mount(image, passphrases=("a{ss}", {"p2": RECOVERY})).value()
+    assert seen == set()
+    assert {name: fs for name, _dev, fs, _mnt in c.prop(path, MOUNT_IFACE, "Volumes")} == \
+        {"p1": "ext4", "p2": "ntfs"}
+    assert_no_secret_kept(daemon, RECOVERY.encode(), RECOVERY.replace("-", "").encode())
+    check_and_unmount(c, path, bitlocker_disk)
+    assert leftovers.ours(leftovers.snapshot().new_since(before), image, daemon.state) == []
