@@ -67,7 +67,8 @@ def test_the_tree_lists_every_lv(most_lvs: Path) -> None:
     assert lines[-1].startswith("this host: backends ")
 
 
-@pytest.mark.parametrize(("text", "error"), [
+#: Crafted metadata texts just past a bound of the LVM readers, and the words of the error naming it.
+PAST_A_BOUND: list[tuple[Callable[[], bytes], str]] = [
     (lambda: crafted_vg(lvs=MAX_LVS + 1),
      f"the LVM metadata of volume group big lists more than the {MAX_LVS} logical volumes imgmount reads"),
     (lambda: crafted_vg(description="\\" * (2 << 20)),
@@ -80,7 +81,11 @@ def test_the_tree_lists_every_lv(most_lvs: Path) -> None:
      f"holds {MAX_TEXT_SIZE + 1} bytes of metadata text, more than the {MAX_TEXT_SIZE} imgmount reads"),
     (lambda: crafted_items(MAX_ITEMS + 1),
      f"the LVM metadata text has more than the {MAX_ITEMS} entries and list items imgmount reads"),
-], ids=["lvs", "string", "depth", "list", "text", "entries"])
+]
+PAST_A_BOUND_IDS = ["lvs", "string", "depth", "list", "text", "entries"]
+
+
+@pytest.mark.parametrize(("text", "error"), PAST_A_BOUND, ids=PAST_A_BOUND_IDS)
 def test_crafted_metadata_past_a_bound_is_one_clear_error(tmp_path: Path, text: Callable[[], bytes],
                                                           error: str) -> None:
     image = pv_file(tmp_path / "crafted.img", text())
