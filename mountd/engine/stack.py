@@ -36,8 +36,8 @@ class MountStack:
         I/O fails at once) and make the next step fail; the rollback follows as for any failure."""
         self.cancelled = why
         for rec in self.record.layers:
-            if rec.process is not None and kill(*rec.process):
-                log.warning("killed %s pid %d: %s", rec.kind, rec.process[0], why)
+            if (process := rec.process) is not None and kill(*process):
+                log.warning("killed %s pid %d: %s", rec.kind, process[0], why)
 
     def _step(self, where: str) -> None:
         if self.cancelled:
