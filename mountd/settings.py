@@ -1,6 +1,7 @@
 """What an entry point (imgmountd, a command working in-process, a test) sets up once and hands down: the
-state directory, the mount deadline, and the fault points the tests use. Nothing below the entry points
-reads the environment; this module is light enough for the commands to import."""
+state directory, the mount deadline, where the users' mount roots go, whether device-mapper may wait for
+udev, and the fault points the tests use. Nothing below the entry points reads the environment; this module
+is light enough for the commands to import."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 DEFAULT_STATE_DIR = "/run/imgmount"
+#: Where each user's mount root is made, ``<media root>/<user>``: where desktop file managers look.
+DEFAULT_MEDIA_ROOT = "/run/media"
 #: Seconds one mount may take before it is cancelled, rolled back and answered Timeout: far above what a real
 #: image needs (seconds), so only a stuck program (a stopped QEMU, a hung file server) reaches it.
 DEFAULT_DEADLINE = 300.0
@@ -17,6 +20,8 @@ STATE_DIR_ENV = "IMGMOUNT_STATE_DIR"  # tests, a second instance
 DEADLINE_ENV = "IMGMOUNT_MOUNT_TIMEOUT"
 FAULT_ENV = "IMGMOUNT_FAULT_AT"  # tests only: fail the N-th step of every attach
 CRASH_ENV = "IMGMOUNT_CRASH_AT"  # tests only: SIGKILL this process at the N-th step, as a crash would
+#: libdevmapper's own switch; "1" here also keeps our dmsetup from synchronising with udev (the VM lane)
+DM_UDEV_ENV = "DM_DISABLE_UDEV"
 #: A unix socket's path holds 108 bytes: a longer state directory (a test's) puts servers' sockets here.
 MAX_RUN_DIR = 64
 
@@ -27,6 +32,9 @@ class Settings:
     mount_deadline: float = DEFAULT_DEADLINE
     fault_at: int = 0
     crash_at: int = 0
+    media_root: Path = Path(DEFAULT_MEDIA_ROOT)
+    #: dmsetup may synchronise with udev where a udevd answers (False: never, as ``DM_DISABLE_UDEV=1`` asks)
+    dm_udev: bool = True
 
     @classmethod
     def from_environment(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -34,7 +42,8 @@ class Settings:
         deadline = env.get(DEADLINE_ENV, "")
         return cls(Path(env.get(STATE_DIR_ENV) or DEFAULT_STATE_DIR),
                    float(deadline) if _is_number(deadline) else DEFAULT_DEADLINE,
-                   _step(env.get(FAULT_ENV, "")), _step(env.get(CRASH_ENV, "")))
+                   _step(env.get(FAULT_ENV, "")), _step(env.get(CRASH_ENV, "")),
+                   dm_udev=env.get(DM_UDEV_ENV) != "1")
 
 
 def run_dir(state_dir: Path, sub: str) -> Path:

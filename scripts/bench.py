@@ -213,7 +213,7 @@ def latency(
             commands(image, volume, daemon_env)
 
         def engine(image: Path = image, volume: str = volume) -> None:
-            eng = Engine(settings=Settings.from_environment())
+            eng = Engine.started(Settings.from_environment())
             info = eng.mount(MountRequest(str(image), volumes=(volume,), mount_root=str(work / "media")))
             eng.unmount(info.id)
 
@@ -408,7 +408,7 @@ def daemon_costs(found: dict[str, Path], work: Path, repeats: int) -> list[tuple
             assert c.call(path, MOUNT_IFACE, "Unmount", "a{sv}", [{}]).error is None
 
         def in_process() -> None:
-            eng = Engine(settings=Settings.from_environment())
+            eng = Engine.started(Settings.from_environment())
             info = eng.mount(
                 MountRequest(str(found["ext4.raw"]), volumes=("p1",), mount_root=str(work / "media"))
             )

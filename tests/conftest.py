@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from mountd.host.dmsetup import allow_udev
+from mountd.settings import Settings
 from tests.support import leftovers
 
 LANES = ("unit", "host", "vm")
@@ -44,6 +46,13 @@ def no_leftovers(request: pytest.FixtureRequest) -> Iterator[None]:
     left = leftovers.snapshot().new_since(before)
     if left:
         pytest.fail("the test run left these behind:\n  " + "\n  ".join(left), pytrace=False)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def entry_point() -> None:
+    """The tests are an entry point too: what their environment sets for the floors below (the VM lane's
+    ``DM_DISABLE_UDEV=1``) is handed down as imgmountd's start-up does (:meth:`Engine.started`)."""
+    allow_udev(Settings.from_environment().dm_udev)
 
 
 @pytest.fixture

@@ -154,7 +154,7 @@ def _engine() -> Engine:
     from mountd.engine.engine import Engine  # noqa: PLC0415
 
     logger()  # the engine's warnings go to stderr
-    return Engine(settings=Settings.from_environment())
+    return Engine.started(Settings.from_environment())
 
 
 def _inspection(image: str, fmt: str | None, args: argparse.Namespace | None = None) -> Any:

@@ -14,6 +14,7 @@ import os
 import pwd
 import uuid
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 from typing import Any
 
 from mountd.engine import backends, unlocking
@@ -26,6 +27,7 @@ from mountd.engine.stack import MountStack
 from mountd.engine.volumes import VolumeAttacher
 from mountd.errors import InUseError, InvalidArgumentError, NotFoundError, UnsupportedError, echo
 from mountd.host import fusedrivers
+from mountd.host.dmsetup import allow_udev
 from mountd.host.filesystems import mount_type, mountable_types
 from mountd.host.holders import check_not_in_use
 from mountd.host.mediaroot import ensure_private_root
@@ -52,6 +54,14 @@ class Engine:
         self._given_host = host
         self.journal = journal or Journal(self.settings.state_dir)
         self.deadline = self.settings.mount_deadline
+
+    @classmethod
+    def started(cls, settings: Settings, host: HostSupport | None = None) -> Engine:
+        """The engine of an entry point (imgmountd, a command working in-process): what ``settings`` says of
+        the floors below, which rebuild each layer from its record alone, is handed down here, once
+        (whether dmsetup may wait for udev). An engine made directly leaves that as its process set it."""
+        allow_udev(settings.dm_udev)
+        return cls(settings=settings, host=host)
 
     @functools.cached_property
     def host(self) -> HostSupport:
@@ -113,12 +123,12 @@ class Engine:
         attacher = VolumeAttacher(stack, disk, layout, req, self._mount_root(req), self.host)
         return unlock(attacher, req.volumes)  # locked volumes opened: what they hold joins in
 
-    @staticmethod
-    def _mount_root(req: MountRequest) -> str:
-        """The caller's choice (root only), else ``/run/media/<user>``: only that user and root enter."""
+    def _mount_root(self, req: MountRequest) -> str:
+        """The caller's choice (root only), else ``<media root>/<user>`` (``/run/media/<user>``): only that
+        user and root enter."""
         if req.mount_root is not None:
             return req.mount_root
-        root = default_mount_root(req.owner)
+        root = default_mount_root(self.settings.media_root, req.owner)
         ensure_private_root(root, req.owner)
         return root
 
@@ -167,13 +177,13 @@ def _lost(record: MountRecord) -> list[str]:
 
 
 
-def default_mount_root(uid: int) -> str:
-    """``/run/media/<user>``, where desktop file managers look."""
+def default_mount_root(media_root: Path, uid: int) -> str:
+    """``<media_root>/<user>`` (``/run/media/<user>``, where desktop file managers look)."""
     try:
         user = pwd.getpwuid(uid).pw_name
     except KeyError:
         user = str(uid)
-    return f"/run/media/{user}"
+    return str(media_root / user)
 
 
 def _check_request(req: MountRequest) -> None:

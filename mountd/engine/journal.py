@@ -47,14 +47,10 @@ class MountRecord(ImageMount):
         # The whole disk's device: not a caller's QEMU server, which is only its source.
         not_devices = (MountSpec.kind, ServerSpec.kind)
         disk = next((x for x in self.layers if x.volume == "" and x.kind not in not_devices), None)
-        mount_layers = [x for x in self.layers if x.kind == MountSpec.kind]
-        volumes = tuple(
-            MountedVolume(m.volume, str(m.identity.get("device", "")), str(m.identity.get("fstype", "")),
-                          str(m.identity.get("mountpoint", "")))
-            for m in mount_layers
-        )
-        device = str(disk.identity.get("node", "")) if disk else ""
-        notes = tuple((m.volume, str(m.identity["note"])) for m in mount_layers if m.identity.get("note"))
+        mounts = [(x.volume, MountSpec.parse(x.identity)) for x in self.layers if x.kind == MountSpec.kind]
+        volumes = tuple(MountedVolume(volume, m.device, m.fstype, m.mountpoint) for volume, m in mounts)
+        device = disk.node if disk else ""
+        notes = tuple((volume, m.note) for volume, m in mounts if m.note)
         return MountInfo(self.id, self.image, self.format, self.read_only, self.owner, self.backend,
                          device, volumes, self.state, self.image_id, notes)
 
@@ -85,14 +81,14 @@ class Journal:
         self.root = Path(state_dir)
         self.mounts = self.root / "mounts"
 
-    def claim(self, node: object) -> None:
+    def claim(self, node: str) -> None:
         """Mark an nbd or loop device as ours before the kernel configures it (systemd/60-imgmount.rules
         reads the mark, so the host's LVM auto-activation and udisks leave the device alone)."""
         if name := _claimable(node):
             (self.root / "claimed").mkdir(parents=True, exist_ok=True, mode=0o700)
             (self.root / "claimed" / name).touch()
 
-    def release(self, node: object) -> None:
+    def release(self, node: str) -> None:
         if name := _claimable(node):
             with contextlib.suppress(FileNotFoundError):
                 (self.root / "claimed" / name).unlink()
@@ -103,7 +99,7 @@ class Journal:
         written, so one listed here before the records are read is never a mount still being made."""
         claimed = self.root / "claimed"
         marks = sorted(p.name for p in claimed.iterdir()) if claimed.is_dir() else []
-        named = {_claimable(layer.identity.get("node")) for r in self.all() for layer in r.layers}
+        named = {_claimable(layer.node) for r in self.all() for layer in r.layers}
         orphans = [m for m in marks if m not in named]
         for name in orphans:
             with contextlib.suppress(FileNotFoundError):
@@ -177,9 +173,9 @@ def _lock_file(path: Path) -> int:
         os.close(fd)
 
 
-def _claimable(node: object) -> str:
-    name = os.path.basename(str(node or ""))
-    return name if str(node).startswith("/dev/") and name.startswith(("nbd", "loop", "md")) else ""
+def _claimable(node: str) -> str:
+    name = os.path.basename(node)
+    return name if node.startswith("/dev/") and name.startswith(("nbd", "loop", "md")) else ""
 
 
 def _fsync_dir(path: Path) -> None:

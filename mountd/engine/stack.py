@@ -36,9 +36,8 @@ class MountStack:
         I/O fails at once) and make the next step fail; the rollback follows as for any failure."""
         self.cancelled = why
         for rec in self.record.layers:
-            pid, started = rec.identity.get("pid"), rec.identity.get("start_time")
-            if isinstance(pid, int) and isinstance(started, int) and kill(pid, started):
-                log.warning("killed %s pid %d: %s", rec.kind, pid, why)
+            if (process := rec.process) is not None and kill(*process):
+                log.warning("killed %s pid %d: %s", rec.kind, process[0], why)
 
     def _step(self, where: str) -> None:
         if self.cancelled:
@@ -61,7 +60,7 @@ class MountStack:
         def progress(rec: LayerRecord) -> None:
             layer.record = rec
             self._save(self.record.with_layer(rec))
-            self.journal.claim(rec.identity.get("node"))  # after the record: never a mark it does not name
+            self.journal.claim(rec.node)  # after the record: never a mark it does not name
 
         try:
             progress(layer.attach(progress))

@@ -206,8 +206,7 @@ class VolumeAttacher:
         """The topmost device made for ``volume``: an unlocked volume's crypt device, not its partition."""
         layers = self.stack.record.layers
         attached = [x for x in layers if x.volume == volume and x.state == LayerState.ATTACHED]
-        return next((str(x.identity.get("node", "")) for x in reversed(attached) if x.kind != MountSpec.kind),
-                    "")
+        return next((x.node for x in reversed(attached) if x.kind != MountSpec.kind), "")
 
 
 def _device_size(node: str) -> int:

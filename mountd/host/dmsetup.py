@@ -2,9 +2,9 @@
 a host's own LVM auto-activation stacked on imgmount's devices.
 
 udev: where a udevd answers, ``dmsetup`` synchronises with it (udev makes ``/dev/mapper/NAME``). Where none
-does, or ``DM_DISABLE_UDEV=1`` is set in our environment, it runs with ``DM_DISABLE_UDEV=1 --noudevsync`` and
-libdevmapper makes the node itself: libdevmapper only checks that ``/run/udev/control`` exists, and would wait
-for ever on a udevd that is gone (a stale socket in a container).
+does, or the entry point said not to (:func:`allow_udev`: ``DM_DISABLE_UDEV=1`` in its environment), it runs
+with ``DM_DISABLE_UDEV=1 --noudevsync`` and libdevmapper makes the node itself: libdevmapper only checks that
+``/run/udev/control`` exists, and would wait for ever on a udevd that is gone (a stale socket in a container).
 """
 
 from __future__ import annotations
@@ -38,6 +38,21 @@ UDEV_RULE_DIRS = ("/etc/udev/rules.d", "/run/udev/rules.d", "/usr/lib/udev/rules
 # --- dmsetup and udev ------------------------------------------------------------------------------------
 
 
+@dataclass
+class UdevSync:
+    """Whether dmsetup may synchronise with udev at all: the entry point's ``Settings.dm_udev``, handed down
+    once (:func:`allow_udev`) since every layer is rebuilt from its record alone."""
+
+    allowed: bool = True
+
+
+UDEV_SYNC = UdevSync()
+
+
+def allow_udev(allowed: bool) -> None:
+    UDEV_SYNC.allowed = allowed
+
+
 def udev_running() -> bool:
     """A udevd answers on its control socket (connecting is harmless: it only accepts)."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC) as sock:
@@ -52,7 +67,7 @@ def udev_mode() -> tuple[dict[str, str], list[str]]:
     """The environment and extra ``dmsetup`` arguments: see the module docstring. udev synchronisation also
     needs the rule that tells dmsetup udev is done (95-dm-notify.rules); without it dmsetup would wait."""
     notify = any(Path(d, "95-dm-notify.rules").exists() for d in UDEV_RULE_DIRS)
-    if os.environ.get("DM_DISABLE_UDEV") == "1" or not notify or not udev_running():
+    if not UDEV_SYNC.allowed or not notify or not udev_running():
         return {"DM_DISABLE_UDEV": "1"}, ["--noudevsync"]
     return {}, []
 

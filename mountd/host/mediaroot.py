@@ -63,7 +63,7 @@ def ensure_private_root(root: str, owner: int) -> None:
         log.info("made the mount root %s private to uid %d", root, owner)
 
 
-def fix_existing_roots(base: str = "/run/media") -> list[str]:
+def fix_existing_roots(base: str) -> list[str]:
     """Make every root-owned directory directly under ``base`` that is named after a user (or a uid)
     private to that user. Returns the ones that changed; anything else is skipped with a warning."""
     try:

@@ -24,7 +24,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
-from mountd.errors import BusyError, FailedError, InvalidImageError, WrongKeyError
+from mountd.errors import BusyError, FailedError, InvalidArgumentError, InvalidImageError, WrongKeyError
 from mountd.host import command
 from mountd.host.loopdev import loops_backed_by
 from mountd.host.mountinfo import mountinfo
@@ -51,6 +51,14 @@ class BitLockerSpec(Spec):
     def identity(self) -> dict[str, Any]:
         return {"device": self.device, "mountpoint": self.mountpoint, "read_only": self.read_only}
 
+    @classmethod
+    def parse(cls, identity: dict[str, Any]) -> BitLockerSpec:
+        try:
+            return cls(str(identity["device"]), str(identity["mountpoint"]),
+                       bool(identity.get("read_only", True)))
+        except (KeyError, TypeError) as exc:
+            raise InvalidArgumentError(f"bad bitlocker layer plan: {exc}") from None
+
 
 class BitLockerLayer(Layer[str]):
     """One BitLocker volume, unlocked.
@@ -63,11 +71,15 @@ class BitLockerLayer(Layer[str]):
     kind = BitLockerSpec.kind
 
     @property
+    def _spec(self) -> BitLockerSpec:
+        return BitLockerSpec.parse(self.identity)
+
+    @property
     def _mountpoint(self) -> str:
-        return str(self.identity["mountpoint"])
+        return self._spec.mountpoint
 
     def _attach(self, progress: Progress) -> LayerRecord:
-        device = str(self.identity["device"])
+        device = self._spec.device
         os.makedirs(self._mountpoint, mode=0o700, exist_ok=True)
         if not self.fds:
             raise WrongKeyError(f"{device} is locked and no password was given for it")
@@ -88,7 +100,7 @@ class BitLockerLayer(Layer[str]):
     def _tries(self, device: str) -> Iterator[command.Result]:
         """dislocker run once a way of using each secret, until one opens the volume."""
         argv = ["dislocker-fuse", "-V", device]
-        if self.identity.get("read_only", True):
+        if self._spec.read_only:
             argv.insert(1, "-r")
         for fd in self.fds:
             secret = os.pread(fd, LONGEST_RECOVERY_PASSWORD + 1, 0).strip()

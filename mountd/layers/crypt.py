@@ -65,6 +65,19 @@ class CryptSpec(Spec):
         return {"device": self.device, "name": self.name, "version": self.version,
                 "luks_uuid": self.luks_uuid, "read_only": self.read_only}
 
+    @classmethod
+    def parse(cls, identity: dict[str, Any]) -> CryptSpec:
+        try:
+            return cls(str(identity["device"]), str(identity["name"]), str(identity["version"]),
+                       str(identity["luks_uuid"]), bool(identity.get("read_only", True)))
+        except (KeyError, TypeError) as exc:
+            raise InvalidArgumentError(f"bad crypt layer plan: {exc}") from None
+
+    @property
+    def dm_uuid(self) -> str:
+        """The uuid cryptsetup gives the device: ``CRYPT-LUKS<n>-<LUKS uuid without dashes>-<name>``."""
+        return f"CRYPT-LUKS{self.version}-{self.luks_uuid.replace('-', '')}-{self.name}"
+
 
 class CryptLayer(Layer[DmDevice]):
     """One LUKS volume, unlocked.
@@ -78,35 +91,36 @@ class CryptLayer(Layer[DmDevice]):
     kind = CryptSpec.kind
 
     @property
-    def _name(self) -> str:
-        return str(self.identity["name"])
+    def _spec(self) -> CryptSpec:
+        return CryptSpec.parse(self.identity)
 
     @property
-    def _dm_uuid(self) -> str:
-        luks = str(self.identity["luks_uuid"]).replace("-", "")
-        return f"CRYPT-LUKS{self.identity['version']}-{luks}-{self._name}"
+    def _name(self) -> str:
+        return self._spec.name
 
     def _attach(self, progress: Progress) -> LayerRecord:
-        if not _NAME.fullmatch(self._name) or not _LUKS_UUID.fullmatch(str(self.identity["luks_uuid"])):
-            raise InvalidArgumentError(f"{self._name!r}: not a device-mapper name, or no LUKS uuid")
-        device = str(self.identity["device"])
-        self._open_with_a_key(device)
+        spec = self._spec
+        if not _NAME.fullmatch(spec.name) or not _LUKS_UUID.fullmatch(spec.luks_uuid):
+            raise InvalidArgumentError(f"{spec.name!r}: not a device-mapper name, or no LUKS uuid")
+        device = spec.device
+        self._open_with_a_key(spec)
         found = self._present()
         if found is None:
-            raise FailedError(f"cryptsetup opened {self._name}, yet no device has uuid {self._dm_uuid}")
+            raise FailedError(f"cryptsetup opened {spec.name}, yet no device has uuid {spec.dm_uuid}")
         node = f"/dev/mapper/{self._name}"
         _ensure_node(self._name, node, found.devnum)
         _keep_host_lvm_off(found)
         return replace(self.record, identity={**self.identity, "node": node, "devnum": found.devnum,
                                               "lower": _devnum(device)})
 
-    def _open_with_a_key(self, device: str) -> None:
+    def _open_with_a_key(self, spec: CryptSpec) -> None:
         """Try each secret in turn; the first that opens the volume wins."""
+        device = spec.device
         if not self.fds:
             raise WrongKeyError(f"{device} is locked and no passphrase or key file was given for it")
-        argv = ["cryptsetup", "open", "--type", f"luks{self.identity['version']}", "--key-file=-",
-                "--disable-external-tokens", device, self._name]
-        if self.identity.get("read_only", True):
+        argv = ["cryptsetup", "open", "--type", f"luks{spec.version}", "--key-file=-",
+                "--disable-external-tokens", device, spec.name]
+        if spec.read_only:
             argv.insert(2, "--readonly")
         for fd in self.fds:
             result = self._try(argv, fd)
@@ -117,7 +131,7 @@ class CryptLayer(Layer[DmDevice]):
                                   f"{CommandError(argv, result.status, result.stderr).message}")
         tried = f"none of the {len(self.fds)} given opens it" if len(self.fds) > 1 else "it does not open it"
         raise WrongKeyError(f"wrong passphrase or key file for volume {self._volume} "
-                            f"(LUKS{self.identity['version']} on {device}: {tried}): check it and try again")
+                            f"(LUKS{spec.version} on {device}: {tried}): check it and try again")
 
     def _try(self, argv: list[str], secret: int) -> command.Result:
         """One ``cryptsetup open`` with the secret in the memfd ``secret`` as its standard input."""
@@ -137,13 +151,14 @@ class CryptLayer(Layer[DmDevice]):
         found = self._present()
         if found is None or found.devnum != self.identity.get("devnum"):
             return False
-        if found.read_only != bool(self.identity.get("read_only", True)):
+        if found.read_only != self._spec.read_only:
             return False
         below = entries(str(SYS_CLASS_BLOCK / found.sysname / "slaves"))
         return [text_of(str(SYS_CLASS_BLOCK / s / "dev")) for s in below] == [self.identity.get("lower")]
 
     def _present(self) -> DmDevice | None:
-        return next((d for d in dm_devices() if d.uuid == self._dm_uuid and d.name == self._name), None)
+        spec = self._spec
+        return next((d for d in dm_devices() if d.uuid == spec.dm_uuid and d.name == spec.name), None)
 
     def _release(self, device: DmDevice, *, force: bool) -> None:
         """Close the volume. ``force`` changes nothing: a device in use is never torn from its user."""

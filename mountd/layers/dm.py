@@ -101,6 +101,14 @@ class DmSpec(Spec):
     def identity(self) -> dict[str, Any]:
         return {"name": self.name, "uuid": self.uuid, "read_only": self.read_only, "table": self.table}
 
+    @classmethod
+    def parse(cls, identity: dict[str, Any]) -> DmSpec:
+        try:
+            return cls(str(identity["name"]), str(identity["uuid"]), bool(identity.get("read_only", True)),
+                       [list(row) for row in identity["table"]])
+        except (KeyError, TypeError) as exc:
+            raise InvalidArgumentError(f"bad dm layer plan: {exc}") from None
+
 
 class DmLinearLayer(Layer[DmDevice]):
     """One LV as a device-mapper device.
@@ -113,45 +121,51 @@ class DmLinearLayer(Layer[DmDevice]):
     kind = DmSpec.kind
 
     @property
+    def _spec(self) -> DmSpec:
+        return DmSpec.parse(self.identity)
+
+    @property
     def _name(self) -> str:
-        return str(self.identity["name"])
+        return self._spec.name
 
     @property
     def _uuid(self) -> str:
-        return str(self.identity["uuid"])
+        return self._spec.uuid
 
     def _attach(self, progress: Progress) -> LayerRecord:
-        if not _NAME.fullmatch(self._name) or not _UUID.fullmatch(self._uuid):
-            raise InvalidArgumentError(f"{self._name!r}, {self._uuid!r}: not a device-mapper name and uuid")
+        spec = self._spec
+        if not _NAME.fullmatch(spec.name) or not _UUID.fullmatch(spec.uuid):
+            raise InvalidArgumentError(f"{spec.name!r}, {spec.uuid!r}: not a device-mapper name and uuid")
         env, extra = udev_mode()
-        argv = ["dmsetup", "create", self._name, "--uuid", self._uuid, *extra]
-        if self.identity.get("read_only", True):
+        argv = ["dmsetup", "create", spec.name, "--uuid", spec.uuid, *extra]
+        if spec.read_only:
             argv.append("--readonly")
-        text = "".join(" ".join(str(x) for x in row) + "\n" for row in self.identity["table"])
+        text = "".join(" ".join(str(x) for x in row) + "\n" for row in spec.table)
         try:
             command.run(argv, env=env, input_text=text, timeout=DM_TIMEOUT)
         except CommandError as exc:
-            raise FailedError(f"device-mapper would not create {self._name}: "
+            raise FailedError(f"device-mapper would not create {spec.name}: "
                               f"{exc.message.split(': ', 1)[-1]}") from None
-        device = _find(self._uuid)
+        device = _find(spec.uuid)
         if device is None:
-            raise FailedError(f"dmsetup create {self._name} succeeded, yet no device has uuid {self._uuid}")
-        node = f"/dev/mapper/{self._name}"
+            raise FailedError(f"dmsetup create {spec.name} succeeded, yet no device has uuid {spec.uuid}")
+        node = f"/dev/mapper/{spec.name}"
         if not _is_node(node, device.devnum):  # no udev made it (or not yet): make it ourselves
-            command.run(["dmsetup", "mknodes", self._name, *extra], env=env, timeout=DM_TIMEOUT)
+            command.run(["dmsetup", "mknodes", spec.name, *extra], env=env, timeout=DM_TIMEOUT)
             if not _is_node(node, device.devnum):
                 raise FailedError(f"{node} does not exist after dmsetup mknodes")
         return replace(self.record, identity={**self.identity, "node": node, "devnum": device.devnum})
 
     def verify(self) -> bool:
-        device = _find(self._uuid)
-        if device is None or device.name != self._name or device.devnum != self.identity.get("devnum"):
+        spec = self._spec
+        device = _find(spec.uuid)
+        if device is None or device.name != spec.name or device.devnum != self.identity.get("devnum"):
             return False
-        if device.read_only != bool(self.identity.get("read_only", True)):
+        if device.read_only != spec.read_only:
             return False
-        shown = command.run(["dmsetup", "table", self._name], timeout=DM_TIMEOUT).stdout
+        shown = command.run(["dmsetup", "table", spec.name], timeout=DM_TIMEOUT).stdout
         try:
-            expected = kernel_table(self.identity["table"])
+            expected = kernel_table(spec.table)
         except OSError:  # a PV node is gone
             return False
         return [line.split() for line in shown.splitlines() if line.strip()] == expected

@@ -152,8 +152,7 @@ class FuseExportLayer(Layer[str]):
         return self.record
 
     def verify(self) -> bool:
-        pid, start = self.identity.get("pid"), self.identity.get("start_time")
-        if not isinstance(pid, int) or not isinstance(start, int) or not is_alive(pid, start):
+        if self.record.process is None or not is_alive(*self.record.process):
             return False
         return _fuse_mount(self.identity.get("export", "")) is not None
 
@@ -184,9 +183,9 @@ class FuseExportLayer(Layer[str]):
                 os.unlink(f"{self._export}.pid")
 
     def _daemon(self, export: str) -> tuple[int, int] | None:
-        pid, start = self.identity.get("pid"), self.identity.get("start_time")
-        if isinstance(pid, int) and isinstance(start, int):
-            return (pid, start) if is_alive(pid, start) else None
+        process = self.record.process
+        if process is not None:
+            return process if is_alive(*process) else None
         # A crash between starting the daemon and recording it: find it by the export on its command line.
         return _find_daemon(export)
 

@@ -36,6 +36,19 @@ class LayerRecord:
         return cls(str(data["kind"]), str(data["volume"]), LayerState(data["state"]),
                    dict(data.get("identity", {})))
 
+    # What every kind records once its attach knows it (its spec's ``parse`` reads what it was planned with):
+
+    @property
+    def node(self) -> str:
+        """What the layer exposes to the one above (a device node, a file or a mountpoint); "" until known."""
+        return str(self.identity.get("node", ""))
+
+    @property
+    def process(self) -> tuple[int, int] | None:
+        """The program the layer started (a QEMU server, a FUSE driver), by pid and start time, once known."""
+        pid, started = self.identity.get("pid"), self.identity.get("start_time")
+        return (pid, started) if isinstance(pid, int) and isinstance(started, int) else None
+
 
 class Spec(ABC):
     """A layer kind's plan: the identity its attach starts from, typed. Each kind writes (:meth:`identity`)
@@ -86,7 +99,7 @@ class Layer(ABC, Generic[Found]):
     @property
     def node(self) -> str:
         """What this layer exposes to the one above: a device node, a file or a mountpoint."""
-        return str(self.identity.get("node", ""))
+        return self.record.node
 
     def attach(self, progress: Progress) -> LayerRecord:
         """The kind's own steps (:meth:`_attach`); the record comes back attached."""

@@ -130,11 +130,10 @@ def _chown_mountpoint(mountpoint: str, owner: int) -> None:
         os.close(fd)
 
 
-def _mount_error(exc: CommandError, record: LayerRecord, read_only: bool,
+def _mount_error(exc: CommandError, spec: MountSpec, volume: str,
                  driver: FuseDriver | None = None) -> MountdError:
-    text, ident = exc.stderr.lower(), record.identity
-    device, fstype = ident["device"], ident["fstype"]
-    what = f"the {fstype} filesystem on {device}" + (f" (volume {record.volume})" if record.volume else "")
+    text, device, fstype, mountpoint = exc.stderr.lower(), spec.device, spec.fstype, spec.mountpoint
+    what = f"the {fstype} filesystem on {device}" + (f" (volume {volume})" if volume else "")
     if driver is not None:
         return fusedrivers.refusal(exc, what, driver)
     if "unknown filesystem type" in text:
@@ -142,7 +141,7 @@ def _mount_error(exc: CommandError, record: LayerRecord, read_only: bool,
             filesystems.check_mountable(fstype)
         except MountdError as unsupported:
             return unsupported
-    if "write-protected" in text or ("read-only" in text and not read_only):
+    if "write-protected" in text or ("read-only" in text and not spec.read_only):
         return InvalidArgumentError(f"{what} can only be mounted read-only (the device or the filesystem's "
                                     "features do not allow writing): mount it read-only")
     if any(s in text for s in ("wrong fs type", "bad superblock", "can't read superblock",
@@ -151,10 +150,10 @@ def _mount_error(exc: CommandError, record: LayerRecord, read_only: bool,
         return InvalidImageError(f"{what} cannot be mounted: the kernel rejects it as damaged or not really "
                                  f"{fstype} (check a copy of the image with {check})")
     if "does not exist" in text:
-        return NotFoundError(f"cannot mount {what}: {device} or {ident['mountpoint']} does not exist")
+        return NotFoundError(f"cannot mount {what}: {device} or {mountpoint} does not exist")
     if "already mounted" in text or "busy" in text:
-        return BusyError(f"cannot mount {what} on {ident['mountpoint']}: the device or mountpoint is busy")
-    return FailedError(f"mounting {what} on {ident['mountpoint']} failed: {exc.message}")
+        return BusyError(f"cannot mount {what} on {mountpoint}: the device or mountpoint is busy")
+    return FailedError(f"mounting {what} on {mountpoint} failed: {exc.message}")
 
 
 @dataclass(frozen=True)
@@ -174,6 +173,23 @@ class MountSpec(Spec):
         optional = {k: v for k, v in (("name", self.name), ("note", self.note), ("driver", self.driver)) if v}
         return {"device": self.device, "mountpoint": self.mountpoint, "fstype": self.fstype,
                 "options": list(self.options), "owner": self.owner, **optional}
+
+    @classmethod
+    def parse(cls, identity: dict[str, Any]) -> MountSpec:
+        options = identity.get("options")
+        if not isinstance(options, list) or not all(isinstance(o, str) for o in options):
+            raise InvalidArgumentError(f"mount options {options!r} are not a list of single options")
+        try:
+            name, note = identity.get("name"), identity.get("note")
+            return cls(str(identity["device"]), str(identity["mountpoint"]), str(identity["fstype"]),
+                       tuple(options), int(identity["owner"]), None if name is None else str(name),
+                       None if note is None else str(note), str(identity.get("driver") or ""))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise InvalidArgumentError(f"bad mount layer plan: {exc}") from None
+
+    @property
+    def read_only(self) -> bool:
+        return "rw" not in self.options
 
 
 class MountLayer(Layer[MountEntry]):
@@ -197,85 +213,86 @@ class MountLayer(Layer[MountEntry]):
     kind = MountSpec.kind
 
     @property
-    def mountpoint(self) -> str:
-        return str(self.identity["mountpoint"])
+    def _spec(self) -> MountSpec:
+        return MountSpec.parse(self.identity)
 
     @property
-    def read_only(self) -> bool:
-        return "rw" not in self.identity.get("options", ())
+    def mountpoint(self) -> str:
+        return self._spec.mountpoint
 
-    def _planned(self) -> dict[str, Any]:
-        """The planned identity, checked again: it may come from a journal file."""
-        ident = dict(self.identity)
-        mountpoint, device, options = ident.get("mountpoint"), ident.get("device"), ident.get("options")
-        if not isinstance(mountpoint, str) or mountpoint == "/" or not os.path.isabs(mountpoint) \
-                or os.path.normpath(mountpoint) != mountpoint or not str(device).startswith("/"):
+    def _planned(self) -> MountSpec:
+        """The planned identity, parsed and checked again: it may come from a journal file."""
+        spec = self._spec
+        mountpoint, device, options = spec.mountpoint, spec.device, spec.options
+        if mountpoint == "/" or not os.path.isabs(mountpoint) or os.path.normpath(mountpoint) != mountpoint \
+                or not device.startswith("/"):
             raise InvalidArgumentError(f"cannot mount {device!r} on {mountpoint!r}: need absolute paths")
-        if not isinstance(options, list) or not set(filesystems.ALWAYS) <= set(options) or any(
-                not isinstance(o, str) or set(o) & set(filesystems.BAD_CHARS) for o in options):
-            raise InvalidArgumentError(f"mount options {options!r} are not single options with nosuid,nodev")
-        if os.path.realpath(str(device)) != device:  # mountinfo shows resolved names, and we look ours up
+        if not set(filesystems.ALWAYS) <= set(options) or any(set(o) & set(filesystems.BAD_CHARS)
+                                                               for o in options):
+            raise InvalidArgumentError(f"mount options {list(options)!r} are not single options with "
+                                       "nosuid,nodev")
+        if os.path.realpath(device) != device:  # mountinfo shows resolved names, and we look ours up
             raise InvalidArgumentError(f"the device {device} is a symlink: give the device node itself")
-        return ident
+        return spec
 
     def _attach(self, progress: Progress) -> LayerRecord:
-        ident = self._planned()
+        spec = self._planned()
         if self._driver is None:
-            filesystems.check_mountable(ident["fstype"])
-        ident["mountpoint"], created = _make_mountpoint(self.mountpoint, ident.get("name"))
-        ident["created"] = created
+            filesystems.check_mountable(spec.fstype)
+        mountpoint, created = _make_mountpoint(spec.mountpoint, spec.name)
+        ident = {**self.identity, "mountpoint": mountpoint, "created": created}
         self.record = replace(self.record, identity=ident)
         try:
             progress(self.record)  # the journal says the directory is ours before anything else can fail
             if created:
-                _chown_mountpoint(self.mountpoint, int(ident["owner"]))
-            entry = self._mount(ident)
+                _chown_mountpoint(mountpoint, spec.owner)
+            entry = self._mount(replace(spec, mountpoint=mountpoint))
         except BaseException:
             with contextlib.suppress(MountdError):  # the first error is the one to report
                 self._remove_mountpoint()
             raise
-        log.info("mounted %s (%s) on %s", ident["device"], ident["fstype"], self.mountpoint)
-        ident.update(node=self.mountpoint, dev=entry.dev, mount_id=entry.mount_id, **self._driver_process())
+        log.info("mounted %s (%s) on %s", spec.device, spec.fstype, mountpoint)
+        ident.update(node=mountpoint, dev=entry.dev, mount_id=entry.mount_id, **self._driver_process())
         return replace(self.record, identity=ident)
 
     @property
     def _driver(self) -> FuseDriver | None:
-        program = self.identity.get("driver")
-        return fusedrivers.by_program(str(program)) if program else None
+        program = self._spec.driver
+        return fusedrivers.by_program(program) if program else None
 
-    def _mount(self, ident: dict[str, Any]) -> MountEntry:
+    def _mount(self, spec: MountSpec) -> MountEntry:
         # -i: no /sbin/mount.TYPE helper (mount.ntfs would be ntfs-3g); -r/-w: mount(8) never falls back
         # from an explicit read-write to a read-only mount on a write-protected device.
-        argv = ["mount", "-i", "-r" if self.read_only else "-w", "-t", ident["fstype"],
-                "-o", ",".join(ident["options"]), ident["device"], self.mountpoint]
+        argv = ["mount", "-i", "-r" if spec.read_only else "-w", "-t", spec.fstype,
+                "-o", ",".join(spec.options), spec.device, spec.mountpoint]
         driver = self._driver
         if driver is not None:
-            argv = fusedrivers.argv(driver, ident["options"], ident["device"], self.mountpoint)
+            argv = fusedrivers.argv(driver, spec.options, spec.device, spec.mountpoint)
         try:
             command.run(argv, timeout=MOUNT_TIMEOUT)
         except CommandError as exc:
-            raise _mount_error(exc, self.record, self.read_only, driver) from None
+            raise _mount_error(exc, spec, self.record.volume, driver) from None
         entry = self._find(mountinfo(), adopt=True)
         if entry is None:
-            raise FailedError(f"mount reported success but mountinfo shows no {ident['fstype']} mount of "
-                              f"{ident['device']} on {self.mountpoint}")
-        mode = "ro" if self.read_only else "rw"
+            raise FailedError(f"mount reported success but mountinfo shows no {spec.fstype} mount of "
+                              f"{spec.device} on {spec.mountpoint}")
+        mode = "ro" if spec.read_only else "rw"
         if mode not in entry.options or not {"nosuid", "nodev"} <= set(entry.options):
             self._umount(lazy=False)
-            raise FailedError(f"{ident['device']} was mounted on {self.mountpoint} but mountinfo does not "
+            raise FailedError(f"{spec.device} was mounted on {spec.mountpoint} but mountinfo does not "
                               f"show it {mode},nosuid,nodev: unmounted it again")
         if driver is not None and not self._driver_process():
             self._umount(lazy=False)
-            raise FailedError(f"{driver.program} mounted {ident['device']} on {self.mountpoint} but no "
+            raise FailedError(f"{driver.program} mounted {spec.device} on {spec.mountpoint} but no "
                               "process of it serves the mount: unmounted it again")
         return entry
 
     def _find(self, entries: list[MountEntry], *, adopt: bool = False) -> MountEntry | None:
         """Our mount, by identity. Without a recorded mount_id (a crash before it was journalled), a mount
         of our device with our type at our path is ours: ``adopt``."""
-        ident = self.identity
+        ident, device = self.identity, self._spec.device
         for entry in mounted_at(self.mountpoint, entries):
-            if entry.source != ident["device"]:
+            if entry.source != device:
                 continue
             if "mount_id" in ident:
                 if entry.mount_id == ident["mount_id"] and entry.dev == ident.get("dev"):
@@ -288,15 +305,15 @@ class MountLayer(Layer[MountEntry]):
     def _shown_type(self) -> str:
         """The type mountinfo shows for our mount."""
         driver = self._driver
-        return driver.mounted_as if driver is not None else str(self.identity["fstype"])
+        return driver.mounted_as if driver is not None else self._spec.fstype
 
     def _driver_process(self) -> dict[str, int]:
         """The running driver's pid and start time: recorded, or found by its command line; {} for none."""
-        driver, ident = self._driver, self.identity
+        driver, recorded = self._driver, self.record.process
         if driver is None:
             return {}
-        pid, start = ident.get("pid"), ident.get("start_time")
-        if isinstance(pid, int) and isinstance(start, int):
+        if recorded is not None:
+            pid, start = recorded
             return {"pid": pid, "start_time": start} if is_alive(pid, start) else {}
         found = fusedrivers.find_driver(driver, self.mountpoint)
         return {"pid": found[0], "start_time": found[1]} if found else {}
@@ -318,8 +335,7 @@ class MountLayer(Layer[MountEntry]):
         process = self._driver_process()
         self._unmount(entry, force=force)
         if process:
-            program = str(self.identity["driver"])
-            fusedrivers.await_exit(process["pid"], process["start_time"], program, force=force)
+            fusedrivers.await_exit(process["pid"], process["start_time"], self._spec.driver, force=force)
 
     def _clean_up(self) -> None:
         """The directory, if we made it."""
@@ -342,7 +358,7 @@ class MountLayer(Layer[MountEntry]):
         still = [e for e in mountinfo() if e == entry]  # mount ids are reused at once: compare everything
         if still:
             raise BusyError(f"{self.mountpoint} is still mounted after umount: {result.stderr.strip()}")
-        log.info("unmounted %s from %s", self.identity["device"], self.mountpoint)
+        log.info("unmounted %s from %s", self._spec.device, self.mountpoint)
 
     def _umount(self, *, lazy: bool) -> command.Result:
         argv = ["umount", "-i", *(["-l"] if lazy else []), self.mountpoint]

@@ -240,13 +240,11 @@ class ServerLayer(Layer[tuple[int, int]]):
             **self.identity, "pid": found.pid, "start_time": found.start_time, "size": found.size})
 
     def verify(self) -> bool:
-        pid, started = self.identity.get("pid"), self.identity.get("start_time")
-        return isinstance(pid, int) and isinstance(started, int) and is_alive(pid, started)
+        return self.record.process is not None and is_alive(*self.record.process)
 
     def _present(self) -> tuple[int, int] | None:
         """The server's pid and start time, once they were recorded."""
-        pid, started = self.identity.get("pid"), self.identity.get("start_time")
-        return (pid, started) if isinstance(pid, int) and isinstance(started, int) else None
+        return self.record.process
 
     def _release(self, process: tuple[int, int], *, force: bool) -> None:
         stop(*process, force=force)

@@ -300,7 +300,7 @@ async def serve(args: argparse.Namespace) -> int:
         log.warning("%s is missing (Debian package %s): no %s", program.name, program.package,
                     program.used_for)
     log.info("%s", host.summary())
-    engine = Engine(settings=Settings.from_environment(), host=host)
+    engine = Engine.started(Settings.from_environment(), host=host)
     try:
         await asyncio.to_thread(engine.journal.ensure)
     except OSError as exc:  # every mount would fail on it: say so once, and do not take the name
@@ -310,7 +310,8 @@ async def serve(args: argparse.Namespace) -> int:
     dispatcher = Dispatcher(bus, service)
     bus.add_message_handler(dispatcher.on_message)
     bus.export(MANAGER_PATH, service.manager)
-    await asyncio.to_thread(fix_existing_roots)  # mount roots that older versions left world-readable
+    # mount roots that older versions left world-readable
+    await asyncio.to_thread(fix_existing_roots, str(engine.settings.media_root))
     await service.recover()
     if await bus.request_name(BUS_NAME, NameFlag.DO_NOT_QUEUE) != RequestNameReply.PRIMARY_OWNER:
         log.error("%s is already owned on this bus: another imgmountd is running", BUS_NAME)

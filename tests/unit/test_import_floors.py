@@ -91,3 +91,12 @@ def test_the_checker_sees_an_upward_and_a_sideways_import() -> None:
     assert violations("mountd.cli.main", "from mountd.service.daemon import main\n") == [
         "mountd.cli.main (cli) imports mountd.service.daemon (service) from above or beside"]
     assert violations("mountd.engine.stack", "from ..host import processes\nimport mountd.errors\n") == []
+
+
+def test_the_readme_names_every_module() -> None:
+    """The README's layout lists each module with what it does: a new one is added there too."""
+    readme = (PACKAGE.parent / "README.md").read_text()
+    layout = readme[readme.index("## Layout"):readme.index("## Tests")]
+    missing = [str(p.relative_to(PACKAGE.parent)) for p in MODULES if p.name != "__init__.py"
+               and f"| `{p.relative_to(PACKAGE.parent)}` |" not in layout]
+    assert not missing, f"modules missing from the README's layout table: {missing}"
