@@ -388,6 +388,21 @@ def daemon_concurrency(found: dict[str, Path], work: Path, repeats: int) -> list
     return rows
 
 
+def startup(env: dict[str, str], runs: int = 40) -> tuple[float, float]:
+    """``imgmount --list`` through the daemon and a bare ``python -c pass`` of the same interpreter, run in
+    turn ``runs`` times (so both see the same load): their median wall times. Issue 11 aims at 2x."""
+    def wall(argv: list[str]) -> float:
+        start = time.perf_counter()
+        subprocess.run(argv, env=env, check=True, capture_output=True)
+        return time.perf_counter() - start
+
+    command, bare = [], []
+    for _ in range(runs):
+        bare.append(wall([sys.executable, "-c", "pass"]))
+        command.append(wall([str(BIN / "imgmount"), "--list"]))
+    return statistics.median(command), statistics.median(bare)
+
+
 def daemon_costs(found: dict[str, Path], work: Path, repeats: int) -> list[tuple[str, str]]:
     """What imgmountd adds: a D-Bus round trip per call, its start-up and its memory."""
     rows = []
@@ -414,6 +429,9 @@ def daemon_costs(found: dict[str, Path], work: Path, repeats: int) -> list[tuple
             )
             eng.unmount(info.id)
 
+        command, bare = startup(commands_env(bus))
+        rows.append(("imgmount --list, 0 mounts / python -c pass",
+                     f"{command * 1000:.1f} / {bare * 1000:.1f} ms ({command / bare:.2f}x)"))
         rows.append(("mount+unmount over D-Bus (raw, loop)", f"{timed(over_dbus, repeats):.3f} s"))
         rows.append(("mount+unmount in-process (same)", f"{timed(in_process, repeats):.3f} s"))
         for image in copies:
