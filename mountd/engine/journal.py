@@ -47,10 +47,13 @@ class MountRecord(ImageMount):
         # The whole disk's device: not a caller's QEMU server, which is only its source.
         not_devices = (MountSpec.kind, ServerSpec.kind)
         disk = next((x for x in self.layers if x.volume == "" and x.kind not in not_devices), None)
-        mounts = [(x.volume, MountSpec.parse(x.identity)) for x in self.layers if x.kind == MountSpec.kind]
-        volumes = tuple(MountedVolume(volume, m.device, m.fstype, m.mountpoint) for volume, m in mounts)
+        # Read field by field, not parsed as a plan: a record damaged by hand or by a crash is still shown
+        # (as broken), so that it can be unmounted.
+        mounts = [(x.volume, x.identity) for x in self.layers if x.kind == MountSpec.kind]
+        volumes = tuple(MountedVolume(volume, str(m.get("device", "")), str(m.get("fstype", "")),
+                                      str(m.get("mountpoint", ""))) for volume, m in mounts)
         device = disk.node if disk else ""
-        notes = tuple((volume, m.note) for volume, m in mounts if m.note)
+        notes = tuple((volume, str(m["note"])) for volume, m in mounts if m.get("note"))
         return MountInfo(self.id, self.image, self.format, self.read_only, self.owner, self.backend,
                          device, volumes, self.state, self.image_id, notes)
 

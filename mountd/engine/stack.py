@@ -14,7 +14,7 @@ from dataclasses import replace
 from typing import Any
 
 from mountd.engine.journal import Journal, MountRecord
-from mountd.errors import BusyError, MountdError, OperationTimeoutError
+from mountd.errors import BusyError, FailedError, InvalidArgumentError, MountdError, OperationTimeoutError
 from mountd.host.dmsetup import release_host_activations
 from mountd.host.mddev import stop_host_arrays
 from mountd.host.processes import kill
@@ -115,13 +115,20 @@ class MountStack:
                 layer.detach(force=force)
             except MountdError as exc:
                 self._save(replace(self.record, state=MountState.MOUNTED if not force else MountState.BROKEN))
-                left = ", ".join(layer_from_record(r).describe() for r in reversed(self.record.layers))
-                exc.message = f"{exc.message} (still in place: {left})"
-                exc.args = (exc.message,)
-                raise
+                raise self._stuck(exc) from None
             self.journal.release(layer.node)
             self._save(self.record.without_layer(rec))
         self.journal.remove(self.record.id)
+
+    def _stuck(self, exc: MountdError) -> MountdError:
+        """``exc`` of a layer that would not come off, saying what is still in place."""
+        left = ", ".join(layer_from_record(r).describe() for r in reversed(self.record.layers))
+        if isinstance(exc, InvalidArgumentError):  # a teardown takes no caller input: its record is bad
+            return FailedError(f"the journal's record of mount {self.record.id} is damaged ({exc.message}): "
+                               f"what it names must be undone by hand (still in place: {left})")
+        exc.message = f"{exc.message} (still in place: {left})"
+        exc.args = (exc.message,)
+        return exc
 
 
 class _Watchdog:

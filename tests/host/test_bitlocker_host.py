@@ -27,7 +27,9 @@ from mountd.engine.inspection import inspect_image
 from mountd.engine.unlocking import lock_kind
 from mountd.errors import InvalidArgumentError, InvalidImageError, WrongKeyError
 from mountd.keys import Keys
+from mountd.layers.layer import InjectedFault
 from mountd.model import MountRequest
+from mountd.settings import Settings
 from tests.support import guests, leftovers
 from tests.support.bitlocker_guest import PASSWORD as REAL_PASSWORD
 from tests.support.bitlocker_guest import RECOVERY, bitlocker_guest
@@ -198,3 +200,36 @@ def test_the_command_asks_for_a_real_volume_s_recovery_password_on_a_terminal(wi
     guests.check_files(mountpoint, windows.files["p2"])
     subprocess.run([str(BIN / "imgumount"), str(windows.raw)], env=env, check=True, timeout=180)
     assert leftovers.ours(leftovers.snapshot().new_since(before), windows.raw.parent, tmp_path) == []
+
+
+def test_a_fault_at_each_step_of_a_real_volume_s_mount_leaves_nothing(windows: Guest, tmp_path: Path) -> None:
+    """Every step of the stack (the disk's loop device, dislocker's FUSE mount, the loop device on its
+    decrypted file, the mount), failed in turn: nothing is left, and after the last step the mount is whole."""
+    steps: list[str] = []
+    for step in range(1, 20):
+        engine = Engine(settings=Settings(state_dir=tmp_path / f"state{step}", fault_at=step))
+        before = leftovers.snapshot()
+        request = MountRequest(str(windows.raw), mount_root=str(tmp_path / "media"), volumes=("p2",),
+                               keys=Keys(everywhere=REAL_PASSWORD.encode()))
+        try:
+            info = engine.mount(request)
+        except InjectedFault as fault:
+            steps.append(str(fault).rpartition("(")[2].rstrip(")"))
+            assert engine.mounts() == [], fault
+            assert leftovers.ours(leftovers.snapshot().new_since(before), windows.raw.parent, tmp_path) == []
+            continue
+        guests.check_files(Path(info.volumes[0].mountpoint), windows.files["p2"])
+        engine.unmount(info.id)
+        break
+    assert {"before bitlocker p2", "after bitlocker p2"} <= set(steps), steps
+
+
+def test_a_restarted_daemon_verifies_and_unmounts_a_real_volume_without_its_password(
+        windows: Guest, tmp_path: Path) -> None:
+    with engine_in(tmp_path / "state") as engine:
+        info = engine.mount(MountRequest(str(windows.raw), mount_root=str(tmp_path / "media"), volumes=("p2",),
+                                         keys=Keys(everywhere=RECOVERY.encode())))
+        restarted = Engine(settings=Settings(state_dir=tmp_path / "state"))  # the journal, and no secret
+        assert restarted.verify(info.id) == [] and restarted.clean_up(info.id) == info
+        restarted.unmount(info.id)
+        assert engine.mounts() == [] and not os.path.ismount(info.volumes[0].mountpoint)

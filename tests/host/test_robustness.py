@@ -212,7 +212,8 @@ def test_a_lease_on_her_image_stalls_no_one(bus: Bus, c: Client, daemon: Daemon,
                                   stdout=subprocess.PIPE, text=True)
         try:
             assert holder.stdout is not None and holder.stdout.readline() == "leased\n"
-            flood = subprocess.Popen([*who, sys.executable, "-m", "tests.support.flood", c.address, str(mine), "8"],
+            flood = subprocess.Popen([*who, sys.executable, "-m", "tests.support.flood", c.address, str(mine), "8",
+                                      "Inspect,Mount"],
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
             path = c.mount(copy(guest.raw, tmp_path / "other.raw")).value()
             assert c.call(path, MOUNT_IFACE, "Unmount", "a{sv}", [{}]).error is None

@@ -2,7 +2,8 @@
 this module). Prints one JSON list: for each call, ``[error name or null, length of the reply's text]``.
 
     python -m tests.support.flood ADDRESS                 # oversized Unmount and Mount calls
-    python -m tests.support.flood ADDRESS IMAGE COUNT     # COUNT parallel Inspect and Mount calls of IMAGE
+    python -m tests.support.flood ADDRESS IMAGE COUNT [MEMBER,...]  # COUNT parallel calls of IMAGE, each of
+                                                                   # the MEMBERs in turn (default: Inspect)
 """
 
 from __future__ import annotations
@@ -30,16 +31,17 @@ def calls() -> list[Message]:
     return out
 
 
-def inspects(image: str, count: int) -> list[Message]:
-    """Inspect and Mount calls of ``image`` in turn."""
+def inspects(image: str, count: int, members: list[str]) -> list[Message]:
+    """``count`` calls of ``image``, each of ``members`` (Inspect, Mount) in turn."""
     return [Message(destination=BUS_NAME, path=MANAGER, interface=f"{BUS_NAME}.Manager",
-                    member=("Inspect", "Mount")[i % 2], signature="sa{sv}", body=[image, {}]) for i in range(count)]
+                    member=members[i % len(members)], signature="sa{sv}", body=[image, {}]) for i in range(count)]
 
 
 async def main(address: str, *inspect: str) -> None:
     bus = await MessageBus(bus_address=address).connect()
     survive_full_socket(bus)  # the attacker's dbus-fast has the same writer bug: her flood must get out
-    messages = inspects(inspect[0], int(inspect[1])) if inspect else calls()
+    members = inspect[2].split(",") if len(inspect) > 2 else ["Inspect"]
+    messages = inspects(inspect[0], int(inspect[1]), members) if inspect else calls()
     replies = await asyncio.gather(*(asyncio.wait_for(bus.call(m), 60) for m in messages))
     print(json.dumps([[r.error_name, len(str(r.body[0])) if r.body else 0] for r in replies if r]))
     bus.disconnect()
