@@ -23,6 +23,7 @@ from mountd.engine.disks import attacher_of, wanted_disks
 from mountd.engine.imagekeys import with_image_key
 from mountd.engine.inspection import DiskLayout, Volume
 from mountd.engine.journal import Journal, MountRecord
+from mountd.engine.mdarrays import striped_here
 from mountd.engine.stack import MountStack
 from mountd.engine.volumes import VolumeAttacher
 from mountd.errors import InUseError, InvalidArgumentError, NotFoundError, UnsupportedError, echo
@@ -223,8 +224,8 @@ def _selected(layout: DiskLayout, names: tuple[str, ...], device_mapper: bool,
             raise NotFoundError(f"no volume named {echo(', '.join(missing))} in this image (it has: {known})")
         return [v for n in names if (v := layout.volume(n)) is not None]
     types = fusedrivers.mountable_types(mountable_types(), host)
-    reachable = [v for v in layout.volumes if v.offset is not None or device_mapper]
-    chosen = [v for v in reachable if _mountable(v, types, host) or (v.thin and device_mapper)]
+    reachable = (v for v in layout.volumes if v.offset is not None or device_mapper or striped_here(v, host))
+    chosen = [v for v in reachable if _mountable(v, types, host) or _mapped_later(v, device_mapper, host)]
     if not chosen:
         found = _some(f"{v.name}: {v.signature.type if v.signature else 'nothing'}" for v in layout.volumes)
         raise UnsupportedError(f"no mountable filesystem in this image (found {found})")
@@ -232,6 +233,12 @@ def _selected(layout: DiskLayout, names: tuple[str, ...], device_mapper: bool,
         raise UnsupportedError(f"this image holds {len(chosen)} mountable volumes, more than the "
                                f"{MAX_LISTED} one mount takes: name the ones to mount (imgmount --volume)")
     return chosen
+
+
+def _mapped_later(volume: Volume, device_mapper: bool, host: HostSupport) -> bool:
+    """A thin LV where device-mapper is, or an array md assembles here: what it holds shows once it is
+    mapped (:meth:`mountd.engine.volumes.VolumeAttacher.mount`)."""
+    return (volume.thin and device_mapper) or striped_here(volume, host)
 
 
 def _mountable(volume: Volume, types: frozenset[str], host: HostSupport) -> bool:

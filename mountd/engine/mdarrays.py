@@ -18,6 +18,12 @@ def assembled_here(volume: Volume, host: HostSupport) -> bool:
     return array.first.uuid not in running_uuids()
 
 
+def striped_here(volume: Volume, host: HostSupport) -> bool:
+    """An array no member holds whole (striped, parity) that md assembles here: what it holds is known only
+    once it is assembled."""
+    return volume.kind == VolumeKind.MD and volume.offset is None and assembled_here(volume, host)
+
+
 def member_volumes(volume: Volume, layout: DiskLayout) -> list[Volume]:
     """The volumes (partitions, or the disk) holding the array's members, in the order found."""
     assert volume.array is not None

@@ -189,7 +189,15 @@ def _noted(ins: Inspection) -> tuple[Volume, ...]:
     the host that inspected it."""
     mapped = ins.host is not None and ins.host.lv_mapping
     tail = "mapped through device-mapper when mounted" if mapped else "needs device-mapper"
-    return tuple(replace(v, note=f"{v.note}: {tail}") if _mapped_only(v) else v for v in ins.volumes)
+    md = ins.host is not None and ins.host.md_assembly
+    return tuple(replace(v, note=f"{v.note}: {tail}") if _mapped_only(v) else
+                 replace(v, note=v.array.obstacle(md=True)) if md and v.array and _assembled_only(v) else v
+                 for v in ins.volumes)
+
+
+def _assembled_only(v: Volume) -> bool:
+    """An md array no member holds whole, and none missing: md assembles it."""
+    return v.kind == VolumeKind.MD and v.offset is None and v.array is not None and not v.array.missing()
 
 
 def _mapped_only(v: Volume) -> bool:

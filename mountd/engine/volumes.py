@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 from mountd.engine.backends import Disk, export_path
 from mountd.engine.inspection import WHOLE_DISK, DiskLayout, Volume, VolumeKind
 from mountd.engine.lvmapping import LvMapper, probe_node
-from mountd.engine.mdarrays import assembled_here, member_volumes
+from mountd.engine.mdarrays import assembled_here, member_volumes, striped_here
 from mountd.engine.stack import MountStack
 from mountd.engine.unlocking import is_locked, unlock_volume
 from mountd.engine.windows import ntfs_note
@@ -67,10 +67,10 @@ class VolumeAttacher:
         """Attach ``volume``'s block device and mount its filesystem under the mount root. A thin volume is
         mapped first (its filesystem shows once it is); a locked volume is unlocked first, and each
         filesystem inside it (one, or its LVs) mounted."""
-        if volume.thin:  # where device-mapper is: else its node is an error
+        if volume.thin or striped_here(volume, self.host):  # what it holds shows once it is mapped
             volume = replace(volume, signature=probe_node(self.node(volume)))
             if not volume.filesystem and not self.request.volumes:
-                log.info("thin volume %s holds no filesystem: not mounted", volume.name)
+                log.info("volume %s holds no filesystem: not mounted", volume.name)
                 return
         unlocked = unlock_volume(self.stack, self.disk, volume, self.request) if is_locked(volume) else []
         for node, inside in unlocked or [("", volume)]:

@@ -268,15 +268,18 @@ class MdArray:
         return (f"degraded: member {slots} of {self.first.raid_disks} is not in this image; "
                 f"read from {copy.region}")
 
-    def obstacle(self) -> str:
-        """Why the array is not one piece of the disk: what is missing, or what assembling it takes."""
+    def obstacle(self, *, md: bool = False) -> str:
+        """Why the array is not one piece of the disk: what is missing, or what assembling it takes (on a
+        host that has ``md``: that a mount does it)."""
         m = self.first
         what = f"{m.level_name} array {m.short_name}"
         missing = self.missing()
         if missing:
             slots = ", ".join(str(i + 1) for i in missing)
             return f"{what} is incomplete: member {slots} of {m.raid_disks} is not in this image"
-        return f"{what} is spread over {m.raid_disks} members: it needs the kernel's md driver to assemble it"
+        how = ("assembled read-only with mdadm when mounted, and what it holds read then" if md
+               else "it needs the kernel's md driver to assemble it")
+        return f"{what} is spread over {m.raid_disks} members: {how}"
 
     def copy(self) -> Placed | None:
         """A member whose data area alone is the whole array: a complete RAID1 mirror, or the one device of a

@@ -19,6 +19,7 @@ from imgmount_testkit import images
 from mountd.engine.engine import Engine
 from mountd.engine.inspection import VolumeKind, inspect_image
 from mountd.engine.journal import Journal
+from mountd.engine.render import inspection_to_dict
 from mountd.host.mddev import array_state, md_devices, slaves, stop_host_arrays
 from mountd.layers.layer import InjectedFault
 from mountd.model import MountInfo, MountRequest
@@ -102,6 +103,10 @@ def test_a_striped_array_in_one_image_is_assembled_read_only(engine: Engine, scr
     """Not only mirrors: a RAID0 and a RAID5 that mdadm made, every member a partition of the image, are
     assembled from our devices (no member's data area alone is the array) and read byte for byte."""
     guest = raid.mdadm_guest(scratch / f"raid{level}.raw", count=devices, level=level, devices=devices)
+    shown = inspection_to_dict(inspect_image(str(guest.raw), host=engine.host))["volumes"]
+    assert [v["note"] for v in shown if v["name"] == raid.VOLUME] == [
+        f"RAID{level} array data is spread over {devices} members: assembled read-only with mdadm when mounted, "
+        "and what it holds read then"]
     with our_rule_installed():
         info = mount(engine, guest.raw, scratch / "media", backend="loop")
         layers = engine.journal.read(info.id).layers
