@@ -121,6 +121,20 @@ def test_a_striped_array_in_one_image_is_assembled_read_only(engine: Engine, scr
         check_gone(engine, info)
 
 
+def test_lvm_inside_a_raid5_is_mapped_on_the_assembled_array(engine: Engine, scratch: Path, udevd: None) -> None:
+    """The Debian installer's "RAID5, then LVM": inspection reads the PV and its VG through the members, and
+    the mount assembles the array and maps the LV on it with our own table."""
+    guest = raid.mdadm_guest(scratch / "raid5-lvm.raw", count=3, level=5, devices=3, lvm=True)
+    root = inspect_image(str(guest.raw)).layout.volume("raidvg/root")
+    assert root is not None and root.filesystem == "ext4" and root.unmapped == f"on md array {raid.VOLUME}"
+    with our_rule_installed():
+        info = mount(engine, guest.raw, scratch / "media", backend="loop")
+        assert [v.name for v in info.volumes] == ["raidvg/root"]
+        guests.check_files(Path(info.volumes[0].mountpoint), guest.files["raidvg/root"])
+        engine.unmount(info.id)
+        check_gone(engine, info)
+
+
 def test_a_single_member_is_read_degraded(engine: Engine, member: Guest, scratch: Path, udevd: None) -> None:
     image = images.convert(member.raw, scratch / "member.qcow2", "qcow2")
     with our_rule_installed():
