@@ -70,6 +70,14 @@ class MdMember:
     layout: int = 0  # where a striped level puts its chunks (:mod:`mountd.image.mdstripes`)
 
     @property
+    def in_array(self) -> int:
+        """Bytes of its data area the array uses: as recorded, or for RAID0, which records none, the data
+        area in whole chunks (md's ``raid0`` rounds each member down so)."""
+        if self.used_size or self.chunk <= 0:
+            return self.used_size
+        return self.data_size // self.chunk * self.chunk
+
+    @property
     def level_name(self) -> str:
         return LEVELS.get(self.level, f"level {self.level}")
 
@@ -242,8 +250,8 @@ class MdArray:
         if m.level == 1:
             return m.used_size
         if m.level == 10:  # mdadm's default: two near copies
-            return m.used_size * m.raid_disks // 2
-        return m.used_size * (m.raid_disks - _PARITY.get(m.level, 0))
+            return m.in_array * m.raid_disks // 2
+        return m.in_array * (m.raid_disks - _PARITY.get(m.level, 0))
 
     def roles(self) -> list[int]:
         return sorted({p.member.role for p in self.members if p.member.role is not None})

@@ -107,7 +107,7 @@ def array_reader(disk: BlockReader, array: MdArray) -> StripedReader | None:
     if not readable(first.level, first.layout, len(roles)):
         return None
     members = [roles[i] for i in range(first.raid_disks)]
-    if first.chunk <= 0 or (first.level == 0 and len({p.member.used_size for p in members}) != 1):
+    if first.chunk <= 0 or (first.level == 0 and len({p.member.in_array for p in members}) != 1):
         return None
-    areas = [SliceReader(disk, p.data_offset, p.member.used_size) for p in members]
+    areas = [SliceReader(disk, p.data_offset, p.member.in_array) for p in members]
     return StripedReader(areas, first.level, first.layout, first.chunk, array.size)
