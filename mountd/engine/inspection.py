@@ -23,6 +23,7 @@ from mountd.image.lvmlabel import MetadataTexts, PhysicalVolume, read_pv
 from mountd.image.lvmmeta import LogicalVolume, VolumeGroup
 from mountd.image.lvmthin import is_thin, is_thin_pool, pool_name
 from mountd.image.mdraid import MdArray, MdMember, MdSuperblockError, Placed, group_arrays, read_member
+from mountd.image.mdstripes import array_reader
 from mountd.image.nbdclient import open_image
 from mountd.image.partitions import Partition, PartitionTable, read_partition_table
 from mountd.keys import IMAGE, NO_KEYS, Keys
@@ -128,12 +129,19 @@ class _Region:
     """The whole disk, or one partition: where a filesystem or an LVM physical volume may start."""
 
     name: str
-    offset: int
+    offset: int | None  # None: no one piece of the disk (a striped array), read through ``reader``
     size: int
     partition: Partition | None
     pv: PhysicalVolume | None = None
     member: MdMember | None = None  # an md RAID member: its data area is another region (the array's)
-    array: MdArray | None = None  # the region is an md array's data (a member's data area)
+    array: MdArray | None = None  # the region is an md array's data (a member's data area, or ``reader``)
+    reader: BlockReader | None = None  # a striped array's data, read from its members
+
+    def read_from(self, disk: BlockReader) -> BlockReader:
+        if self.reader is not None:
+            return self.reader
+        assert self.offset is not None
+        return SliceReader(disk, self.offset, self.size)
 
 
 def inspect_image(path: str, *, fmt: str | None = None, confined: Credentials | None = None,
@@ -184,10 +192,12 @@ class _Probes:
 
     def probe(self, offset: int, size: int, note: str = "") -> tuple[Signature | None, str]:
         """The signature at that extent, and ``note`` (saying why there is none, past the budget)."""
+        return self.probe_reader(SliceReader(self.disk, offset, size), note)
+
+    def probe_reader(self, volume: BlockReader, note: str = "") -> tuple[Signature | None, str]:
         if self.left <= 0:
             return None, f"not probed: imgmount probes at most {MAX_PROBED} volumes of an image"
         self.left -= 1
-        volume = SliceReader(self.disk, offset, size)
         signature = probe(volume)
         windows = info_note(signature.type, volume) if signature else ""
         return signature, "; ".join(filter(None, (note, windows)))
@@ -235,25 +245,35 @@ def _member(name: str, reader: SliceReader) -> MdMember | None:
 
 
 def _array_regions(disk: BlockReader, regions: list[_Region]) -> list[_Region]:
-    """The data of each md array whose members are here and one of which holds all of it (a mirror); its
-    contents are read as any region's (a filesystem, or an LVM physical volume)."""
-    found = group_arrays([Placed(r.name, r.offset, r.member) for r in regions if r.member is not None])
-    mirrored = []
+    """The data of each md array whose members are here: one member's data area where that holds all of it
+    (a mirror), else read from every member (:mod:`mountd.image.mdstripes`); its contents are read as any
+    region's (a filesystem, or an LVM physical volume). Only md mounts a striped one (offset None)."""
+    found = _arrays(regions)
+    arrays = []
     for array in found:
-        copy = array.copy()
+        copy, name = array.copy(), array.volume_name(found)
+        striped = array_reader(disk, array) if copy is None else None
         if copy is not None:
             reader = SliceReader(disk, copy.data_offset, array.size)
-            mirrored.append(_Region(array.volume_name(found), copy.data_offset, array.size, None,
-                                    read_pv(reader), array=array))
-    return mirrored
+            arrays.append(_Region(name, copy.data_offset, array.size, None, read_pv(reader), array=array))
+        elif striped is not None:
+            arrays.append(_Region(name, None, array.size, None, read_pv(striped), array=array,
+                                  reader=striped))
+    return arrays
+
+
+def _arrays(regions: list[_Region]) -> list[MdArray]:
+    return group_arrays([Placed(r.name, r.offset, r.member) for r in regions
+                         if r.member is not None and r.offset is not None])
 
 
 def _unmapped_arrays(regions: list[_Region]) -> list[Volume]:
-    """The arrays no single member holds whole (striped, parity): only md itself can assemble them."""
-    found = group_arrays([Placed(r.name, r.offset, r.member) for r in regions if r.member is not None])
+    """The arrays neither a member holds whole nor we read from their members: only md can assemble them."""
+    found = _arrays(regions)
+    read = {r.name for r in regions if r.array is not None}
     volumes = []
     for array in found:
-        if array.copy() is None:
+        if array.volume_name(found) not in read:
             why = array.obstacle()
             volumes.append(Volume(array.volume_name(found), VolumeKind.MD, None, array.size, None,
                                   note=why, unmapped=why, array=array))
@@ -271,7 +291,7 @@ def _volume_groups(regions: list[_Region]) -> list[VolumeGroup]:
 
 
 def _vg_volumes(probes: _Probes, vg: VolumeGroup, regions: list[_Region]) -> Iterator[Volume]:
-    present = {region.pv.uuid: region.offset for region in regions if region.pv}
+    present = {region.pv.uuid: region for region in regions if region.pv}
     missing = [pv.uuid for pv in vg.pvs if pv.uuid not in present]
     for lv in vg.lvs:
         if not lv.visible:
@@ -287,9 +307,17 @@ def _vg_volumes(probes: _Probes, vg: VolumeGroup, regions: list[_Region]) -> Ite
             yield Volume(name, VolumeKind.LV, None, lv.size, None, vg=vg.name,
                          note=f"its physical volume {extent[0]} is not in this image", unmapped=why)
         else:
-            offset = present[extent[0]] + extent[1]
-            signature, note = probes.probe(
-                offset, extent[2], f"volume group {vg.name} is missing physical volumes" if missing else "")
+            region = present[extent[0]]
+            missing_note = f"volume group {vg.name} is missing physical volumes" if missing else ""
+            if region.offset is None:  # on a striped array: read through it, mapped on md's device
+                why = f"on md array {region.name}"
+                signature, note = probes.probe_reader(SliceReader(region.read_from(probes.disk), extent[1],
+                                                                  extent[2]), missing_note)
+                yield Volume(name, VolumeKind.LV, None, extent[2], signature, vg=vg.name,
+                             note="; ".join(filter(None, (why, note))), unmapped=why)
+                continue
+            offset = region.offset + extent[1]
+            signature, note = probes.probe(offset, extent[2], missing_note)
             yield Volume(name, VolumeKind.LV, offset, extent[2], signature, vg=vg.name, note=note)
 
 
@@ -313,8 +341,10 @@ def _region_volumes(
         kind = VolumeKind.MD if r.array else VolumeKind.PARTITION if table is not None else VolumeKind.DISK
         vg = vg_names.get(r.pv.vg.uuid, "") if r.pv and r.pv.vg else ""
         note = "" if r.pv is None else f"LVM physical volume of {vg}" if vg else "LVM physical volume, no VG"
-        md_note = r.member.note if r.member else r.array.note if r.array else ""
-        signature, note = probes.probe(r.offset, r.size, "; ".join(n for n in (md_note, note) if n))
+        unmapped = r.array.obstacle() if r.array and r.offset is None else ""
+        md_note = r.member.note if r.member else (unmapped or r.array.note) if r.array else ""
+        notes = "; ".join(n for n in (md_note, note) if n)
+        signature, note = probes.probe_reader(r.read_from(probes.disk), notes)
         yield Volume(r.name, kind, r.offset, r.size, signature, r.partition, vg=vg, note=note,
-                     pv=r.pv is not None, array=r.array)
+                     pv=r.pv is not None, array=r.array, unmapped=unmapped)
 

@@ -191,7 +191,8 @@ def _noted(ins: Inspection) -> tuple[Volume, ...]:
     tail = "mapped through device-mapper when mounted" if mapped else "needs device-mapper"
     md = ins.host is not None and ins.host.md_assembly
     return tuple(replace(v, note=f"{v.note}: {tail}") if _mapped_only(v) else
-                 replace(v, note=v.array.obstacle(md=True)) if md and v.array and _assembled_only(v) else v
+                 replace(v, note=v.note.replace(v.array.obstacle(), v.array.obstacle(md=True)))
+                 if md and v.array and _assembled_only(v) else v
                  for v in ins.volumes)
 
 

@@ -67,6 +67,15 @@ class MdMember:
     events: int
     chunk: int  # bytes (striped levels)
     incomplete: str = ""  # why this member's data is not a whole copy (being rebuilt, reshaping)
+    layout: int = 0  # where a striped level puts its chunks (:mod:`mountd.image.mdstripes`)
+
+    @property
+    def in_array(self) -> int:
+        """Bytes of its data area the array uses: as recorded, or for RAID0, which records none, the data
+        area in whole chunks (md's ``raid0`` rounds each member down so)."""
+        if self.used_size or self.chunk <= 0:
+            return self.used_size
+        return self.data_size // self.chunk * self.chunk
 
     @property
     def level_name(self) -> str:
@@ -106,7 +115,7 @@ def read_member(reader: BlockReader) -> MdMember | None:
 
 def _parse_v1(block: bytes, version: str, sector: int, sectors: int) -> MdMember:
     where = f"the md superblock (version {version})"
-    (_, major, features, _, uuid, name, _, level, _, size,
+    (_, major, features, _, uuid, name, _, level, layout, size,
      chunk, raid_disks) = _SB1_HEAD.unpack_from(block)
     data_offset, data_size, super_offset, _, dev_number = _SB1_DEVICE.unpack_from(block, 128)
     _, events, _, csum, max_dev = _SB1_STATE.unpack_from(block, 192)
@@ -126,7 +135,7 @@ def _parse_v1(block: bytes, version: str, sector: int, sectors: int) -> MdMember
                   "the array was being reshaped" if features & FEATURE_RESHAPE_ACTIVE else "")
     return MdMember(version, format_uuid(uuid), name.split(b"\0", 1)[0].decode("utf-8", "replace"), level,
                     raid_disks, role, data_offset * SECTOR, data_size * SECTOR, size * SECTOR, events,
-                    chunk * SECTOR, incomplete)
+                    chunk * SECTOR, incomplete, layout)
 
 
 def _check_shape(where: str, level: int, raid_disks: int) -> None:
@@ -176,7 +185,7 @@ def _parse_v0(block: bytes, offset: int) -> MdMember:
     events = words[40] << 32 | words[39]  # events_lo, events_hi on little-endian
     in_array = role < raid_disks and not state & 1  # bit 0: faulty
     return MdMember("0.90", format_uuid(uuid, native=True), "", level, raid_disks,
-                    role if in_array else None, 0, offset, size, events, words[65])
+                    role if in_array else None, 0, offset, size, events, words[65], layout=words[64])
 
 
 def sb1_checksum(data: bytes) -> int:
@@ -241,8 +250,8 @@ class MdArray:
         if m.level == 1:
             return m.used_size
         if m.level == 10:  # mdadm's default: two near copies
-            return m.used_size * m.raid_disks // 2
-        return m.used_size * (m.raid_disks - _PARITY.get(m.level, 0))
+            return m.in_array * m.raid_disks // 2
+        return m.in_array * (m.raid_disks - _PARITY.get(m.level, 0))
 
     def roles(self) -> list[int]:
         return sorted({p.member.role for p in self.members if p.member.role is not None})
@@ -277,8 +286,8 @@ class MdArray:
         if missing:
             slots = ", ".join(str(i + 1) for i in missing)
             return f"{what} is incomplete: member {slots} of {m.raid_disks} is not in this image"
-        how = ("assembled read-only with mdadm when mounted, and what it holds read then" if md
-               else "it needs the kernel's md driver to assemble it")
+        how = "assembled read-only with mdadm when mounted" if md else \
+            "it needs the kernel's md driver to assemble it"
         return f"{what} is spread over {m.raid_disks} members: {how}"
 
     def copy(self) -> Placed | None:

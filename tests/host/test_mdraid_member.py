@@ -155,6 +155,39 @@ def test_a_complete_striped_array_names_the_md_driver_this_host_lacks(engine: En
     assert engine.mounts() == []
 
 
+def test_a_raid5_s_filesystem_is_seen_through_its_members_without_md(engine: Engine, tmp_path: Path) -> None:
+    """Inspection reads a complete RAID5's data from its members (md's chunk placement: the VM lane checks it
+    against md's own arrays), so --info shows the ext4 inside on a host with no md; mounting it takes md."""
+    raw = images.blank(tmp_path / "raid5.raw", 3 * raid.PART + 4 * images.MiB)
+    places = raid.members(raw, 3)
+    array = Array("debian:big", level=5, raid_disks=3)
+    for role, (offset, size) in enumerate(places):
+        write_member(raw, offset, size, "1.2", array, role)
+    start, length = data_area("1.2", raid.PART)
+    files = {"hello.txt": b"hello from a RAID5\n"}
+    plain = images.blank(tmp_path / "plain.raw", 2 * length)
+    images.format_region(plain, 0, 2 * length, "ext4", label="big", files=files)
+    _scatter_left_asymmetric(plain, raw, [offset + start for offset, _ in places])
+    (md,) = [v for v in inspect_image(str(raw)).volumes if v.kind == VolumeKind.MD]
+    assert (md.name, md.offset, md.filesystem, md.signature and md.signature.label) == ("md/big", None, "ext4", "big")
+    with pytest.raises(UnsupportedError, match=r"^volume md/big cannot be mounted: RAID5 array big is spread "
+                                               r"over 3 members: it needs the kernel's md driver to assemble it$"):
+        mount(engine, raw, tmp_path / "media", volumes=("md/big",))
+
+
+def _scatter_left_asymmetric(plain: Path, raw: Path, areas: list[int], chunk: int = 64 * 1024) -> None:
+    """RAID5 layout 0 of 3 members (what the test kit's superblocks say), written out by hand: stripe s has
+    its parity on member 2 - s % 3 and its two data chunks on the others, in member order."""
+    data = plain.read_bytes()
+    with open(raw, "r+b") as out:
+        for c in range(len(data) // chunk):
+            stripe, index = divmod(c, 2)
+            parity = 2 - stripe % 3
+            member = index if index < parity else index + 1
+            out.seek(areas[member] + stripe * chunk)
+            out.write(data[c * chunk:(c + 1) * chunk])
+
+
 def test_a_crafted_superblock_is_one_sentence_and_nothing_is_left(engine: Engine, tmp_path: Path) -> None:
     guest = raid.mirror_guest(tmp_path / "crafted.raw", roles=(0,))
     offset, size = raid.members(guest.raw, 1)[0]

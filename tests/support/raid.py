@@ -8,6 +8,7 @@ On this host (no md driver) the superblocks come from imgmount_testkit.mdraid; i
 from __future__ import annotations
 
 import contextlib
+import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -63,10 +64,12 @@ def lvm_mirror_guest(path: Path) -> Guest:
     return Guest(raw, {"raidvg/root": lv_files}, {"raidvg/root": "ext4"})
 
 
-def mdadm_guest(path: Path, version: str = "1.2", *, count: int = 2, level: int = 1, devices: int = 2) -> Guest:
+def mdadm_guest(path: Path, version: str = "1.2", *, count: int = 2, level: int = 1, devices: int = 2,
+                lvm: bool = False) -> Guest:
     """The VM lane's array, made by ``mdadm --create`` on loop devices of ``count`` partitions, of ``devices``
     members at RAID ``level`` (with fewer partitions than members: the others "missing", as a disk taken out
-    of a running mirror); the array holds ext4 with known files, is resynced as an installer's would be, and
+    of a running mirror); the array holds ext4 with known files (``lvm``: an LVM PV of VG ``raidvg`` whose LV
+    ``root`` holds them, the Debian installer's "RAID, then LVM"), is resynced as an installer's would be, and
     is stopped, and its loop devices gone, before the image is used."""
     raw = images.blank(path, count * PART + 4 * MiB)
     files = guests._content(VOLUME)
@@ -78,13 +81,28 @@ def mdadm_guest(path: Path, version: str = "1.2", *, count: int = 2, level: int 
                         *(["--assume-clean"] if level == 1 else []), f"--metadata={version}", "--name=data",
                         "--homehost=debian", *devs, *["missing"] * (devices - count)])
             try:
-                _fill(MD_BUILD, files)
+                if lvm:
+                    _fill_lvm(MD_BUILD, files, path.parent)
+                else:
+                    _fill(MD_BUILD, files)
                 _resynced(MD_BUILD)
             finally:
                 images.run(["mdadm", "--stop", MD_BUILD])
         if not events.wait(lambda: not any(_attached(d) for d in devs), 30):
             raise RuntimeError(f"the build's loop devices {devs} are still attached 30 s after their detach")
-    return Guest(raw, {VOLUME: files}, {VOLUME: "ext4"})
+    volume = "raidvg/root" if lvm else VOLUME
+    return Guest(raw, {volume: files}, {volume: "ext4"})
+
+
+def _fill_lvm(device: str, files: dict[str, bytes], work: Path) -> None:
+    """VG ``raidvg`` with LV ``root`` (ext4 holding ``files``) on ``device``: made in a file by the LVM tools
+    (metadata only, nothing activated), then copied onto the array."""
+    size = int(images.run(["blockdev", "--getsize64", device]))
+    plain = images.blank(work / "raid-lvm.raw", size)
+    images.make_lvm(plain, 0, size, "raidvg", [images.LvSpec("root", 24, "ext4", "root", files)])
+    with open(plain, "rb") as src, open(device, "r+b") as dst:
+        shutil.copyfileobj(src, dst, 1 << 20)
+    plain.unlink()
 
 
 def _resynced(device: str) -> None:

@@ -100,13 +100,15 @@ def test_a_mirror_in_one_image_is_assembled_read_only(engine: Engine, pair: Gues
 @pytest.mark.parametrize(("level", "devices"), [(0, 2), (5, 3)])
 def test_a_striped_array_in_one_image_is_assembled_read_only(engine: Engine, scratch: Path, udevd: None,
                                                              level: int, devices: int) -> None:
-    """Not only mirrors: a RAID0 and a RAID5 that mdadm made, every member a partition of the image, are
-    assembled from our devices (no member's data area alone is the array) and read byte for byte."""
+    """Not only mirrors: a RAID0 and a RAID5 that mdadm made, every member a partition of the image. Our
+    inspection reads the filesystem in them from the members (mdstripes: md's chunk placement, checked here
+    against md's own arrays); the mount assembles them from our devices and reads them byte for byte."""
     guest = raid.mdadm_guest(scratch / f"raid{level}.raw", count=devices, level=level, devices=devices)
     shown = inspection_to_dict(inspect_image(str(guest.raw), host=engine.host))["volumes"]
-    assert [v["note"] for v in shown if v["name"] == raid.VOLUME] == [
-        f"RAID{level} array data is spread over {devices} members: assembled read-only with mdadm when mounted, "
-        "and what it holds read then"]
+    (array,) = [v for v in shown if v["name"] == raid.VOLUME]  # read from its members as md places chunks
+    assert (array["filesystem"]["type"], array["offset"]) == ("ext4", None)
+    assert array["note"] == f"RAID{level} array data is spread over {devices} members: assembled read-only " \
+        "with mdadm when mounted"
     with our_rule_installed():
         info = mount(engine, guest.raw, scratch / "media", backend="loop")
         layers = engine.journal.read(info.id).layers
@@ -116,6 +118,20 @@ def test_a_striped_array_in_one_image_is_assembled_read_only(engine: Engine, scr
         guests.check_files(Path(info.volumes[0].mountpoint), guest.files[raid.VOLUME])
         engine.unmount(info.id)
         assert md not in md_devices()
+        check_gone(engine, info)
+
+
+def test_lvm_inside_a_raid5_is_mapped_on_the_assembled_array(engine: Engine, scratch: Path, udevd: None) -> None:
+    """The Debian installer's "RAID5, then LVM": inspection reads the PV and its VG through the members, and
+    the mount assembles the array and maps the LV on it with our own table."""
+    guest = raid.mdadm_guest(scratch / "raid5-lvm.raw", count=3, level=5, devices=3, lvm=True)
+    root = inspect_image(str(guest.raw)).layout.volume("raidvg/root")
+    assert root is not None and root.filesystem == "ext4" and root.unmapped == f"on md array {raid.VOLUME}"
+    with our_rule_installed():
+        info = mount(engine, guest.raw, scratch / "media", backend="loop")
+        assert [v.name for v in info.volumes] == ["raidvg/root"]
+        guests.check_files(Path(info.volumes[0].mountpoint), guest.files["raidvg/root"])
+        engine.unmount(info.id)
         check_gone(engine, info)
 
 
