@@ -224,8 +224,8 @@ def _selected(layout: DiskLayout, names: tuple[str, ...], device_mapper: bool,
             raise NotFoundError(f"no volume named {echo(', '.join(missing))} in this image (it has: {known})")
         return [v for n in names if (v := layout.volume(n)) is not None]
     types = fusedrivers.mountable_types(mountable_types(), host)
-    reachable = (v for v in layout.volumes if v.offset is not None or device_mapper or striped_here(v, host))
-    chosen = [v for v in reachable if _mountable(v, types, host) or _mapped_later(v, device_mapper, host)]
+    chosen = [v for v in layout.volumes if _mapped_later(v, device_mapper, host)
+              or ((v.offset is not None or device_mapper) and _mountable(v, types, host))]
     if not chosen:
         found = _some(f"{v.name}: {v.signature.type if v.signature else 'nothing'}" for v in layout.volumes)
         raise UnsupportedError(f"no mountable filesystem in this image (found {found})")

@@ -61,21 +61,17 @@ class StripedReader:
 
 
 def data_member(level: int, layout: int, n: int, stripe: int, index: int) -> int:
-    """The member holding data chunk ``index`` of ``stripe`` in a RAID4/5/6 of ``n`` members."""
+    """The member holding data chunk ``index`` of ``stripe`` in a RAID4/5/6 of ``n`` members (RAID6: Q
+    right after P)."""
+    parities = 2 if level == 6 else 1
     if level == 4 or layout == PARITY_N:
         return index
     if layout == PARITY_0:
-        return index + (2 if level == 6 else 1)
-    if level == 6:
-        parity = n - 1 - stripe % n if layout in (LEFT_ASYMMETRIC, LEFT_SYMMETRIC) else stripe % n
-        if layout in (LEFT_SYMMETRIC, RIGHT_SYMMETRIC):
-            return (parity + 2 + index) % n
-        q = (parity + 1) % n  # asymmetric: data in member order, skipping P and Q
-        return _skipping(index, sorted((parity, q)))
+        return index + parities
     parity = n - 1 - stripe % n if layout in (LEFT_ASYMMETRIC, LEFT_SYMMETRIC) else stripe % n
     if layout in (LEFT_SYMMETRIC, RIGHT_SYMMETRIC):
-        return (parity + 1 + index) % n
-    return _skipping(index, [parity])
+        return (parity + parities + index) % n
+    return _skipping(index, sorted((parity + k) % n for k in range(parities)))  # member order, past P (and Q)
 
 
 def _skipping(index: int, taken: list[int]) -> int:

@@ -229,20 +229,15 @@ def _start_error(exc: CommandError, spec: ExportSpec) -> MountdError:
     """A lock conflict becomes InUse naming the holder of the file concerned; anything else the error of
     its class (:mod:`mountd.host.qemuerrors`), in QEMU's words."""
     said = last_words(exc.stderr)
-    if classify(said) != QemuFailure.LOCK:
-        return qemu_error(said, _image_of(spec), doing="serve")
     files = _options_ending(spec.blockdev, "file.filename")  # the image, then its backing files
+    image = files[0] if files else spec.blockdev
+    if classify(said) != QemuFailure.LOCK:
+        return qemu_error(said, image, doing="serve")
     for path in files:
         with contextlib.suppress(MountdError):
             if file_usage(path).state != FREE:
                 return in_use_error(path, read_only=spec.read_only or path != files[0])
-    return qemu_error(said, _image_of(spec))
-
-
-def _image_of(spec: ExportSpec) -> str:
-    """The image an export serves: the first file of its chain."""
-    files = _options_ending(spec.blockdev, "file.filename")
-    return files[0] if files else spec.blockdev
+    return qemu_error(said, image)
 
 
 def _options_ending(options: str, suffix: str) -> list[str]:
