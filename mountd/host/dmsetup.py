@@ -9,21 +9,19 @@ with ``DM_DISABLE_UDEV=1 --noudevsync`` and libdevmapper makes the node itself: 
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-import select
 import socket
-import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 from mountd.errors import BusyError, CommandError
 from mountd.host import command
-from mountd.host.blockdev import TICK, lock_out_udev
+from mountd.host.blockdev import lock_out_udev
 from mountd.host.processes import entries, text_of
-from mountd.host.users import SYS_CLASS_BLOCK, block_users
+from mountd.host.udevprobe import UDEV_PROBE_TIMEOUT, release_past_udev
+from mountd.host.users import SYS_CLASS_BLOCK, BlockUsers
 
 log = logging.getLogger(__name__)
 
@@ -86,50 +84,35 @@ class DmDevice:
         return os.path.basename(os.path.realpath(f"/sys/dev/block/{self.devnum}"))
 
 
-#: Programs whose holding a device open is udev probing it (a worker's exe: systemd-udevd, or udevadm that
-#: Debian links it to).
-UDEV_PROGRAMS = frozenset({"systemd-udevd", "udevadm", "udevd"})
+def busy_error(device: DmDevice, users: BlockUsers) -> BusyError:
+    """``device`` could not be removed: ``users`` (from :func:`release_past_udev`) held it."""
+    holders = "; ".join(users.described()) or \
+        f"held open by no process visible here, for {UDEV_PROBE_TIMEOUT:g} s"
+    return BusyError(f"/dev/mapper/{device.name} is in use ({holders}): unmount or close it first")
 
 
-#: How long an open count that only udev accounts for is waited out before it counts as a user: udev takes
-#: no lock on device-mapper devices, and under load its rules for one event can run for seconds.
-UDEV_PROBE_TIMEOUT = 30.0
-
-
-def settled(device: DmDevice, find: Callable[[], DmDevice | None]) -> DmDevice | None:
-    """``device`` as ``find`` sees it once udev is done with it (None: gone). udev's probe of a new device
-    holds it open, and its event may start only after we looked: an open count that no one but udev
-    accounts for is waited out, for at most UDEV_PROBE_TIMEOUT; what stays is a user."""
-    deadline = time.monotonic() + UDEV_PROBE_TIMEOUT
-    while True:
-        let_udev_finish(device)
+def remove_past_udev(device: DmDevice, find: Callable[[], DmDevice | None], remove: Callable[[str], None],
+                     busy_words: tuple[str, ...] = ("busy",)) -> None:
+    """``remove`` (by name) the device ``find`` finds, once no one but udev holds it (see
+    :mod:`mountd.host.udevprobe`); BusyError naming who keeps it. A CommandError whose stderr has one of
+    ``busy_words`` counts as busy, any other is raised."""
+    def attempt() -> bool:
         now = find()
-        if now is None or now.open_count == 0 or time.monotonic() > deadline or not _udev_only(now):
-            return now
-        select.select([], [], [], TICK)
-
-
-def let_udev_finish(device: DmDevice) -> None:
-    """udev holds a device's lock while it processes an event of it: take and drop the lock."""
-    with contextlib.suppress(OSError):
-        fd = os.open(f"/dev/{device.sysname}", os.O_RDONLY | os.O_CLOEXEC)
+        if now is None:
+            return True
+        if now.open_count > 0:
+            return False
         try:
-            lock_out_udev(fd)
-        finally:
-            os.close(fd)
+            remove(now.name)
+        except CommandError as exc:
+            if any(word in exc.stderr.lower() for word in busy_words):
+                return False
+            raise
+        return True
 
-
-def _udev_only(device: DmDevice) -> bool:
-    """Nothing but udev (or no one we can name any more: a probe that ended meanwhile) holds ``device``."""
-    users = block_users(device.sysname)
-    return not (users.mounts or users.stacked or users.loops) and \
-        all(h.program in UDEV_PROGRAMS for _, h in users.openers)
-
-
-def busy_error(device: DmDevice) -> BusyError:
-    holders = block_users(device.sysname).described()
-    return BusyError(f"/dev/mapper/{device.name} is in use ({'; '.join(holders) or 'held open'}): "
-                     "unmount or close it first")
+    users = release_past_udev(device.sysname, attempt)
+    if users is not None:
+        raise busy_error(device, users)
 
 
 def dm_devices() -> list[DmDevice]:

@@ -31,14 +31,13 @@ from mountd.host import command
 from mountd.host.dmsetup import (
     DM_TIMEOUT,
     DmDevice,
-    busy_error,
     dm_devices,
-    let_udev_finish,
     release_host_activations,
-    settled,
+    remove_past_udev,
     udev_mode,
 )
 from mountd.host.processes import entries, text_of
+from mountd.host.udevprobe import let_udev_finish
 from mountd.host.users import SYS_CLASS_BLOCK
 from mountd.layers.layer import Layer, LayerRecord, Progress, Spec
 
@@ -164,17 +163,11 @@ class CryptLayer(Layer[DmDevice]):
         """Close the volume. ``force`` changes nothing: a device in use is never torn from its user."""
         env, _ = udev_mode()
         _keep_host_lvm_off(device)
-        now = settled(device, self._present)
-        if now is not None and now.open_count > 0:
-            raise busy_error(now)
-        if now is None:
-            return
-        try:
-            command.run(["cryptsetup", "close", self._name], env=env, timeout=DM_TIMEOUT)
-        except CommandError as exc:
-            if "busy" in exc.stderr.lower() or "in use" in exc.stderr.lower():
-                raise busy_error(now) from None
-            raise
+
+        def close(name: str) -> None:
+            command.run(["cryptsetup", "close", name], env=env, timeout=DM_TIMEOUT)
+
+        remove_past_udev(device, self._present, close, busy_words=("busy", "in use"))
         if self._present() is not None:
             raise FailedError(f"{self._name} is still open after cryptsetup close")
 
@@ -207,5 +200,5 @@ def _ensure_node(name: str, node: str, devnum: str) -> None:
 def _keep_host_lvm_off(device: DmDevice) -> None:
     """Remove the LVs a host's LVM auto-activation (Debian's 69-lvm.rules, where 60-imgmount.rules is not
     installed) mapped on the unlocked volume: udev runs it while it processes the device's event."""
-    let_udev_finish(device)
+    let_udev_finish(device.sysname)
     release_host_activations([f"/dev/{device.sysname}"])

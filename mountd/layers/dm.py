@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 
 from mountd.errors import CommandError, FailedError, InvalidArgumentError, UnsupportedError
 from mountd.host import command
-from mountd.host.dmsetup import DM_TIMEOUT, DmDevice, busy_error, dm_devices, settled, udev_mode
+from mountd.host.dmsetup import DM_TIMEOUT, DmDevice, dm_devices, remove_past_udev, udev_mode
 from mountd.image.lvmmeta import VolumeGroup
 from mountd.layers.layer import Layer, LayerRecord, Progress, Spec
 
@@ -177,16 +177,11 @@ class DmLinearLayer(Layer[DmDevice]):
         """Remove the device, found by uuid. ``force`` changes nothing: a device in use is never torn from
         under its user (``dmsetup remove --force`` would swap in an error table); the holders are named."""
         env, extra = udev_mode()
-        now = settled(device, lambda: _find(self._uuid))  # as udev left it: its open count
-        if now is not None and now.open_count > 0:
-            raise busy_error(now)
-        if now is not None:
-            try:
-                command.run(["dmsetup", "remove", now.name, *extra], env=env, timeout=DM_TIMEOUT)
-            except CommandError as exc:
-                if "busy" in exc.stderr.lower():
-                    raise busy_error(now) from None
-                raise
+
+        def remove(name: str) -> None:
+            command.run(["dmsetup", "remove", name, *extra], env=env, timeout=DM_TIMEOUT)
+
+        remove_past_udev(device, lambda: _find(self._uuid), remove)
         if _find(self._uuid) is not None:
             raise FailedError(f"device-mapper device {self._name} is still there after dmsetup remove")
 

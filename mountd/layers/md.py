@@ -32,6 +32,7 @@ from mountd.host.mddev import (
     sysname,
 )
 from mountd.host.processes import text_of
+from mountd.host.udevprobe import release_past_udev
 from mountd.host.users import SYS_CLASS_BLOCK, block_users
 from mountd.layers.layer import Layer, LayerRecord, Progress, Spec
 
@@ -126,19 +127,31 @@ class MdLayer(Layer[str]):
 
     def _release(self, md: str, *, force: bool) -> None:
         """Stop the array. ``force`` changes nothing: an array in use is never stopped from under its user."""
-        holders = block_users(md).described()
-        if holders:
-            raise self._busy(md, holders)
-        try:
-            stop(md)
-        except CommandError as exc:
-            raise self._busy(md, [exc.message.split(": ", 1)[-1]]) from None
+        def attempt() -> bool:
+            if block_users(md):
+                return False
+            try:
+                stop(md)
+            except CommandError as exc:
+                if _busy_words(exc.stderr):  # opened since we looked: udev's event, most often
+                    return False
+                raise self._busy(md, [exc.message.split(": ", 1)[-1]]) from None
+            return True
+
+        users = release_past_udev(md, attempt)
+        if users is not None:
+            raise self._busy(md, users.described() or ["held open by no process visible here"])
         if array_on(self._members) is not None:
             raise FailedError(f"/dev/{md} is still assembled after mdadm --stop")
 
     @staticmethod
     def _busy(md: str, holders: list[str]) -> BusyError:
         return BusyError(f"/dev/{md} is in use ({'; '.join(holders)}): unmount or close it first")
+
+
+def _busy_words(stderr: str) -> bool:
+    """mdadm's words for an array someone opened: no O_EXCL open, or STOP_ARRAY's EBUSY."""
+    return any(w in stderr for w in ("exclusive access", "Device or resource busy", "Device is busy"))
 
 
 def _assemble_argv(node: str, spec: MdSpec) -> list[str]:

@@ -1,0 +1,117 @@
+"""Unmounting while the lane's real udevd processes events of our devices, as it does on a busy host: each
+event makes a udev worker open the device (to take its lock and probe it), and device-mapper, dm-crypt and md
+refuse to let go of a device anyone has open. An event that starts just as ``dmsetup remove`` or ``mdadm
+--stop`` runs must not fail the unmount (it did: the thin pool's rollback in the VM lane under load, and an
+md array's unmount); a real user still does.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from imgmount_testkit import images
+from mountd.engine.engine import Engine
+from mountd.engine.journal import Journal
+from mountd.errors import BusyError
+from mountd.model import MountInfo, MountRequest
+from tests.support import guests, raid
+from tests.support.engines import cleaned
+from tests.support.guests import Guest
+from tests.vm.test_udev_autoactivation import our_rule_installed, udevd
+
+__all__ = ["udevd"]  # a fixture of the LVM tests', used here too
+
+ROUNDS = 3
+
+
+@pytest.fixture(scope="module")
+def lvm(tmp_path_factory: pytest.TempPathFactory) -> Guest:
+    return guests.gpt_guest(tmp_path_factory.mktemp("storm") / "gpt.raw")
+
+
+@pytest.fixture(scope="module")
+def mirror(tmp_path_factory: pytest.TempPathFactory) -> Guest:
+    return raid.mdadm_guest(tmp_path_factory.mktemp("storm-md") / "pair.raw")
+
+
+@pytest.fixture
+def engine() -> Iterator[Engine]:
+    with cleaned(Engine(Journal())) as eng:  # the default /run/imgmount: where the udev rule looks for claims
+        yield eng
+
+
+@contextmanager
+def udev_events(kind: str) -> Iterator[list[int]]:
+    """``udevadm trigger --action=change`` on every ``kind`` device (dm, md) back to back until the block
+    ends; yields the count of triggers sent, for the test to check that the storm overlapped its work."""
+    sent = [0]
+    stop = threading.Event()
+
+    def storm() -> None:
+        while not stop.is_set():
+            subprocess.run(["udevadm", "trigger", "--action=change", "--subsystem-match=block",
+                            f"--sysname-match={kind}*"], check=False, capture_output=True)
+            sent[0] += 1
+
+    thread = threading.Thread(target=storm, daemon=True)
+    thread.start()
+    try:
+        yield sent
+    finally:
+        stop.set()
+        thread.join()
+
+
+def unmount_during_events(engine: Engine, info: MountInfo, kind: str) -> None:
+    with udev_events(kind) as sent:
+        engine.unmount(info.id)
+        during = sent[0]
+    assert during > 0, "no udev event was sent while the unmount ran"
+    assert engine.mounts() == []
+    assert not [line for line in images.run(["dmsetup", "ls"]).splitlines() if f"imgmount-{info.id}" in line]
+
+
+@pytest.mark.usefixtures("udevd")
+def test_lvm_volumes_unmount_while_udev_probes_them(engine: Engine, lvm: Guest, scratch: Path) -> None:
+    image = images.convert(lvm.raw, scratch / "gpt.qcow2", "qcow2")
+    with our_rule_installed():
+        for _ in range(ROUNDS):
+            info = engine.mount(MountRequest(image=str(image), mount_root=str(scratch / "media"), backend="nbd",
+                                             volumes=("guestvg/root",)))
+            guests.check_files(Path(info.volumes[0].mountpoint), lvm.files["guestvg/root"])
+            unmount_during_events(engine, info, "dm-")
+
+
+@pytest.mark.usefixtures("udevd")
+def test_an_md_array_stops_while_udev_probes_it(engine: Engine, mirror: Guest, scratch: Path) -> None:
+    with our_rule_installed():
+        for _ in range(ROUNDS):
+            info = engine.mount(MountRequest(image=str(mirror.raw), mount_root=str(scratch / "media"),
+                                             backend="loop"))
+            guests.check_files(Path(info.volumes[0].mountpoint), mirror.files[raid.VOLUME])
+            unmount_during_events(engine, info, "md")
+
+
+@pytest.mark.usefixtures("udevd")
+def test_a_real_user_still_keeps_the_lv_and_is_named(engine: Engine, lvm: Guest, scratch: Path) -> None:
+    """The control: udev is waited for, a program that holds the LV open is not."""
+    image = images.convert(lvm.raw, scratch / "gpt.qcow2", "qcow2")
+    with our_rule_installed():
+        info = engine.mount(MountRequest(image=str(image), mount_root=str(scratch / "media"), backend="nbd",
+                                         volumes=("guestvg/root",)))
+        with open(info.volumes[0].device, "rb") as lv:
+            holder = subprocess.Popen(["sleep", "600"], stdin=lv)
+        try:
+            with udev_events("dm-"), pytest.raises(BusyError, match=rf"sleep \(pid {holder.pid}\) has"):
+                engine.unmount(info.id)
+        finally:
+            holder.kill()
+            holder.wait()
+        engine.unmount(info.id)
+        assert engine.mounts() == []
