@@ -17,10 +17,11 @@ import time
 from collections.abc import Callable
 
 from mountd.host.blockdev import TICK, lock_out_udev
+from mountd.host.processes import proc_state, program_name
 from mountd.host.users import BlockUsers, block_users
 
-#: Programs whose holding a device open is udev probing it (a worker's exe: systemd-udevd, or udevadm that
-#: Debian links it to).
+#: A udev worker's program (systemd-udevd, or udevadm that Debian links it to): its holding a device open, or
+#: a program's it started, is udev processing an event.
 UDEV_PROGRAMS = frozenset({"systemd-udevd", "udevadm", "udevd"})
 
 #: How long a device that only udev holds (or no one we can name: a probe that ended meanwhile) is waited
@@ -57,5 +58,11 @@ def let_udev_finish(sysname: str) -> None:
 
 def udev_only(users: BlockUsers) -> bool:
     """Nothing but udev (or no one we can name any more: a probe that ended meanwhile) holds the device."""
-    return not (users.mounts or users.stacked or users.loops) and \
-        all(h.program in UDEV_PROGRAMS for _, h in users.openers)
+    kernel_users = users.mounts or users.stacked or users.loops
+    return not kernel_users and all(is_udev(h.pid) for _, h in users.openers)
+
+
+def is_udev(pid: int) -> bool:
+    """``pid`` is a udev worker, or a program one runs for its rules (``mdadm --detail``, ``lvm pvscan``)."""
+    state = proc_state(pid)
+    return state is not None and any(program_name(p) in UDEV_PROGRAMS for p in (pid, state.ppid))

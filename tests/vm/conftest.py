@@ -6,6 +6,7 @@ show up as a failure, not as a quietly green run.
 from __future__ import annotations
 
 import os
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,7 +14,8 @@ import pytest
 
 from mountd.engine.engine import Engine
 from mountd.engine.journal import Journal
-from tests.support import nbd
+from tests.support import guests, nbd, raid, thin_guest
+from tests.support.guests import Guest
 
 RUN_THEM = "run them with scripts/vm-run -- .venv/bin/pytest tests/vm"
 
@@ -60,3 +62,31 @@ def engine(scratch: Path) -> Iterator[Engine]:
     yield eng
     for m in eng.mounts():
         eng.unmount(m.id, force=True)
+
+
+# --- the guests: each built once per lane run, then only read (every test converts or attaches it read-only) ---
+
+
+@pytest.fixture(scope="session")
+def udevd() -> None:
+    """The lane's real udevd (virtme-ng starts one), for tests of what udev's events do."""
+    ping = subprocess.run(["udevadm", "control", "--ping"], capture_output=True, check=False)
+    assert ping.returncode == 0, "no udevd runs in the VM lane (virtme-ng starts one)"
+
+
+@pytest.fixture(scope="session")
+def gpt(tmp_path_factory: pytest.TempPathFactory) -> Guest:
+    """GPT with ext4, xfs and btrfs partitions and an LVM PV (VG ``guestvg``, LV ``root``)."""
+    return guests.gpt_guest(tmp_path_factory.mktemp("gpt") / "gpt.raw")
+
+
+@pytest.fixture(scope="session")
+def thin(tmp_path_factory: pytest.TempPathFactory, udevd: None) -> Guest:
+    """Fedora's layout: /boot and a thin pool with thin LVs ``root`` (xfs) and ``home`` (ext4)."""
+    return thin_guest.thin_guest(tmp_path_factory.mktemp("thin") / "fedora.raw")
+
+
+@pytest.fixture(scope="session")
+def pair(tmp_path_factory: pytest.TempPathFactory) -> Guest:
+    """An md mirror made by mdadm, both members partitions of one image."""
+    return raid.mdadm_guest(tmp_path_factory.mktemp("pair") / "pair.raw")

@@ -22,7 +22,8 @@ from mountd.keys import Keys
 from mountd.model import MountRequest
 from tests.support import guests
 from tests.support.engines import engine_in
-from tests.vm.test_udev_autoactivation import our_rule_installed, settle, udevd  # noqa: F401 (a fixture)
+from tests.support.hostlvm import settle
+from tests.vm.test_udev_autoactivation import our_rule_installed
 
 SECRET = b"passphrase of the udev test"
 VG = "vgubuntu"

@@ -27,11 +27,6 @@ def served() -> Iterator[tuple[Bus, Client]]:
         yield bus, cl
 
 
-@pytest.fixture(scope="module")
-def gpt(tmp_path_factory: pytest.TempPathFactory) -> guests.Guest:
-    return guests.gpt_guest(tmp_path_factory.mktemp("gpt") / "gpt.raw")
-
-
 @pytest.fixture
 def c(served: tuple[Bus, Client]) -> Client:
     return served[1]

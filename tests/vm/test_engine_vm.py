@@ -23,11 +23,6 @@ FORMATS = [("raw", ()), ("qcow2", ()), ("qcow", ()), ("vmdk", ()), ("vdi", ()), 
 LVM_ENV = {**os.environ, "DM_DISABLE_UDEV": "1", "LVM_SUPPRESS_FD_WARNINGS": "1"}
 
 
-@pytest.fixture(scope="module")
-def gpt(tmp_path_factory: pytest.TempPathFactory) -> Guest:
-    return guests.gpt_guest(tmp_path_factory.mktemp("gpt") / "gpt.raw")
-
-
 def _mount(engine: Engine, image: Path, root: Path, **kw: object) -> MountInfo:
     return engine.mount(MountRequest(image=str(image), mount_root=str(root), **kw))  # type: ignore[arg-type]
 

@@ -27,14 +27,8 @@ from mountd.settings import Settings
 from tests.support import guests, nbd, raid
 from tests.support.engines import cleaned
 from tests.support.guests import Guest
-from tests.vm.test_udev_autoactivation import our_rule_installed, settle, udevd
-
-__all__ = ["udevd"]  # a fixture of the LVM tests', used here too
-
-
-@pytest.fixture(scope="module")
-def pair(tmp_path_factory: pytest.TempPathFactory) -> Guest:
-    return raid.mdadm_guest(tmp_path_factory.mktemp("pair") / "pair.raw")
+from tests.support.hostlvm import settle
+from tests.vm.test_udev_autoactivation import our_rule_installed
 
 
 @pytest.fixture(scope="module")

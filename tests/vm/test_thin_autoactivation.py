@@ -10,7 +10,6 @@ image, which the host activates the same way (without it, "removed at unmount" w
 from __future__ import annotations
 
 import os
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -29,13 +28,6 @@ from tests.support import guests, nbd, thin_guest
 from tests.support.guests import Guest
 from tests.support.hostlvm import host_state_forgotten, settle
 from tests.support.thin_guest import HOST_NAMES, VG
-
-
-@pytest.fixture(scope="module")
-def thin(tmp_path_factory: pytest.TempPathFactory) -> Guest:
-    ping = subprocess.run(["udevadm", "control", "--ping"], capture_output=True, check=False)
-    assert ping.returncode == 0, "no udevd runs in the VM lane (virtme-ng starts one)"
-    return thin_guest.thin_guest(tmp_path_factory.mktemp("thin") / "fedora.raw")
 
 
 def test_the_host_activates_the_thin_pool_of_a_plain_attach(thin: Guest, tmp_path: Path) -> None:

@@ -18,18 +18,13 @@ from mountd.engine.engine import Engine
 from mountd.layers.layer import InjectedFault
 from mountd.model import MountInfo, MountRequest
 from mountd.settings import Settings
-from tests.support import guests, leftovers, thin_guest
+from tests.support import guests, leftovers
 from tests.support.guests import Guest
 from tests.support.thin_guest import VG
 
 #: volume of each dm layer of a mount of both thin LVs -> its target
 TARGETS = {f"{VG}/pool00_tmeta": "linear", f"{VG}/pool00_tdata": "linear", f"{VG}/pool00": "thin-pool",
            f"{VG}/root": "thin", f"{VG}/home": "thin"}
-
-
-@pytest.fixture(scope="module")
-def thin(tmp_path_factory: pytest.TempPathFactory) -> Guest:
-    return thin_guest.thin_guest(tmp_path_factory.mktemp("thin") / "fedora.raw")
 
 
 def mount(engine: Engine, image: Path, root: Path, **kw: object) -> MountInfo:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -31,12 +30,6 @@ HOST_ACTIVATED = Path(f"/dev/mapper/{VG}-root")
 LVM_ENV = {**os.environ, "LVM_SUPPRESS_FD_WARNINGS": "1"}
 
 
-@pytest.fixture(scope="module")
-def udevd() -> None:
-    ping = subprocess.run(["udevadm", "control", "--ping"], capture_output=True, check=False)
-    assert ping.returncode == 0, "no udevd runs in the VM lane (virtme-ng starts one)"
-
-
 @contextlib.contextmanager
 def our_rule_installed() -> Iterator[None]:
     """systemd/60-imgmount.rules in the running udevd, as scripts/install puts it on a host."""
@@ -51,35 +44,30 @@ def our_rule_installed() -> Iterator[None]:
         images.run(["udevadm", "control", "--reload"])
 
 
-@pytest.fixture(scope="module")
-def guest(tmp_path_factory: pytest.TempPathFactory) -> guests.Guest:
-    return guests.gpt_guest(tmp_path_factory.mktemp("udev") / "gpt.raw")
-
-
-def control_nbd(guest: guests.Guest, image: Path) -> Callable[[], object]:
+def control_nbd(gpt: guests.Guest, image: Path) -> Callable[[], object]:
     """``qemu-nbd -c`` as a person types it; returns the detach."""
     device = f"/dev/{nbd.free_devices()[0]}"
     images.run(["qemu-nbd", "--fork", "-r", "-f", "qcow2", "-c", device, str(image)])
     return lambda: images.run(["qemu-nbd", "-d", device])
 
 
-def control_loop(guest: guests.Guest, image: Path) -> Callable[[], object]:
+def control_loop(gpt: guests.Guest, image: Path) -> Callable[[], object]:
     """``losetup -o`` at the PV's partition, the way the fuse and loop backends attach it; returns the detach."""
-    pv = images.sfdisk_json(guest.raw)["partitions"][3]
+    pv = images.sfdisk_json(gpt.raw)["partitions"][3]
     device = images.run(["losetup", "--find", "--show", "--read-only", "-o", str(pv["start"] * 512),
-                         "--sizelimit", str(pv["size"] * 512), str(guest.raw)]).strip()
+                         "--sizelimit", str(pv["size"] * 512), str(gpt.raw)]).strip()
     return lambda: images.run(["losetup", "-d", device])
 
 
 @pytest.mark.parametrize(("backend", "control"), [("nbd", control_nbd), ("fuse", control_loop)],
                          ids=["nbd", "fuse"])
 def test_host_activates_a_plain_attach_but_leaves_imgmount_alone(
-        udevd: None, guest: guests.Guest, tmp_path: Path, backend: str,
+        udevd: None, gpt: guests.Guest, tmp_path: Path, backend: str,
         control: Callable[[guests.Guest, Path], Callable[[], object]]) -> None:
-    image = images.convert(guest.raw, tmp_path / "gpt.qcow2", "qcow2")
+    image = images.convert(gpt.raw, tmp_path / "gpt.qcow2", "qcow2")
 
     with host_state_forgotten(VG):
-        detach = control(guest, image)
+        detach = control(gpt, image)
         try:
             settle()
             assert HOST_ACTIVATED.exists(), "the control failed: the host did not auto-activate a plain attach"
@@ -94,7 +82,7 @@ def test_host_activates_a_plain_attach_but_leaves_imgmount_alone(
             settle()
             assert not HOST_ACTIVATED.exists(), f"the host auto-activated the guest VG on {info.device}"
             root = next(v for v in info.volumes if v.name == f"{VG}/root")
-            guests.check_files(Path(root.mountpoint), guest.files[f"{VG}/root"])
+            guests.check_files(Path(root.mountpoint), gpt.files[f"{VG}/root"])
         finally:
             engine.unmount(info.id)
         settle()
@@ -102,11 +90,11 @@ def test_host_activates_a_plain_attach_but_leaves_imgmount_alone(
         assert list(Path("/run/imgmount/claimed").iterdir()) == []
 
 
-def test_without_our_rule_the_host_activation_is_removed_at_unmount(udevd: None, guest: guests.Guest,
+def test_without_our_rule_the_host_activation_is_removed_at_unmount(udevd: None, gpt: guests.Guest,
                                                                      tmp_path: Path) -> None:
     """Running from a checkout, or with a distribution's rules that ignore the flag: the host activates the
     guest VG on our nbd partition, and the unmount removes that activation instead of failing busy."""
-    image = images.convert(guest.raw, tmp_path / "gpt.qcow2", "qcow2")
+    image = images.convert(gpt.raw, tmp_path / "gpt.qcow2", "qcow2")
     engine = Engine(Journal())
     with host_state_forgotten(VG):
         info = engine.mount(MountRequest(str(image), mount_root=str(tmp_path / "media"), backend="nbd"))

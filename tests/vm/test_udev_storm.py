@@ -23,21 +23,10 @@ from mountd.model import MountInfo, MountRequest
 from tests.support import guests, raid
 from tests.support.engines import cleaned
 from tests.support.guests import Guest
-from tests.vm.test_udev_autoactivation import our_rule_installed, udevd
+from tests.support.thin_guest import VG
+from tests.vm.test_udev_autoactivation import our_rule_installed
 
-__all__ = ["udevd"]  # a fixture of the LVM tests', used here too
-
-ROUNDS = 3
-
-
-@pytest.fixture(scope="module")
-def lvm(tmp_path_factory: pytest.TempPathFactory) -> Guest:
-    return guests.gpt_guest(tmp_path_factory.mktemp("storm") / "gpt.raw")
-
-
-@pytest.fixture(scope="module")
-def mirror(tmp_path_factory: pytest.TempPathFactory) -> Guest:
-    return raid.mdadm_guest(tmp_path_factory.mktemp("storm-md") / "pair.raw")
+ROUNDS = 2
 
 
 @pytest.fixture
@@ -78,33 +67,34 @@ def unmount_during_events(engine: Engine, info: MountInfo, kind: str) -> None:
 
 
 @pytest.mark.usefixtures("udevd")
-def test_lvm_volumes_unmount_while_udev_probes_them(engine: Engine, lvm: Guest, scratch: Path) -> None:
-    image = images.convert(lvm.raw, scratch / "gpt.qcow2", "qcow2")
+def test_thin_lvs_unmount_while_udev_probes_them(engine: Engine, thin: Guest, scratch: Path) -> None:
+    """A thin LV: four device-mapper devices (the pool's metadata and data, the pool, the LV) to remove."""
+    image = images.convert(thin.raw, scratch / "fedora.qcow2", "qcow2")
     with our_rule_installed():
         for _ in range(ROUNDS):
             info = engine.mount(MountRequest(image=str(image), mount_root=str(scratch / "media"), backend="nbd",
-                                             volumes=("guestvg/root",)))
-            guests.check_files(Path(info.volumes[0].mountpoint), lvm.files["guestvg/root"])
+                                             volumes=(f"{VG}/root",)))
+            guests.check_files(Path(info.volumes[0].mountpoint), thin.files[f"{VG}/root"])
             unmount_during_events(engine, info, "dm-")
 
 
 @pytest.mark.usefixtures("udevd")
-def test_an_md_array_stops_while_udev_probes_it(engine: Engine, mirror: Guest, scratch: Path) -> None:
+def test_an_md_array_stops_while_udev_probes_it(engine: Engine, pair: Guest, scratch: Path) -> None:
     with our_rule_installed():
         for _ in range(ROUNDS):
-            info = engine.mount(MountRequest(image=str(mirror.raw), mount_root=str(scratch / "media"),
+            info = engine.mount(MountRequest(image=str(pair.raw), mount_root=str(scratch / "media"),
                                              backend="loop"))
-            guests.check_files(Path(info.volumes[0].mountpoint), mirror.files[raid.VOLUME])
+            guests.check_files(Path(info.volumes[0].mountpoint), pair.files[raid.VOLUME])
             unmount_during_events(engine, info, "md")
 
 
 @pytest.mark.usefixtures("udevd")
-def test_a_real_user_still_keeps_the_lv_and_is_named(engine: Engine, lvm: Guest, scratch: Path) -> None:
+def test_a_real_user_still_keeps_the_lv_and_is_named(engine: Engine, thin: Guest, scratch: Path) -> None:
     """The control: udev is waited for, a program that holds the LV open is not."""
-    image = images.convert(lvm.raw, scratch / "gpt.qcow2", "qcow2")
+    image = images.convert(thin.raw, scratch / "fedora.qcow2", "qcow2")
     with our_rule_installed():
         info = engine.mount(MountRequest(image=str(image), mount_root=str(scratch / "media"), backend="nbd",
-                                         volumes=("guestvg/root",)))
+                                         volumes=(f"{VG}/root",)))
         with open(info.volumes[0].device, "rb") as lv:
             holder = subprocess.Popen(["sleep", "600"], stdin=lv)
         try:
