@@ -55,7 +55,9 @@ class OtherUser:
         out = json.loads(line)
         return Reply(out["error"], out["body"])
 
-    def mount(self, image: Path, files: Sequence[str] = (), **options: tuple[str, Any]) -> Reply:
+    def mount(self, image: Path, files: Sequence[str] = (), /, **options: tuple[str, Any]) -> Reply:
+        """``options``: the call's a{sv}, each as (signature, value); ``image`` and ``files`` are positional
+        only, so every keyword (a ``**`` dict of option names, too) is an option."""
         return self.call(MANAGER_PATH, MANAGER_IFACE, "Mount", "sa{sv}", str(image), options, files=files)
 
     def inspect(self, image: Path) -> Reply:

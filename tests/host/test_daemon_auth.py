@@ -112,9 +112,9 @@ def test_nobody_else_sees_inside_a_users_mounts(c: Client, other: Callable[..., 
             for argv in (["ls", str(where.parent)], ["ls", str(where)], ["cat", str(where / name)]):
                 out = subprocess.run([*as_user(*who), *argv], capture_output=True, text=True, check=False)
                 assert out.returncode != 0 and "Permission denied" in out.stderr, (who, argv, out)
-        out = subprocess.run([*as_user(uid, gid, (group,)), "cat", str(where / name)], capture_output=True,
-                             check=True)
-        assert out.stdout == data
+        as_owner = subprocess.run([*as_user(uid, gid, (group,)), "cat", str(where / name)], capture_output=True,
+                                  check=True)
+        assert as_owner.stdout == data
     finally:
         assert c.call(path, MOUNT_IFACE, "Unmount", "a{sv}", [{}]).value() is None
 

@@ -20,8 +20,8 @@ from mountd.engine.journal import Journal, MountRecord
 from mountd.engine.stack import MountStack
 from mountd.errors import BusyError, InUseError, UnsupportedError
 from mountd.host.loopdev import loops_backed_by
-from mountd.layers.layer import FaultPoints, InjectedFault, LayerRecord, layer_from_record
-from mountd.layers.mount import mountinfo
+from mountd.host.mountinfo import mountinfo
+from mountd.layers.layer import FaultPoints, InjectedFault, LayerRecord, LayerState, layer_from_record
 from tests.support.layers import attach_in_child, attached, planned
 from tests.support.vms import running_vm
 
@@ -191,6 +191,6 @@ def test_a_crash_before_the_pid_was_recorded(qcow2: Path) -> None:
     by the export on its command line."""
     record = attach_in_child(fuse_plan(qcow2))
     plan_only = {k: v for k, v in record.identity.items() if k not in ("pid", "start_time", "node")}
-    layer_from_record(LayerRecord("fuse", "", "attaching", plan_only)).detach()
+    layer_from_record(LayerRecord("fuse", "", LayerState.ATTACHING, plan_only)).detach()
     assert not layer_from_record(record).verify()
     assert nothing_left(str(record.identity["export"]))

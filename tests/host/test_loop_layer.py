@@ -12,6 +12,7 @@ import struct
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -54,7 +55,7 @@ def read_all(node: str) -> bytes:
         return f.read()
 
 
-def number(layer: Layer) -> int:
+def number(layer: Layer[Any]) -> int:
     n = loop_number(layer.node)
     assert n is not None
     return n
@@ -190,7 +191,7 @@ def forked_holding(node: str, *, exec_when: Callable[[], bool] | None = None, ke
     return pid
 
 
-def autoclear_set(layer: Layer) -> Callable[[], bool]:
+def autoclear_set(layer: Layer[Any]) -> Callable[[], bool]:
     """LOOP_CLR_FD on a device that is open elsewhere sets autoclear: the clear waits for the last close."""
     flag = Path(f"/sys/block/loop{number(layer)}/loop/autoclear")
     return lambda: flag.read_text().strip() == "1"

@@ -81,6 +81,7 @@ def test_a_single_member_mounts_degraded_from_its_data_area(engine: Engine, tmp_
     assert (p1.name, p1.filesystem, p1.note) == ("p1", "", f"member 2 of 2 of RAID1 array {name}")
     assert (md.name, md.kind, md.filesystem) == (f"md/{name}", VolumeKind.MD, "ext4")
     assert md.note == "degraded: member 1 of 2 is not in this image; read from p1"
+    assert p1.offset is not None
     assert md.offset == p1.offset + data_area(version, p1.size)[0]
     files = {md.name: guest.files[raid.VOLUME]}
     check_and_unmount(engine, mount(engine, guest.raw, tmp_path / "media"),
@@ -107,7 +108,9 @@ def test_a_mirror_in_one_image_mounts_from_its_first_member(engine: Engine, tmp_
     assert [(v.name, v.note) for v in ins.volumes] == [
         ("p1", "member 1 of 2 of RAID1 array data"), ("p2", "member 2 of 2 of RAID1 array data"),
         (raid.VOLUME, "")]
-    assert ins.volumes[2].offset == ins.volumes[0].offset + data_area("1.2", raid.PART)[0]
+    first = ins.volumes[0].offset
+    assert first is not None
+    assert ins.volumes[2].offset == first + data_area("1.2", raid.PART)[0]
     check_and_unmount(engine, mount(engine, image, tmp_path / "media", backend=backend), guest)
 
 

@@ -19,12 +19,11 @@ from imgmount_testkit import images
 from imgmount_testkit.images import MiB
 from mountd.engine.journal import Journal, MountRecord
 from mountd.engine.stack import MountStack
-from mountd.errors import BusyError, InvalidArgumentError, InvalidImageError, UnsupportedError
+from mountd.errors import BusyError, FailedError, InvalidArgumentError, InvalidImageError, UnsupportedError
 from mountd.host.filesystems import mount_options, mountable_types
 from mountd.host.mountinfo import MountEntry, mountinfo
 from mountd.host.users import mountpoint_users
-from mountd.layers import mount as mounts
-from mountd.layers.layer import FaultPoints, InjectedFault, LayerRecord, layer_from_record
+from mountd.layers.layer import FaultPoints, InjectedFault, LayerRecord, LayerState, layer_from_record
 from mountd.layers.mount import MountLayer, unique_mountpoint
 
 OWNER = 4242  # no passwd entry: the directory gets gid 0
@@ -49,8 +48,8 @@ def make_image(path: Path, fstype: str, files: dict[str, bytes] | None = None) -
 def planned(device: str, mountpoint: str, fstype: str, *, read_only: bool = True,
             requested: Sequence[str] = ()) -> LayerRecord:
     options = mount_options(fstype, read_only=read_only, requested=requested, owner_uid=OWNER)
-    return LayerRecord("mount", "vol", "attaching", {"device": device, "mountpoint": mountpoint,
-                                                     "fstype": fstype, "options": options, "owner": OWNER})
+    return LayerRecord("mount", "vol", LayerState.ATTACHING, {
+        "device": device, "mountpoint": mountpoint, "fstype": fstype, "options": options, "owner": OWNER})
 
 
 @contextlib.contextmanager
@@ -283,7 +282,7 @@ def test_detach_is_idempotent_and_survives_a_crash_mid_attach(workdir: Path) -> 
         # "attaching" without a mount id. Detach finds the mount by device, type and path.
         survivor = MountLayer(planned(dev, str(workdir / "media" / "late"), "ext4"))
         half = survivor.attach(lambda rec: None)
-        stale = LayerRecord("mount", "vol", "attaching",
+        stale = LayerRecord("mount", "vol", LayerState.ATTACHING,
                             {k: v for k, v in half.identity.items() if k not in ("mount_id", "dev", "node")})
         assert not layer_from_record(stale).verify()
         layer_from_record(stale).detach()
@@ -382,5 +381,5 @@ def test_unique_mountpoint(workdir: Path) -> None:
     for n in range(2, 1001):
         (workdir / f"full-{n}").mkdir()
     (workdir / "full").mkdir()
-    with pytest.raises(mounts.FailedError, match="every name from full to full-1000"):
+    with pytest.raises(FailedError, match="every name from full to full-1000"):
         unique_mountpoint(root, "full")

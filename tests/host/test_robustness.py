@@ -124,7 +124,7 @@ def wait_for_record(state: Path, found: Callable[[dict[str, Any]], bool], timeou
         while True:
             for entry in mounts.glob("*.json"):
                 try:
-                    record = json.loads(entry.read_text())
+                    record: dict[str, Any] = json.loads(entry.read_text())
                 except (OSError, ValueError):
                     continue
                 if found(record):

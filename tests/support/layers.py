@@ -10,8 +10,9 @@ import sys
 from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
-from mountd.layers.layer import Layer, LayerRecord, layer_from_record
+from mountd.layers.layer import Layer, LayerRecord, LayerState, layer_from_record
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -28,11 +29,11 @@ print(json.dumps(dataclasses.asdict(record)))
 
 
 def planned(kind: str, **identity: object) -> LayerRecord:
-    return LayerRecord(kind, "", "attaching", dict(identity))
+    return LayerRecord(kind, "", LayerState.ATTACHING, dict(identity))
 
 
 @contextlib.contextmanager
-def attached(record: LayerRecord) -> Iterator[Layer]:
+def attached(record: LayerRecord) -> Iterator[Layer[Any]]:
     """Attach ``record``'s layer here; detach it on exit (forced, so a failing test leaves nothing)."""
     layer = layer_from_record(record)
     try:

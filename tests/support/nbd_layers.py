@@ -12,14 +12,14 @@ from typing import Any
 from mountd.image.blockio import FileReader
 from mountd.image.imageinfo import block_options, probe_image
 from mountd.image.partitions import PartitionTable, read_partition_table
-from mountd.layers.layer import Layer, LayerRecord, layer_from_record
+from mountd.layers.layer import Layer, LayerRecord, LayerState, layer_from_record
 from mountd.layers.nbd import NbdLayer
 
 
-def attach(kind: str, volume: str = "", **identity: Any) -> tuple[Layer, list[LayerRecord]]:
+def attach(kind: str, volume: str = "", **identity: Any) -> tuple[Layer[Any], list[LayerRecord]]:
     """Attach a planned layer; returns it and every record it reported through ``progress``."""
     seen: list[LayerRecord] = []
-    layer = layer_from_record(LayerRecord(kind, volume, "attaching", identity))
+    layer = layer_from_record(LayerRecord(kind, volume, LayerState.ATTACHING, identity))
 
     def progress(record: LayerRecord) -> None:
         layer.record = record
@@ -66,9 +66,9 @@ def table_of(node: str) -> PartitionTable:
 
 
 @contextlib.contextmanager
-def partitions_attached(disk: str) -> Iterator[dict[int, Layer]]:
+def partitions_attached(disk: str) -> Iterator[dict[int, Layer[Any]]]:
     """A ``partition`` layer for every partition our parser finds on ``disk``, detached on the way out."""
-    layers: dict[int, Layer] = {}
+    layers: dict[int, Layer[Any]] = {}
     try:
         for part in table_of(disk).partitions:
             layers[part.number], _ = attach("partition", f"p{part.number}", parent=disk, number=part.number,

@@ -9,6 +9,7 @@ import contextlib
 import socket
 import time
 from dataclasses import dataclass, field
+from typing import cast
 
 from dbus_fast import Message
 from dbus_fast.aio.message_bus import _MessageWriter
@@ -47,7 +48,8 @@ async def write_two(patient: bool) -> tuple[list[Exception], int]:
     bus = StandInBus(ours, asyncio.get_running_loop())
     writer = _MessageWriter(bus)  # type: ignore[arg-type]
     if patient:
-        writer.sock = PatientSocket(ours)  # what mountd.service.busfix.survive_full_socket does
+        # What mountd.service.busfix.survive_full_socket does; PatientSocket stands in for the socket by duck typing.
+        writer.sock = cast(socket.socket, PatientSocket(ours))
     expected = sum(len(m._marshall(False)) for m in (message(0), message(1)))
     writer.schedule_write(message(0))
     writer.schedule_write(message(1))  # the buffer is full by now: EAGAIN on the spot

@@ -17,23 +17,26 @@ from mountd.cli.client import ALLOW_INTERACTIVE_AUTHORIZATION, Call, Reply, Vari
 from mountd.cli.daemonclient import DaemonClient
 
 
+def unmarshalled(data: bytes) -> Message:
+    """``data`` as dbus-fast reads it: one whole message (its reader takes the buffered pair it declares)."""
+    msg = Unmarshaller(io.BufferedRWPair(io.BytesIO(data), io.BytesIO())).unmarshall()
+    assert msg is not None, "dbus-fast read no whole message"
+    return msg
+
+
 def test_calls_are_what_dbus_fast_reads() -> None:
     options = {"read-only": Variant("b", False), "volumes": Variant("as", ["p1", "vg/lv"]),
                "format": Variant("s", "qcow2"), "mount-options": Variant("as", [])}
     data = marshal_call(7, Call("io.github.imgmount.Mountd1", "/io/github/imgmount/Mountd1", "a.b.Manager",
                                 "Mount", "sa{sv}", ["/srv/ä.raw", options], ALLOW_INTERACTIVE_AUTHORIZATION))
-    reader = Unmarshaller(io.BytesIO(data))
-    reader.unmarshall()
-    msg = reader.message
+    msg = unmarshalled(data)
     assert (msg.serial, msg.path, msg.interface, msg.member, msg.destination, msg.signature) == (
         7, "/io/github/imgmount/Mountd1", "a.b.Manager", "Mount", "io.github.imgmount.Mountd1", "sa{sv}")
     assert msg.flags == MessageFlag.ALLOW_INTERACTIVE_AUTHORIZATION
     assert msg.body[0] == "/srv/ä.raw"
     assert {k: (v.signature, v.value) for k, v in msg.body[1].items()} == {k: tuple(v) for k, v in options.items()}
     unmount = marshal_call(8, Call("d.e", "/m", "d.e.M", "Unmount", "oa{sv}", ["/m/1", {"force": Variant("b", True)}]))
-    reader = Unmarshaller(io.BytesIO(unmount))
-    reader.unmarshall()
-    assert reader.message.body == ["/m/1", {"force": FastVariant("b", True)}]
+    assert unmarshalled(unmount).body == ["/m/1", {"force": FastVariant("b", True)}]
 
 
 def test_replies_are_read_as_dbus_fast_writes_them() -> None:

@@ -15,8 +15,10 @@ import pytest
 
 from mountd.cli import keyinput
 from mountd.errors import InvalidArgumentError
+from mountd.host.qemusecret import MAX_KEY_SIZE
+from mountd.keys import NO_KEYS, Keys
 from mountd.service import keyoptions
-from mountd.service.keyoptions import MAX_KEY_SIZE, MAX_PASSPHRASES, key_file_fd, keys_from, read_key_file
+from mountd.service.keyoptions import MAX_PASSPHRASES, key_file_fd, keys_from, read_key_file
 
 
 @pytest.fixture
@@ -106,8 +108,8 @@ def test_passphrase_stdin_is_its_first_line() -> None:
 
 
 def test_the_key_for_everywhere_goes_to_the_daemon_in_a_memfd() -> None:
-    with keyinput.everywhere_fd(keyinput.Keys(everywhere=b"\x00\x01key")) as fd:
+    with keyinput.everywhere_fd(Keys(everywhere=b"\x00\x01key")) as fd:
         assert os.readlink(f"/proc/self/fd/{fd}").startswith("/memfd:")
         assert read_key_file(fd) == b"\x00\x01key"
-    with keyinput.everywhere_fd(keyinput.NO_KEYS) as fd:
+    with keyinput.everywhere_fd(NO_KEYS) as fd:
         assert fd == -1

@@ -8,9 +8,10 @@ from typing import Any
 
 import pytest
 
-from imgmount_testkit.lvm_synth import Lv, Pv, Seg, crafted_vg, format_uuid, metadata_text, vg_section
+from imgmount_testkit.lvm_synth import Lv, Pv, Seg, crafted_vg, metadata_text, vg_section
 from mountd.engine.lvmapping import pool_features, pool_table, thin_table
 from mountd.errors import InvalidImageError, UnsupportedError
+from mountd.image.lvmlabel import format_uuid
 from mountd.image.lvmmeta import VolumeGroup, parse_vg
 from mountd.image.lvmthin import ThinPool, is_thin, is_thin_pool, thin_pool, thin_volume
 

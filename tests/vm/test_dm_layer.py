@@ -14,6 +14,7 @@ import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -24,7 +25,7 @@ from mountd.image.blockio import FileReader
 from mountd.image.lvmlabel import PhysicalVolume, read_pv
 from mountd.image.lvmmeta import VolumeGroup
 from mountd.layers.dm import DmLinearLayer, lv_table
-from mountd.layers.layer import Layer, LayerRecord
+from mountd.layers.layer import Layer, LayerRecord, LayerState
 from tests.support.nbd_layers import attach, nbd_attached, partitions_attached
 
 MiB = images.MiB
@@ -78,7 +79,7 @@ def guest(tmp_path_factory: pytest.TempPathFactory) -> Guest:
 class Mapped:
     nodes: list[str]  # the PV partition nodes
     vg: VolumeGroup  # as our parser reads it
-    lvs: dict[str, Layer]
+    lvs: dict[str, Layer[Any]]
 
 
 def read_pvs(nodes: list[str]) -> list[PhysicalVolume]:
@@ -103,7 +104,7 @@ def mapped(image: Path, mount_id: str, lvs: tuple[str, ...] = LVS) -> Iterator[M
         vg = pvs[0].vg
         assert vg is not None
         pv_nodes = {pv.uuid: node for pv, node in zip(pvs, nodes, strict=True)}
-        layers: dict[str, Layer] = {}
+        layers: dict[str, Layer[Any]] = {}
         try:
             # The lane's udevd runs Debian's 69-lvm.rules, which auto-activates a VG ("vgchange -aay") when its
             # PVs appear, as a host would: let it, then undo it on our devices, as the engine does.
@@ -209,7 +210,7 @@ def test_a_table_the_kernel_refuses_leaves_nothing(guest: Guest) -> None:
 
 
 def test_a_record_of_a_dm_device_never_made_detaches_as_a_no_op() -> None:
-    never = DmLinearLayer(LayerRecord("dm", f"{VG}/lin", "attaching", {
+    never = DmLinearLayer(LayerRecord("dm", f"{VG}/lin", LayerState.ATTACHING, {
         "name": "imgmount-m6-never", "uuid": "IMGMOUNT-m6-never", "read_only": True, "table": []}))
     never.detach()
     assert not never.verify()

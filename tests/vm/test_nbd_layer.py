@@ -21,7 +21,7 @@ from mountd.errors import BusyError, InvalidArgumentError, InvalidImageError, No
 from mountd.host.blockdev import BlockEvents
 from mountd.host.nbddev import NbdModule, ensure_nbd_module, is_free, server_pid
 from mountd.host.processes import proc_state
-from mountd.layers.layer import LayerRecord, layer_from_record
+from mountd.layers.layer import LayerRecord, LayerState, layer_from_record
 from mountd.layers.nbd import KernelPartitionLayer, NbdLayer
 from tests.support.nbd_layers import (
     attach,
@@ -155,7 +155,7 @@ def test_kernel_partitions_match_our_parser(gpt_image: Path) -> None:
 def test_a_record_naming_a_device_we_never_served_detaches_without_touching_it(source: Path) -> None:
     with nbd_attached(source) as other:  # someone else's device, as far as the record below knows
         for node in (other.node, "/dev/nbd15"):
-            half = NbdLayer(LayerRecord("nbd", "", "attaching", {
+            half = NbdLayer(LayerRecord("nbd", "", LayerState.ATTACHING, {
                 **nbd_identity(source), "node": node, "pid_file": "/run/imgmount/nbd/never-written.pid"}))
             assert not half.verify()
             half.detach()
@@ -240,14 +240,14 @@ def test_two_processes_attaching_at_once_get_different_devices(source: Path) -> 
                 last.append(lines[-1])
                 first_tries.add(lines[0]["node"])
             assert racer.returncode == 0, err
-        layers = [layer_from_record(LayerRecord("nbd", "", "attached", x)) for x in last]
+        layers = [layer_from_record(LayerRecord("nbd", "", LayerState.ATTACHED, x)) for x in last]
         assert len(first_tries) == 1, "the racers did not go for the same device: no race was run"
         assert len({x.node for x in layers}) == 2, [x.node for x in layers]
         assert all(x.verify() for x in layers)
         assert all(read_at(x.node, OFFSET, len(PAYLOAD)) == PAYLOAD for x in layers)
     finally:
         for identity_seen in last:
-            layer_from_record(LayerRecord("nbd", "", "attaching", identity_seen)).detach()
+            layer_from_record(LayerRecord("nbd", "", LayerState.ATTACHING, identity_seen)).detach()
 
 
 def test_internal_snapshot_is_served_read_only(scratch: Path, source: Path) -> None:
