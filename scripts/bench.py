@@ -217,14 +217,12 @@ def latency(
             info = eng.mount(MountRequest(str(image), volumes=(volume,), mount_root=str(work / "media")))
             eng.unmount(info.id)
 
-        if where == "vm":
+        off, size = (offsets["lv"], offsets["lv_size"]) if lvm else (offsets["p1"], 320 * MiB)
 
-            def bare(image: Path = image, lvm: bool = lvm) -> None:
+        def bare(image: Path = image, lvm: bool = lvm, off: int = off, size: int = size) -> None:
+            if where == "vm":
                 bare_nbd(image, mnt, lvm)
-        else:
-            off, size = (offsets["lv"], offsets["lv_size"]) if lvm else (offsets["p1"], 320 * MiB)
-
-            def bare(image: Path = image, off: int = off, size: int = size) -> None:
+            else:
                 bare_fuse(image, mnt, off, size)
 
         rows.append((name, timed(via_daemon, repeats), timed(commands, repeats), timed(engine, repeats),
@@ -504,9 +502,9 @@ def main() -> None:
             print(f"\n## host: N qcow2 images mounted and unmounted at once through imgmountd (fuse), "
                   f"median of {args.repeats}")
             print(f"{'N':>3} {'seconds per image':>18} {'ratio to N=1':>13}")
-            rows = daemon_concurrency(found, work, args.repeats)
-            for n, per in rows:
-                print(f"{n:>3} {per:17.3f}s {per / rows[0][1]:13.2f}")
+            per_n = daemon_concurrency(found, work, args.repeats)
+            for n, per in per_n:
+                print(f"{n:>3} {per:17.3f}s {per / per_n[0][1]:13.2f}")
             print(f"\n## host: cold-cache read of a 256 MiB file through ntfs-3g, median of {args.repeats}")
             print("(ext4 = the same bytes on an ext4 volume of the same image, alternated with each read)")
             print(f"{'driver':<22} {'MiB/s':>8} {'ext4':>8} {'ratio':>6}")
