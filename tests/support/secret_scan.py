@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import contextlib
 import os
-import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+
+from tests.support.background import repeated
 
 
 def _scan_once(secrets: list[bytes], found: set[str]) -> None:
@@ -25,22 +26,10 @@ def _scan_once(secrets: list[bytes], found: set[str]) -> None:
 def scanning_processes(secrets: Iterable[bytes]) -> Iterator[set[str]]:
     """Yield the set of sightings of any of ``secrets`` in ``/proc/*/cmdline`` or ``/proc/*/environ``,
     filled by a thread that scans every process until the block ends (and once more after)."""
-    wanted, found, done = list(secrets), set[str](), threading.Event()
-    scans = [0]
-
-    def loop() -> None:
-        while not done.is_set():
-            _scan_once(wanted, found)
-            scans[0] += 1
-
-    thread = threading.Thread(target=loop, daemon=True)
-    thread.start()
-    try:
+    wanted, found = list(secrets), set[str]()
+    with repeated(lambda: _scan_once(wanted, found)) as scans:
         yield found
-    finally:
-        done.set()
-        thread.join(timeout=30)
-        _scan_once(wanted, found)
+    _scan_once(wanted, found)
     assert scans[0] > 0, "the process scan never ran"
 
 

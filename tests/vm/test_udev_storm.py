@@ -8,7 +8,6 @@ md array's unmount); a real user still does.
 from __future__ import annotations
 
 import subprocess
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,6 +20,7 @@ from mountd.engine.journal import Journal
 from mountd.errors import BusyError
 from mountd.model import MountInfo, MountRequest
 from tests.support import guests, raid
+from tests.support.background import repeated
 from tests.support.engines import cleaned
 from tests.support.guests import Guest
 from tests.support.thin_guest import VG
@@ -39,22 +39,9 @@ def engine() -> Iterator[Engine]:
 def udev_events(kind: str) -> Iterator[list[int]]:
     """``udevadm trigger --action=change`` on every ``kind`` device (dm, md) back to back until the block
     ends; yields the count of triggers sent, for the test to check that the storm overlapped its work."""
-    sent = [0]
-    stop = threading.Event()
-
-    def storm() -> None:
-        while not stop.is_set():
-            subprocess.run(["udevadm", "trigger", "--action=change", "--subsystem-match=block",
-                            f"--sysname-match={kind}*"], check=False, capture_output=True)
-            sent[0] += 1
-
-    thread = threading.Thread(target=storm, daemon=True)
-    thread.start()
-    try:
+    trigger = ["udevadm", "trigger", "--action=change", "--subsystem-match=block", f"--sysname-match={kind}*"]
+    with repeated(lambda: subprocess.run(trigger, check=False, capture_output=True)) as sent:
         yield sent
-    finally:
-        stop.set()
-        thread.join()
 
 
 def unmount_during_events(engine: Engine, info: MountInfo, kind: str) -> None:
