@@ -8,6 +8,7 @@ import logging
 import os
 import select
 import signal
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -153,11 +154,28 @@ def stop(pidfd: int, what: str, *, force: bool) -> None:
         signal.pidfd_send_signal(pidfd, signal.SIGTERM)
     if has_exited(pidfd, STOP_TIMEOUT):
         return
+    stuck = waiting_in(pidfd)
     if not force:
-        raise OperationTimeoutError(f"{what} did not exit within {STOP_TIMEOUT:g} s of SIGTERM: retry, or "
-                                    "force (unflushed writes are lost)")
-    log.warning("%s ignored SIGTERM: killing it", what)
+        raise OperationTimeoutError(f"{what} did not exit within {STOP_TIMEOUT:g} s of SIGTERM{stuck}: "
+                                    "retry, or force (unflushed writes are lost)")
+    log.warning("%s ignored SIGTERM%s: killing it", what, stuck)
     with contextlib.suppress(ProcessLookupError):
         signal.pidfd_send_signal(pidfd, signal.SIGKILL)
     if not has_exited(pidfd, KILL_TIMEOUT):
         raise OperationTimeoutError(f"{what} survived SIGKILL for {KILL_TIMEOUT:g} s")
+
+
+def waiting_in(pidfd: int) -> str:
+    """Where a process that will not exit waits, for its error: " (waiting in fuse_dev_do_read x2, ...)",
+    its threads' kernel wait channels; "" if it is gone or the kernel does not say."""
+    pid = next((int(line.split()[1]) for line in text_of(f"/proc/self/fdinfo/{pidfd}").splitlines()
+                if line.startswith("Pid:")), 0)
+    tasks = entries(f"/proc/{pid}/task") if pid > 0 else []
+    channels = Counter(_wait_channel(f"/proc/{pid}/task/{t}/wchan") for t in tasks)
+    shown = ", ".join(f"{c} x{n}" if n > 1 else c for c, n in sorted(channels.items()))
+    return f" (waiting in {shown})" if shown else ""
+
+
+def _wait_channel(path: str) -> str:
+    channel = text_of(path)
+    return "running" if channel in ("", "0") else channel
