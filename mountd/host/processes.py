@@ -138,25 +138,27 @@ def has_exited(pidfd: int, timeout: float = 0.0) -> bool:
     return bool(ready)
 
 
-def stop_process(pid: int, started: int, name: str, *, force: bool) -> None:
+def stop_process(pid: int, started: int, name: str, *, force: bool, grace: float | None = None) -> None:
     """:func:`stop` the process with this pid and start time, if it still runs."""
     pidfd = open_process(pid, started)
     if pidfd is not None:
         try:
-            stop(pidfd, f"{name} (pid {pid})", force=force)
+            stop(pidfd, f"{name} (pid {pid})", force=force, grace=grace)
         finally:
             os.close(pidfd)
 
 
-def stop(pidfd: int, what: str, *, force: bool) -> None:
-    """SIGTERM the process and wait for it to exit; SIGKILL after the deadline only if ``force``."""
+def stop(pidfd: int, what: str, *, force: bool, grace: float | None = None) -> None:
+    """SIGTERM the process and wait ``grace`` s (default :data:`STOP_TIMEOUT`) for it to exit; SIGKILL after
+    that only if ``force``."""
+    grace = STOP_TIMEOUT if grace is None else grace
     with contextlib.suppress(ProcessLookupError):
         signal.pidfd_send_signal(pidfd, signal.SIGTERM)
-    if has_exited(pidfd, STOP_TIMEOUT):
+    if has_exited(pidfd, grace):
         return
     stuck = waiting_in(pidfd)
     if not force:
-        raise OperationTimeoutError(f"{what} did not exit within {STOP_TIMEOUT:g} s of SIGTERM{stuck}: "
+        raise OperationTimeoutError(f"{what} did not exit within {grace:g} s of SIGTERM{stuck}: "
                                     "retry, or force (unflushed writes are lost)")
     log.warning("%s ignored SIGTERM%s: killing it", what, stuck)
     with contextlib.suppress(ProcessLookupError):
@@ -173,7 +175,18 @@ def waiting_in(pidfd: int) -> str:
     tasks = entries(f"/proc/{pid}/task") if pid > 0 else []
     channels = Counter(_wait_channel(f"/proc/{pid}/task/{t}/wchan") for t in tasks)
     shown = ", ".join(f"{c} x{n}" if n > 1 else c for c, n in sorted(channels.items()))
-    return f" (waiting in {shown})" if shown else ""
+    return f" (waiting in {shown}{_sigterm_state(pid)})" if shown else ""
+
+
+def _sigterm_state(pid: int) -> str:
+    """"; SIGTERM blocked" or "; SIGTERM ignored" when the process cannot have acted on it."""
+    status = dict(line.split(":", 1) for line in text_of(f"/proc/{pid}/status").splitlines() if ":" in line)
+    bit = 1 << (signal.SIGTERM - 1)
+    for field, state in (("SigBlk", "blocked"), ("SigIgn", "ignored")):
+        with contextlib.suppress(ValueError):
+            if int(status.get(field, "0").strip(), 16) & bit:
+                return f"; SIGTERM {state}"
+    return ""
 
 
 def _wait_channel(path: str) -> str:

@@ -98,6 +98,13 @@ class ServerSpec(Spec):
                 "--export", f"type=nbd,id=export,node-name={NODE_NAME},name=,writable={rw}"]
 
 
+#: How long the caller's server is given to exit on SIGTERM before it is killed. Its only client, the layer
+#: above (root's FUSE export, qemu-nbd), has flushed and gone before the server's turn comes, so it holds no
+#: write of hers; and it runs as her uid, so she can stop it (SIGSTOP), which must not stall her unmount.
+#: (Once in CI a server ignored SIGTERM for 60 s, main loop polling, cause not found.)
+SERVER_GRACE = 10.0
+
+
 def client_options(sock: str) -> str:
     """The QEMU block options with which root's side reads the caller's server."""
     return f"driver=nbd,server.type=unix,server.path={sock.replace(',', ',,')}"
@@ -151,9 +158,9 @@ def _unprotect(pid: int) -> None:
         Path(f"/proc/{pid}/oom_score_adj").write_text("0")
 
 
-def stop(pid: int, started: int, *, force: bool) -> None:
+def stop(pid: int, started: int, *, force: bool, grace: float | None = None) -> None:
     """Stop a server (ours or a previous daemon's) and, if it is our child, reap it."""
-    stop_process(pid, started, SERVER, force=force)
+    stop_process(pid, started, SERVER, force=force, grace=grace)
     child = _children.pop(pid, None)
     if child is not None:
         child.wait()
@@ -247,7 +254,8 @@ class ServerLayer(Layer[tuple[int, int]]):
         return self.record.process
 
     def _release(self, process: tuple[int, int], *, force: bool) -> None:
-        stop(*process, force=force)
+        """Stop it, killing it past :data:`SERVER_GRACE`: see there."""
+        stop(*process, force=True, grace=SERVER_GRACE)
 
     def _clean_up(self) -> None:
         sock = str(self.identity.get("socket", ""))
