@@ -155,15 +155,22 @@ def test_an_image_on_a_tmpfs_without_o_direct(engine: Engine, scratch: Path) -> 
     _unmount_and_check_gone(engine, info)
 
 
+def unload_nbd() -> None:
+    """``rmmod nbd`` once udev has handled the events of the tests before: a udev worker probing an nbd
+    device holds the module ("Module nbd is in use", seen once in CI). Bounded by udevadm's timeout."""
+    subprocess.run(["udevadm", "settle", "--timeout=60"], check=True)
+    subprocess.run(["rmmod", "nbd"], check=True)
+
+
 @pytest.fixture
 def nbd_without_partitions() -> Iterator[None]:
     """Reload the nbd module with max_part=0 (as a host may have it), and restore max_part=16 after."""
-    subprocess.run(["rmmod", "nbd"], check=True)
+    unload_nbd()
     subprocess.run(["modprobe", "nbd", "max_part=0", "nbds_max=32"], check=True)
     try:
         yield
     finally:
-        subprocess.run(["rmmod", "nbd"], check=True)
+        unload_nbd()
         subprocess.run(["modprobe", "nbd", "max_part=16", "nbds_max=32"], check=True)
 
 
