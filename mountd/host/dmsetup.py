@@ -84,7 +84,7 @@ class DmDevice:
         return os.path.basename(os.path.realpath(f"/sys/dev/block/{self.devnum}"))
 
 
-def busy_error(device: DmDevice, users: BlockUsers) -> BusyError:
+def _busy_error(device: DmDevice, users: BlockUsers) -> BusyError:
     """``device`` could not be removed: ``users`` (from :func:`release_past_udev`) held it."""
     holders = "; ".join(users.described()) or \
         f"held open by no process visible here, for {UDEV_PROBE_TIMEOUT:g} s"
@@ -112,7 +112,7 @@ def remove_past_udev(device: DmDevice, find: Callable[[], DmDevice | None], remo
 
     users = release_past_udev(device.sysname, attempt)
     if users is not None:
-        raise busy_error(device, users)
+        raise _busy_error(device, users)
 
 
 def dm_devices() -> list[DmDevice]:
