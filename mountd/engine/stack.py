@@ -101,6 +101,9 @@ class MountStack:
                 log.info("cancelled mount %s failed with: %s", self.record.id, exc)
                 raise OperationTimeoutError(self.cancelled) from exc
             raise
+        finally:
+            for rec in self.record.layers:
+                layer_from_record(rec).unpin()
         self._save(replace(self.record, state=MountState.MOUNTED))
 
     def teardown(self, *, force: bool = False) -> None:

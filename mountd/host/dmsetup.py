@@ -161,12 +161,12 @@ def release_host_activations(nodes: Iterable[str]) -> list[str]:
 def _sysname(node: str) -> str:
     """The kernel's name of a device node: by its number, since a node libdevmapper made without udev
     (/dev/mapper/NAME) is a node of its own, not a link to /dev/dm-N."""
-    try:
+    try:  # /sys/dev/block/M:m links to the device's directory, and goes with it (its node may outlive it)
         rdev = os.stat(node).st_rdev
+        link = f"/sys/dev/block/{os.major(rdev)}:{os.minor(rdev)}"
+        return os.path.basename(os.readlink(link)) if rdev else ""
     except OSError:
         return ""
-    sysfs = f"/sys/dev/block/{os.major(rdev)}:{os.minor(rdev)}"
-    return os.path.basename(os.path.realpath(sysfs)) if rdev else ""
 
 
 def host_activations(nodes: Iterable[str]) -> list[str]:

@@ -131,6 +131,10 @@ class Layer(ABC, Generic[Found]):
     def _clean_up(self) -> None:
         """What the kind keeps beside its object; nothing by default."""
 
+    def unpin(self) -> None:
+        """The mount is built, or given up: let go of what kept this layer steady while the layers above it
+        were made (they hold it now). Nothing by default."""
+
     def describe(self) -> str:
         return f"{self.kind} {self.node or self.identity}"
 

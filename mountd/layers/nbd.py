@@ -22,6 +22,7 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import threading
 import uuid
 from collections.abc import Collection
 from dataclasses import dataclass, replace
@@ -362,6 +363,7 @@ class KernelPartitionLayer(Layer[PartitionSpec]):
                 raise InvalidImageError(f"the kernel sees partition {number} of {parent} at "
                                         f"{_where(self._seen())}, our parser at "
                                         f"{_where((self._spec.start, self._spec.size))}{reread}")
+            _pin(self._name)
         finally:
             os.close(fd)
         node = f"/dev/{self._name}"
@@ -371,8 +373,12 @@ class KernelPartitionLayer(Layer[PartitionSpec]):
         spec = self._spec
         return spec if self.node and (SYS_CLASS_BLOCK / spec.name).exists() else None
 
+    def unpin(self) -> None:
+        _unpin(self._name)
+
     def _release(self, spec: PartitionSpec, *, force: bool) -> None:
         """Nothing to remove (the node comes and goes with its parent): only refuse while it is in use."""
+        self.unpin()
         try:
             fd = os.open(spec.parent, os.O_RDONLY | os.O_CLOEXEC)
         except OSError:
@@ -387,6 +393,32 @@ class KernelPartitionLayer(Layer[PartitionSpec]):
 
     def verify(self) -> bool:
         return bool(self.node) and self._matches()
+
+
+#: Partitions (kernel names) this process holds open while the mount that uses them is built. The kernel
+#: re-reads no table of a disk with a partition open (EBUSY), and udevd tries to whenever a writer of the disk
+#: closes it: late, under load (qemu-nbd's close of the mount before, on the same device), and all of the
+#: disk's partition nodes go and come back, under the layers being stacked on them.
+_PINNED: dict[str, int] = {}
+_PINNED_LOCK = threading.Lock()
+
+
+def _pin(name: str) -> None:
+    try:
+        fd = os.open(f"/dev/{name}", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise FailedError(f"cannot open /dev/{name}: {exc.strerror}") from None
+    with _PINNED_LOCK:
+        _PINNED[name], old = fd, _PINNED.get(name)
+    if old is not None:
+        os.close(old)
+
+
+def _unpin(name: str) -> None:
+    with _PINNED_LOCK:
+        fd = _PINNED.pop(name, None)
+    if fd is not None:
+        os.close(fd)
 
 
 def _where(place: tuple[int, int] | None) -> str:

@@ -1,9 +1,10 @@
 """What a test run can leave behind: loop and nbd devices, device-mapper tables, mounts, QEMU processes and
-FUSE filesystem drivers."""
+FUSE filesystem drivers, and descriptors of this process on block devices."""
 
 from __future__ import annotations
 
 import os
+import stat
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,8 @@ class Snapshot:
 
 
 def snapshot() -> Snapshot:
-    return Snapshot(frozenset(_loops() | _nbds() | _dm_tables() | _mounts() | _qemu_processes()))
+    return Snapshot(frozenset(_loops() | _nbds() | _dm_tables() | _mounts() | _qemu_processes()
+                              | device_descriptors()))
 
 
 def _loops() -> set[str]:
@@ -50,6 +52,19 @@ def _mounts() -> set[str]:
         source, mountpoint = fields[sep + 2], fields[4]
         if source.startswith(("/dev/loop", "/dev/nbd", "/dev/mapper", "/dev/dm-")) or fields[sep + 1] == "fuse":
             found.add(f"mount {source} on {mountpoint}")
+    return found
+
+
+def device_descriptors() -> set[str]:
+    """This process's open descriptors on block devices (an engine working in-process holds them while it
+    builds a mount, and must let go when it is done)."""
+    found = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            if stat.S_ISBLK(os.stat(f"/proc/self/fd/{fd}").st_mode):
+                found.add(f"descriptor {fd} of this process on {os.readlink(f'/proc/self/fd/{fd}')}")
+        except OSError:
+            continue  # the listing's own descriptor, or one closed meanwhile
     return found
 
 

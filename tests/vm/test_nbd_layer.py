@@ -4,6 +4,8 @@ processes racing for a device, internal snapshots, and a module loaded with othe
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import mmap
 import os
@@ -18,11 +20,12 @@ import pytest
 
 from imgmount_testkit import images
 from mountd.errors import BusyError, InvalidArgumentError, InvalidImageError, NoFreeDeviceError
-from mountd.host.blockdev import BlockEvents
+from mountd.host.blockdev import BlockEvents, lock_out_udev
 from mountd.host.nbddev import NbdModule, ensure_nbd_module, is_free, server_pid
 from mountd.host.processes import proc_state
 from mountd.layers.layer import LayerRecord, LayerState, layer_from_record
-from mountd.layers.nbd import KernelPartitionLayer, NbdLayer
+from mountd.layers.nbd import BLKRRPART, KernelPartitionLayer, NbdLayer
+from tests.support.leftovers import device_descriptors
 from tests.support.nbd_layers import (
     attach,
     nbd_attached,
@@ -147,9 +150,40 @@ def test_kernel_partitions_match_our_parser(gpt_image: Path) -> None:
             attach("partition", "p3", parent=disk.node, number=3, start=wrong.start + 4096, size=wrong.size)
         assert str(err.value) == (f"the kernel sees partition 3 of {disk.node} at byte {wrong.start} "
                                   f"({wrong.size} bytes), our parser at byte {wrong.start + 4096} "
-                                  f"({wrong.size} bytes)")
+                                  f"({wrong.size} bytes) (the kernel could not re-read the table: "
+                                  "Device or resource busy)")  # the partitions above are held open
         with pytest.raises(InvalidImageError, match=r"partition 7 .* at nowhere"):
             attach("partition", "p7", parent=disk.node, number=7, start=MiB, size=MiB)
+
+
+def udevd_rescan(disk: str) -> None:
+    """What udevd does when a writer of a disk it watches (60-block.rules: nbd*) closes it, synthesize_change
+    in systemd 252: the disk's exclusive lock, then BLKRRPART. udevd tries the lock once; here it is waited
+    for (udev's workers hold it while they process the attach's events), so that only the kernel can refuse:
+    OSError EBUSY while a partition is open."""
+    fd = os.open(disk, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    try:
+        assert lock_out_udev(fd), f"udev kept {disk} locked"
+        fcntl.ioctl(fd, BLKRRPART)
+    finally:
+        os.close(fd)
+
+
+def test_no_table_is_reread_under_partitions_a_mount_is_built_on(gpt_image: Path) -> None:
+    """Under load udevd does that late: in CI, on qemu-nbd's close of the mount before, as the next mount of
+    the same device mapped a thin pool on a partition; the partition's node vanished under it. A partition
+    layer holds its partition open until the mount is built (MountStack.building unpins it): the layers
+    above hold it then, and the kernel refuses to re-read meanwhile."""
+    with nbd_attached(gpt_image) as disk, partitions_attached(disk.node) as parts:
+        with pytest.raises(OSError) as refused:
+            udevd_rescan(disk.node)
+        assert refused.value.errno == errno.EBUSY
+        assert all(layer.verify() for layer in parts.values())
+        for layer in parts.values():
+            layer.unpin()
+        assert not device_descriptors()
+        udevd_rescan(disk.node)  # the control: with nothing holding a partition, the kernel re-reads
+        assert all(layer.verify() for layer in parts.values())
 
 
 def test_a_record_naming_a_device_we_never_served_detaches_without_touching_it(source: Path) -> None:

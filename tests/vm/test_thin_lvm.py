@@ -60,6 +60,7 @@ def test_thin_lvs_mount_read_only_from_a_read_only_pool(engine: Engine, thin: Gu
     for v in info.volumes:
         guests.check_files(Path(v.mountpoint), thin.files[v.name])
     assert dm_targets(engine, info) == TARGETS
+    assert leftovers.device_descriptors() == set(), "the mount's partitions are still held by the engine"
     pool = dm_table(f"imgmount-{info.id}-{VG}-pool00")
     assert pool[2] == "thin-pool" and pool[-4:] == ["3", "skip_block_zeroing", "ignore_discard", "read_only"]
     assert engine.verify(info.id) == []

@@ -1,8 +1,9 @@
-"""Unmounting while the lane's real udevd processes events of our devices, as it does on a busy host: each
-event makes a udev worker open the device (to take its lock and probe it), and device-mapper, dm-crypt and md
-refuse to let go of a device anyone has open. An event that starts just as ``dmsetup remove`` or ``mdadm
---stop`` runs must not fail the unmount (it did: the thin pool's rollback in the VM lane under load, and an
-md array's unmount); a real user still does.
+"""Mounting and unmounting while the lane's real udevd processes events of our devices, as it does on a busy
+host: each event makes a udev worker open the device (to take its lock and probe it), and device-mapper,
+dm-crypt and md refuse to let go of a device anyone has open. An event that starts just as ``dmsetup remove``
+or ``mdadm --stop`` runs must not fail the unmount (it did: the thin pool's rollback in the VM lane under load,
+and an md array's unmount); a real user still does. A writer's close makes udevd re-read a disk's partition
+table, and the mount on its partitions must go through.
 """
 
 from __future__ import annotations
@@ -44,6 +45,16 @@ def udev_events(kind: str) -> Iterator[list[int]]:
         yield sent
 
 
+@contextmanager
+def closes_after_write() -> Iterator[list[int]]:
+    """Every connected nbd device opened for writing and closed, back to back: udevd watches nbd devices
+    (60-block.rules), and on each such close it re-reads the disk's partition table if it can take the disk's
+    lock; every partition node goes and comes back. Yields the count of rounds, as :func:`udev_events`."""
+    script = 'for p in /sys/block/nbd*/pid; do [ -e "$p" ] || continue; d=${p%/pid}; : 1<>"/dev/${d##*/}"; done'
+    with repeated(lambda: subprocess.run(["sh", "-c", script], check=False, capture_output=True)) as sent:
+        yield sent
+
+
 def unmount_during_events(engine: Engine, info: MountInfo, kind: str) -> None:
     with udev_events(kind) as sent:
         engine.unmount(info.id)
@@ -63,6 +74,21 @@ def test_thin_lvs_unmount_while_udev_probes_them(engine: Engine, thin: Guest, sc
                                              volumes=(f"{VG}/root",)))
             guests.check_files(Path(info.volumes[0].mountpoint), thin.files[f"{VG}/root"])
             unmount_during_events(engine, info, "dm-")
+
+
+@pytest.mark.usefixtures("udevd")
+def test_lvs_map_while_udev_rereads_the_partition_table(engine: Engine, thin: Guest, scratch: Path) -> None:
+    """The lane's udevd re-reading the table of the disk we map LVs on, again and again (each time it can take
+    the disk's lock): the mount goes through. test_nbd_layer times udevd's steps to the moment that broke CI."""
+    image = images.convert(thin.raw, scratch / "fedora.qcow2", "qcow2")
+    with our_rule_installed(), closes_after_write() as sent:
+        info = engine.mount(MountRequest(image=str(image), mount_root=str(scratch / "media"), backend="nbd",
+                                         volumes=(f"{VG}/root",)))
+        during = sent[0]
+    assert during > 0, "no writer closed the device while the mount ran"
+    guests.check_files(Path(info.volumes[0].mountpoint), thin.files[f"{VG}/root"])
+    engine.unmount(info.id)
+    assert engine.mounts() == []
 
 
 @pytest.mark.usefixtures("udevd")
