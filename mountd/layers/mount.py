@@ -27,7 +27,7 @@ from mountd.host import command, filesystems, fusedrivers
 from mountd.host.fusedrivers import FuseDriver
 from mountd.host.mountinfo import MountEntry, mounted_at, mountinfo
 from mountd.host.processes import is_alive
-from mountd.host.users import kernel_users_under, mountpoint_users
+from mountd.host.users import SYS_CLASS_BLOCK, kernel_users_under, mountpoint_users
 from mountd.layers.layer import Layer, LayerRecord, Progress, Spec
 
 log = logging.getLogger(__name__)
@@ -78,6 +78,21 @@ def _syncfs(path: str) -> None:
     result = command.run(["sync", "--file-system", path], check=False, timeout=MOUNT_TIMEOUT)
     if result.status != 0:
         log.warning("syncfs %s failed: %s", path, result.stderr.strip())
+
+
+def _shown_as_given(device: str) -> bool:
+    """Whether mountinfo will name ``device`` as we do. mount(8) resolves symlinks, and names a device-mapper
+    device ``/dev/mapper/NAME`` (libmount's canonicalize_dm_name), which is udev's symlink to ``../dm-N``
+    where dmsetup synchronises with udev, and libdevmapper's own node where it does not."""
+    real = os.path.realpath(device)
+    if real == device:
+        return True
+    sysname = os.path.basename(real)
+    try:
+        dm_name = (SYS_CLASS_BLOCK / sysname / "dm" / "name").read_text().strip()
+    except OSError:
+        return False
+    return sysname.startswith("dm-") and device == f"/dev/mapper/{dm_name}"
 
 
 def _check_safe_parent(parent: str) -> None:
@@ -231,7 +246,7 @@ class MountLayer(Layer[MountEntry]):
                                                                for o in options):
             raise InvalidArgumentError(f"mount options {list(options)!r} are not single options with "
                                        "nosuid,nodev")
-        if os.path.realpath(device) != device:  # mountinfo shows resolved names, and we look ours up
+        if not _shown_as_given(device):  # we look our mount up in mountinfo by its device
             raise InvalidArgumentError(f"the device {device} is a symlink: give the device node itself")
         return spec
 

@@ -73,7 +73,7 @@ def mdadm_guest(path: Path, version: str = "1.2", *, count: int = 2, level: int 
     is stopped, and its loop devices gone, before the image is used."""
     raw = images.blank(path, count * PART + 4 * MiB)
     files = guests._content(VOLUME)
-    with host_assembly_masked():
+    with host_rules_masked():
         events = BlockEvents()  # before the loop devices go: their detach may wait for udev to close them
         with contextlib.ExitStack() as stack:
             devs = [stack.enter_context(images.loop(raw, offset, size)) for offset, size in members(raw, count)]
@@ -116,7 +116,7 @@ def _resynced(device: str) -> None:
 def examined(raw: Path, offset: int, size: int) -> dict[str, str]:
     """``mdadm --examine`` of a member, on a loop device the host's assembly is kept away from (else the host
     would assemble the image's array from that loop device, and mdadm would later join our members to it)."""
-    with host_assembly_masked():
+    with host_rules_masked():
         events = BlockEvents()
         shown = examine(raw, offset, size)
         device = images.run(["losetup", "--associated", str(raw), "--noheadings", "-O", "NAME"]).split()
@@ -137,18 +137,25 @@ def _attached(device: str) -> bool:
     return Path("/sys/block", Path(device).name, "loop", "backing_file").exists()
 
 
+#: Debian's rules that act on what appears on a block device: md assembly, and LVM auto-activation (69-lvm.rules
+#: activates the VG on the build's array once a PV label shows on it, and the array cannot be stopped).
+HOST_RULES = ("64-md-raid-assembly.rules", "69-lvm.rules")
+
+
 @contextlib.contextmanager
-def host_assembly_masked() -> Iterator[None]:
-    """Debian's 64-md-raid-assembly.rules masked (a rule file of that name in /run/udev/rules.d wins) while an
-    image is built: the host would assemble the members on the build's loop devices again after the array is
-    stopped, and keep them busy. What the tests test is imgmount's devices, not these."""
-    mask = Path("/run/udev/rules.d/64-md-raid-assembly.rules")
-    mask.parent.mkdir(parents=True, exist_ok=True)
-    mask.write_text("# masked while a test image is built\n")
+def host_rules_masked() -> Iterator[None]:
+    """:data:`HOST_RULES` masked (a rule file of that name in /run/udev/rules.d wins) while an image is built:
+    the host would assemble the members on the build's loop devices again after the array is stopped, or
+    activate the VG on it, and keep them busy. What the tests test is imgmount's devices, not these."""
+    masks = [Path("/run/udev/rules.d", name) for name in HOST_RULES]
+    for mask in masks:
+        mask.parent.mkdir(parents=True, exist_ok=True)
+        mask.write_text("# masked while a test image is built\n")
     images.run(["udevadm", "control", "--reload"])
     try:
         yield
     finally:
         images.run(["udevadm", "settle", "--timeout=60"])
-        mask.unlink()
+        for mask in masks:
+            mask.unlink()
         images.run(["udevadm", "control", "--reload"])

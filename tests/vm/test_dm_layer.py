@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -190,13 +191,20 @@ def test_a_guest_vg_named_like_an_active_host_vg(guest: Guest) -> None:
             lvm(host_nodes, "vgchange", "-an", VG)
 
 
-def test_udev_makes_the_node_where_udevd_runs(guest: Guest, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(UDEV_SYNC, "allowed", True)  # the lane's DM_DISABLE_UDEV=1 says no; udevd runs there
-    assert udev_running()
+def test_udev_makes_the_node_where_udevd_runs(guest: Guest) -> None:
+    assert udev_running() and UDEV_SYNC.allowed  # the lane runs as a host does: dmsetup waits for udev
     with mapped(guest.a, "m4", ("lin",)) as m:
-        assert m.lvs["lin"].verify() and os.path.exists(m.lvs["lin"].node)
         node = m.lvs["lin"].node
-    assert not os.path.exists(node)
+        assert m.lvs["lin"].verify() and os.path.islink(node)  # udev's link to ../dm-N
+    assert not os.path.lexists(node)
+
+
+def test_libdevmapper_makes_the_node_where_udev_may_not(guest: Guest, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(UDEV_SYNC, "allowed", False)  # as imgmountd with DM_DISABLE_UDEV=1 (a container's)
+    with mapped(guest.a, "m7", ("lin",)) as m:
+        node = m.lvs["lin"].node
+        assert m.lvs["lin"].verify() and stat.S_ISBLK(os.lstat(node).st_mode)
+    assert not os.path.lexists(node)
 
 
 def test_a_table_the_kernel_refuses_leaves_nothing(guest: Guest) -> None:

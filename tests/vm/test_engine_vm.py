@@ -13,6 +13,7 @@ import pytest
 
 from imgmount_testkit import images
 from mountd.engine.engine import Engine
+from mountd.host.dmsetup import UDEV_SYNC
 from mountd.model import MountInfo, MountRequest
 from tests.support import guests, leftovers
 from tests.support.guests import Guest
@@ -65,6 +66,23 @@ def test_nbd_backend_every_format(engine: Engine, small_gpt: Guest, scratch: Pat
     # max_part=16: the kernel's own partition nodes; the LV through our own device-mapper table
     assert _kinds(engine, info) == {"p1": "partition", "p2": "partition", "guestvg/root": "dm"}
     _unmount_and_check_gone(engine, info)
+
+
+@pytest.mark.parametrize("udev", [True, False], ids=["udev-links", "libdevmapper-nodes"])
+def test_an_lv_mounts_whoever_makes_its_node(engine: Engine, small_gpt: Guest, scratch: Path,
+                                             monkeypatch: pytest.MonkeyPatch, udev: bool) -> None:
+    """Where udevd runs (a host), dmsetup waits for it and /dev/mapper/NAME is udev's link to ../dm-N, which
+    mount(8) shows as given (the mount refused it as a symlink until the VM lane ran as a host does); with
+    DM_DISABLE_UDEV=1 (a container), libdevmapper makes the node itself. Either way it mounts, and the mount
+    is found again in mountinfo."""
+    monkeypatch.setattr(UDEV_SYNC, "allowed", udev)
+    info = _mount(engine, small_gpt.raw, scratch / "media", backend="nbd")
+    (lv,) = [v for v in info.volumes if v.name == "guestvg/root"]
+    assert os.path.islink(lv.device) == udev and lv.device.startswith("/dev/mapper/imgmount-")
+    _check(info, small_gpt)
+    assert engine.verify(info.id) == []
+    _unmount_and_check_gone(engine, info)
+    assert not os.path.lexists(lv.device)
 
 
 def test_nbd_read_write_round_trip(engine: Engine, gpt: Guest, scratch: Path) -> None:
