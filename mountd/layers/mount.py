@@ -26,7 +26,7 @@ from mountd.errors import (
 from mountd.host import command, filesystems, fusedrivers
 from mountd.host.fusedrivers import FuseDriver
 from mountd.host.mountinfo import MountEntry, mounted_at, mountinfo
-from mountd.host.processes import is_alive
+from mountd.host.processes import is_alive, text_of
 from mountd.host.users import SYS_CLASS_BLOCK, kernel_users_under, mountpoint_users
 from mountd.layers.layer import Layer, LayerRecord, Progress, Spec
 
@@ -88,11 +88,8 @@ def _shown_as_given(device: str) -> bool:
     if real == device:
         return True
     sysname = os.path.basename(real)
-    try:
-        dm_name = (SYS_CLASS_BLOCK / sysname / "dm" / "name").read_text().strip()
-    except OSError:
-        return False
-    return sysname.startswith("dm-") and device == f"/dev/mapper/{dm_name}"
+    dm_name = text_of(str(SYS_CLASS_BLOCK / sysname / "dm" / "name")) if sysname.startswith("dm-") else ""
+    return bool(dm_name) and device == f"/dev/mapper/{dm_name}"
 
 
 def _check_safe_parent(parent: str) -> None:
