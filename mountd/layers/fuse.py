@@ -39,6 +39,7 @@ from mountd.errors import (
     CommandError,
     FailedError,
     InvalidArgumentError,
+    InvalidImageError,
     MountdError,
     UnsupportedError,
 )
@@ -255,9 +256,13 @@ def _check_ready(spec: ExportSpec) -> None:
     if _fuse_mount(spec.export) is None:
         raise FailedError(f"{DAEMON} started but {spec.export} is not a FUSE mount")
     size = os.stat(spec.export).st_size
-    if size <= 0 or (spec.virtual_size and size != spec.virtual_size):
-        raise FailedError(f"the FUSE export {spec.export} has {size} bytes, not the image's "
-                          f"{spec.virtual_size or 'non-zero size'}")
+    if spec.virtual_size and size != spec.virtual_size:
+        # Only a rewrite of the image since it was inspected makes QEMU see another size: her doing, not ours.
+        raise InvalidImageError(f"the image changed while it was being mounted: QEMU now serves {size} "
+                                f"bytes, not the {spec.virtual_size} it had; mount it again when nothing "
+                                "rewrites it")
+    if size <= 0:
+        raise FailedError(f"the FUSE export {spec.export} is empty")
 
 
 def _fuse_mount(export: str) -> str | None:

@@ -18,6 +18,7 @@ from imgmount_testkit.mdraid import LINUX_RAID, Array, data_area, examine, forma
 from mountd.host.blockdev import BlockEvents
 from tests.support import guests
 from tests.support.guests import Guest
+from tests.support.hostlvm import reload_rules, settle
 
 MiB = images.MiB
 MD_BUILD = "/dev/md100"  # where the VM lane's images are built (imgmount's arrays are md200 and up)
@@ -151,11 +152,11 @@ def host_rules_masked() -> Iterator[None]:
     for mask in masks:
         mask.parent.mkdir(parents=True, exist_ok=True)
         mask.write_text("# masked while a test image is built\n")
-    images.run(["udevadm", "control", "--reload"])
+    reload_rules()
     try:
         yield
     finally:
-        images.run(["udevadm", "settle", "--timeout=60"])
+        settle()
         for mask in masks:
             mask.unlink()
-        images.run(["udevadm", "control", "--reload"])
+        reload_rules()

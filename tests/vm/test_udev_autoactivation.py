@@ -22,7 +22,7 @@ from mountd.engine.engine import Engine
 from mountd.engine.journal import Journal
 from mountd.model import MountRequest
 from tests.support import guests, nbd
-from tests.support.hostlvm import host_state_forgotten, settle
+from tests.support.hostlvm import host_state_forgotten, reload_rules, settle
 
 RULE = Path(__file__).resolve().parents[2] / "systemd" / "60-imgmount.rules"
 VG = "guestvg"
@@ -36,12 +36,12 @@ def our_rule_installed() -> Iterator[None]:
     rules = Path("/run/udev/rules.d")
     rules.mkdir(parents=True, exist_ok=True)
     shutil.copy(RULE, rules / RULE.name)
-    images.run(["udevadm", "control", "--reload"])
+    reload_rules()
     try:
         yield
     finally:
         (rules / RULE.name).unlink()
-        images.run(["udevadm", "control", "--reload"])
+        reload_rules()
 
 
 def control_nbd(gpt: guests.Guest, image: Path) -> Callable[[], object]:
