@@ -94,7 +94,12 @@ class Daemon:
         """Send ``signum`` and wait for the daemon to exit; its exit status (negative: killed)."""
         assert self.proc is not None
         self.proc.send_signal(signum)
-        self.status = self.proc.wait(timeout=120)
+        return self.wait()
+
+    def wait(self, timeout: float = 120) -> int:
+        """Wait for the daemon to exit (a signal sent already); its exit status (negative: killed)."""
+        assert self.proc is not None
+        self.status = self.proc.wait(timeout=timeout)
         self.proc = None
         return self.status
 

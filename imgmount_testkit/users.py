@@ -39,7 +39,7 @@ class OtherUser:
 
     def __init__(self, bus: Bus, uid: int, gid: int, groups: Sequence[int] = ()) -> None:
         argv = [*as_user(uid, gid, groups), sys.executable, "-m", "imgmount_testkit.busclient", bus.address]
-        self.uid = uid
+        self.uid, self.gid, self.groups = uid, gid, tuple(groups)
         self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=REPO,
                                      env={"PATH": os.environ["PATH"]})
 

@@ -15,12 +15,10 @@ from imgmount_testkit import images
 from imgmount_testkit.bus import Bus
 from imgmount_testkit.client import Client, client
 from imgmount_testkit.daemon import Daemon
-from mountd.engine.engine import Engine
-from mountd.engine.journal import Journal
-from mountd.model import MountRequest
 from mountd.service.dbusapi import BUS_NAME, MOUNT_IFACE
 from tests.support import guests, leftovers
 from tests.support.daemon_calls import copy, killed_and_restarted, mountpoint, qcow2, v, wait_gone
+from tests.support.engines import first_volume
 from tests.support.guests import Guest
 
 
@@ -103,15 +101,11 @@ def test_sigterm_unmounts_everything_and_flushes(bus: Bus, run: Path, tmp_path: 
     finally:
         daemon.close()
     assert leftovers.snapshot().new_since(before) == []
-    engine = Engine(Journal(str(tmp_path / "check")))
     for image, data in written.items():
         if image.suffix == ".qcow2":
             images.run(["qemu-img", "check", "-q", str(image)])
-        info = engine.mount(MountRequest(image=str(image), mount_root=str(tmp_path / "media")))
-        try:
-            assert (Path(info.volumes[0].mountpoint) / "written.bin").read_bytes() == data
-        finally:
-            engine.unmount(info.id)
+        with first_volume(image, tmp_path / "check") as inside:
+            assert (inside / "written.bin").read_bytes() == data
 
 
 def test_a_state_directory_it_cannot_make_stops_the_start_with_the_cause(bus: Bus, run: Path,

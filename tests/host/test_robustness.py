@@ -16,7 +16,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 from dbus_fast import Variant
@@ -25,13 +25,15 @@ from imgmount_testkit import images
 from imgmount_testkit.bus import REPO, Bus, world_dir
 from imgmount_testkit.client import Client, call_message, client, reply_of
 from imgmount_testkit.daemon import BIN, Daemon
-from imgmount_testkit.users import as_user, servers_of
+from imgmount_testkit.users import OtherUser, as_user, servers_of
 from mountd.service.dbusapi import ERROR_PREFIX, MANAGER_IFACE, MANAGER_PATH, MOUNT_IFACE
 from tests.support import guests, leftovers
 from tests.support.attacker import Inotify
+from tests.support.engines import first_volume
 from tests.support.guests import Guest
 
-IN_MOVED_TO = 0x80
+IN_MOVED_TO, IN_DELETE = 0x80, 0x200
+T = TypeVar("T")
 ROUNDS = 30
 DIFFERENT, SAME = 16, 8
 
@@ -113,28 +115,37 @@ def test_16_images_and_8_callers_of_one_image_for_30_rounds(c: Client, daemon: D
 
 
 def wait_for_record(state: Path, found: Callable[[dict[str, Any]], bool], timeout: float = 60) -> dict[str, Any]:
-    """The first journal record that ``found`` accepts, read as each record is written (a rename into
-    ``mounts``: inotify, no polling)."""
+    """The first journal record that ``found`` accepts."""
+    return wait_for_journal(state, lambda records: next((r for r in records if found(r)), None), timeout)
+
+
+def wait_for_journal(state: Path, done: Callable[[list[dict[str, Any]]], T | None], timeout: float = 60) -> T:
+    """What ``done`` makes of the journal's records once it is not None, read again as each record is
+    written (a rename into ``mounts``) or removed: inotify, no polling."""
     mounts = state / "mounts"
     mounts.mkdir(parents=True, exist_ok=True, mode=0o700)
     watch = Inotify()
-    watch.add(str(mounts), IN_MOVED_TO)
+    watch.add(str(mounts), IN_MOVED_TO | IN_DELETE)
     deadline = time.monotonic() + timeout
     try:
-        while True:
-            for entry in mounts.glob("*.json"):
-                try:
-                    record: dict[str, Any] = json.loads(entry.read_text())
-                except (OSError, ValueError):
-                    continue
-                if found(record):
-                    return record
+        while (result := done(_records(mounts))) is None:
             left = deadline - time.monotonic()
-            assert left > 0, "no journal record as expected"
+            assert left > 0, "the journal never became as expected"
             select.select([watch.fd], [], [], left)
             watch.read()
+        return result
     finally:
         watch.close()
+
+
+def _records(mounts: Path) -> list[dict[str, Any]]:
+    records = []
+    for entry in mounts.glob("*.json"):
+        try:
+            records.append(json.loads(entry.read_text()))
+        except (OSError, ValueError):
+            continue
+    return records
 
 
 def layer_pid(record: dict[str, Any], kind: str) -> int | None:
@@ -184,6 +195,66 @@ def _stuck_mount_is_cancelled(bus: Bus, run: Path, guest: Guest, who: tuple[int,
         assert leftovers.snapshot().new_since(before) == []
     finally:
         daemon.close()
+
+
+def test_her_stopped_qemu_holds_up_no_other_mount_at_shutdown(
+        bus: Bus, run: Path, guest: Guest, tmp_path: Path, other: Callable[..., OtherUser], group: int) -> None:
+    """She mounts her qcow2 read-write (served by her QEMU, as her), root writes into it, and she stops
+    (SIGSTOP) that QEMU, so the mount cannot flush. Root's read-write mount, made after hers, still comes off
+    at SIGTERM with every byte written to it, while hers waits (never lazily); once her QEMU runs again, hers
+    comes off too, nothing lost, and the daemon exits cleanly."""
+    user = pwd.getpwnam("daemon")
+    shared = world_dir("imgmount-stopped-")
+    try:
+        mine = images.convert(guest.raw, shared / "hers.qcow2", "qcow2")
+        os.chown(mine, user.pw_uid, user.pw_gid)
+        written = _shut_down_with_her_qemu_stopped(bus, run, other(user.pw_uid, user.pw_gid, (group,)), mine,
+                                                   copy(guest.raw, tmp_path / "root.raw"))
+        images.run(["qemu-img", "check", "-q", str(mine)])
+        for image, data in written.items():
+            with first_volume(image, tmp_path / "check") as inside:
+                assert (inside / "written.bin").read_bytes() == data
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)
+
+
+def _shut_down_with_her_qemu_stopped(bus: Bus, run: Path, she: OtherUser, mine: Path,
+                                     theirs: Path) -> dict[Path, bytes]:
+    before = leftovers.snapshot()
+    daemon = Daemon(bus, run).start()
+    try:
+        hers = she.mount(mine, **{"read-only": ("b", False)}).value()
+        with client(bus.address) as c:
+            written = {mine: _unsynced(mountpoint(c, hers)),
+                       theirs: _unsynced(mountpoint(c, c.mount(theirs, **{"read-only": v("b", False)}).value()))}
+        server = layer_pid(wait_for_record(daemon.state, lambda r: r["image"] == str(mine)), "server")
+        assert server is not None
+        os.kill(server, signal.SIGSTOP)
+        try:  # her own Unmount is stuck in flight: the daemon's stop must not wait for it before the others
+            unmount = subprocess.Popen([*as_user(she.uid, she.gid, she.groups), str(BIN / "imgumount"), str(mine)],
+                                       env={**os.environ, "DBUS_SYSTEM_BUS_ADDRESS": bus.address},
+                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            wait_for_record(daemon.state, lambda r: r["image"] == str(mine) and r["state"] == "unmounting")
+            os.kill(daemon.pid, signal.SIGTERM)
+            left = wait_for_journal(daemon.state, lambda records: [r["image"] for r in records]
+                                    if len(records) == 1 else None)
+            assert left == [str(mine)] and daemon.exit_status is None  # hers still flushing, and the daemon waits
+        finally:
+            os.kill(server, signal.SIGCONT)
+        said = unmount.communicate(timeout=60)[0]
+        assert unmount.returncode == 0, said
+        assert daemon.wait() == 0 and "lazy" not in daemon.log()
+    finally:
+        daemon.close()
+    assert leftovers.snapshot().new_since(before) == []
+    return written
+
+
+def _unsynced(inside: Path) -> bytes:
+    """1 MiB written into a mount and left in the page cache: its unmount must flush it."""
+    data = os.urandom(1 << 20)
+    (inside / "written.bin").write_bytes(data)
+    return data
 
 
 HOLD_LEASE = """
