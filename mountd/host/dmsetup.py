@@ -19,6 +19,7 @@ from pathlib import Path
 from mountd.errors import BusyError, CommandError
 from mountd.host import command
 from mountd.host.blockdev import lock_out_udev
+from mountd.host.dmlist import DmDevice
 from mountd.host.processes import entries, text_of
 from mountd.host.udevprobe import UDEV_PROBE_TIMEOUT, release_past_udev
 from mountd.host.users import SYS_CLASS_BLOCK, BlockUsers
@@ -70,20 +71,6 @@ def udev_mode() -> tuple[dict[str, str], list[str]]:
     return {}, []
 
 
-@dataclass(frozen=True)
-class DmDevice:
-    name: str
-    uuid: str
-    devnum: str  # "major:minor"
-    read_only: bool
-    open_count: int
-
-    @property
-    def sysname(self) -> str:
-        """``dm-N``, its name under /sys/block."""
-        return os.path.basename(os.path.realpath(f"/sys/dev/block/{self.devnum}"))
-
-
 def _busy_error(device: DmDevice, users: BlockUsers) -> BusyError:
     """``device`` could not be removed: ``users`` (from :func:`release_past_udev`) held it."""
     holders = "; ".join(users.described()) or \
@@ -113,18 +100,6 @@ def remove_past_udev(device: DmDevice, find: Callable[[], DmDevice | None], remo
     users = release_past_udev(device.sysname, attempt)
     if users is not None:
         raise _busy_error(device, users)
-
-
-def dm_devices() -> list[DmDevice]:
-    out = command.run(["dmsetup", "info", "-c", "--noheadings", "--separator", "|",
-                       "-o", "name,uuid,major,minor,attr,open"], timeout=DM_TIMEOUT).stdout
-    found = []
-    for line in out.splitlines():
-        fields = line.split("|")
-        if len(fields) == 6 and fields[2].isdigit() and fields[3].isdigit():  # else a name with "|" in it
-            name, uuid, major, minor, attr, count = fields
-            found.append(DmDevice(name, uuid, f"{major}:{minor}", attr[3:4] == "r", int(count or 0)))
-    return found
 
 
 # --- LVs the host activated on our devices ---------------------------------------------------------------

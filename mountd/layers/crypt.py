@@ -28,10 +28,9 @@ from mountd.errors import (
     WrongKeyError,
 )
 from mountd.host import command
+from mountd.host.dmlist import DmDevice, dm_devices
 from mountd.host.dmsetup import (
     DM_TIMEOUT,
-    DmDevice,
-    dm_devices,
     release_host_activations,
     remove_past_udev,
     udev_mode,

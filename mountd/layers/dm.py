@@ -20,7 +20,8 @@ from typing import Any, ClassVar
 
 from mountd.errors import CommandError, FailedError, InvalidArgumentError, UnsupportedError
 from mountd.host import command
-from mountd.host.dmsetup import DM_TIMEOUT, DmDevice, dm_devices, remove_past_udev, udev_mode
+from mountd.host.dmlist import DmDevice, dm_devices
+from mountd.host.dmsetup import DM_TIMEOUT, remove_past_udev, udev_mode
 from mountd.image.lvmmeta import VolumeGroup
 from mountd.layers.layer import Layer, LayerRecord, Progress, Spec
 

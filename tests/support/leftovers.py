@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import os
 import stat
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
+
+from mountd.host import dmlist
 
 
 @dataclass(frozen=True)
@@ -19,7 +20,7 @@ class Snapshot:
 
 
 def snapshot() -> Snapshot:
-    return Snapshot(frozenset(_loops() | _nbds() | _dm_tables() | _mounts() | _qemu_processes()
+    return Snapshot(frozenset(_loops() | _nbds() | _dm_devices() | _mounts() | _qemu_processes()
                               | device_descriptors()))
 
 
@@ -37,11 +38,10 @@ def _nbds() -> set[str]:
             for d in Path("/sys/block").glob("nbd*") if (d / "pid").exists()}
 
 
-def _dm_tables() -> set[str]:
-    if not Path("/dev/mapper/control").exists():
+def _dm_devices() -> set[str]:
+    if not Path("/sys/class/misc/device-mapper").exists():  # no device-mapper in this kernel
         return set()
-    out = subprocess.run(["dmsetup", "table"], capture_output=True, text=True, check=False).stdout
-    return {f"device-mapper table {line}" for line in out.splitlines() if line and "No devices" not in line}
+    return {f"device-mapper device {d.name} (uuid {d.uuid or 'none'})" for d in dmlist.dm_devices()}
 
 
 def _mounts() -> set[str]:

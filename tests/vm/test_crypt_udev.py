@@ -17,7 +17,7 @@ import pytest
 from imgmount_testkit import images
 from imgmount_testkit.crypt_layouts import CryptGuest, ubuntu_encrypted
 from mountd.engine.engine import Engine
-from mountd.host.dmsetup import dm_devices
+from mountd.host.dmlist import dm_devices
 from mountd.keys import Keys
 from mountd.model import MountRequest
 from tests.support import guests

@@ -21,7 +21,9 @@ import pytest
 
 from imgmount_testkit import images
 from mountd.errors import BusyError, FailedError
-from mountd.host.dmsetup import UDEV_SYNC, dm_devices, release_host_activations, udev_running
+from mountd.host import dmlist
+from mountd.host.dmlist import DmDevice, dm_devices
+from mountd.host.dmsetup import UDEV_SYNC, release_host_activations, udev_running
 from mountd.image.blockio import FileReader
 from mountd.image.lvmlabel import PhysicalVolume, read_pv
 from mountd.image.lvmmeta import VolumeGroup
@@ -189,6 +191,28 @@ def test_a_guest_vg_named_like_an_active_host_vg(guest: Guest) -> None:
                 assert all(layer.verify() for layer in ours.lvs.values())
         finally:
             lvm(host_nodes, "vgchange", "-an", VG)
+
+
+def dmsetup_info() -> list[DmDevice]:
+    """What ``dmsetup info`` shows of every device, in DmDevice's terms."""
+    out = images.run(["dmsetup", "info", "-c", "--noheadings", "--separator", "|",
+                      "-o", "name,uuid,major,minor,attr,open"])
+    rows = (line.split("|") for line in out.splitlines() if line.strip() and "No devices" not in line)
+    return [DmDevice(name, uuid, f"{major}:{minor}", attr[3] == "r", int(count))
+            for name, uuid, major, minor, attr, count in rows]
+
+
+def test_the_kernels_answer_is_what_dmsetup_shows(guest: Guest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """dm_devices() asks the kernel by ioctl: names, uuids, device numbers, read-only and open counts are
+    those dmsetup shows, for LVs of two images and one of them mounted; a first buffer too small for the
+    names (made so here) is grown."""
+    monkeypatch.setattr(dmlist, "FIRST_BUFFER", 512)  # room for one name
+    with mapped(guest.a, "m8") as one, mapped(guest.b, "m9", ("lin",)), mounted_ro(one.lvs["str"].node):
+        found = sorted(dm_devices(), key=lambda d: d.name)
+        assert found == sorted(dmsetup_info(), key=lambda d: d.name)
+        assert {d.name: d.open_count for d in found if d.name.startswith("imgmount-m8-")} == {
+            f"imgmount-m8-{VG}-lin": 0, f"imgmount-m8-{VG}-two": 0, f"imgmount-m8-{VG}-str": 1}
+        assert len(found) >= 4 and all(d.read_only for d in found if d.name.startswith("imgmount-"))
 
 
 def test_udev_makes_the_node_where_udevd_runs(guest: Guest) -> None:

@@ -20,7 +20,7 @@ from mountd.engine.journal import Journal
 from mountd.engine.lvmapping import LvMapper
 from mountd.engine.stack import MountStack
 from mountd.errors import BusyError
-from mountd.host.dmsetup import dm_devices
+from mountd.host.dmlist import dm_devices
 from mountd.image.blockio import FileReader
 from mountd.image.lvmlabel import read_pv
 from mountd.model import MountRequest
