@@ -183,19 +183,21 @@ def mountable_types() -> frozenset[str]:
     return mountable_from(registered, _loadable(os.uname().release, ON_DISK - registered))
 
 
-@functools.lru_cache(maxsize=4)
 def _loadable(release: str, missing: frozenset[str]) -> frozenset[str]:
     # No /proc/sys/kernel/modprobe: a kernel without module support. No /lib/modules/RELEASE: none installed.
     if not os.path.exists("/proc/sys/kernel/modprobe") or not os.path.isdir(f"/lib/modules/{release}"):
         return frozenset()
     if _read_first("/proc/sys/kernel/modules_disabled") == "1" or not command.have("modprobe"):
         return frozenset()
-    found = set()
-    for fstype in sorted(missing):
-        result = command.run(["modprobe", "-n", "-v", f"fs-{fstype}"], check=False, timeout=10)
-        if module_would_load(result.stdout, result.status):
-            found.add(fstype)
-    return frozenset(found)
+    return frozenset(fstype for fstype in missing if _module_loads(release, fstype))
+
+
+@functools.lru_cache(maxsize=64)
+def _module_loads(release: str, fstype: str) -> bool:
+    """Asked once a type (and kernel) per process: the set of types still missing shrinks as mounts load
+    their modules, and asking again for every other type each time cost a modprobe each."""
+    result = command.run(["modprobe", "-n", "-v", f"fs-{fstype}"], check=False, timeout=10)
+    return module_would_load(result.stdout, result.status)
 
 
 def _read_first(path: str) -> str:

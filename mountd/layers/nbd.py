@@ -14,11 +14,13 @@ Facts this code relies on, checked on Debian 12 (QEMU 7.2, kernel 6.1):
   client *thread*, whose Tgid is the server's pid.
 - ``qemu-nbd -d`` on a device that is mounted or open succeeds, the server exits, and the device keeps its
   ``pid`` and size (dead) until the last opener closes it. So detach refuses a held device before
-  disconnecting, holds an exclusive open across the disconnect, and verifies afterwards.
+  disconnecting, holds an exclusive open across the disconnect (its ioctls, made on that descriptor: no
+  ``qemu-nbd -d`` process), and verifies afterwards.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import logging
 import os
@@ -38,7 +40,6 @@ from mountd.errors import (
     NoFreeDeviceError,
     OperationTimeoutError,
 )
-from mountd.host import command
 from mountd.host.blockdev import BlockEvents, claim_exclusive, lock_out_udev
 from mountd.host.forked import holds_open, run_forked
 from mountd.host.nbddev import (
@@ -66,6 +67,9 @@ DETACH_TIMEOUT = 30.0
 TICK = 0.05
 BLKFLSBUF = 0x1261  # _IO(0x12, 97): what ``blockdev --flushbufs`` does
 BLKRRPART = 0x125F  # _IO(0x12, 95): re-read the partition table
+#: _IO(0xab, 8) and _IO(0xab, 4): what ``qemu-nbd -d`` does (its NBD_CLEAR_QUE first is a no-op since 4.0):
+#: the kernel asks the server to end the connection, then drops its socket.
+NBD_DISCONNECT, NBD_CLEAR_SOCK = 0xAB08, 0xAB04
 CACHE_MODE = "writeback"  # qemu-nbd's default; cache=none needs O_DIRECT, which tmpfs and 9p lack
 
 
@@ -257,7 +261,9 @@ class NbdLayer(Layer[int]):
                 raise _busy(node, holders)
             os.fsync(fd)  # dirty pages out, and a flush request to the server
             fcntl.ioctl(fd, BLKFLSBUF)
-            command.run(["qemu-nbd", "-d", node], timeout=DETACH_TIMEOUT)
+            for request in (NBD_DISCONNECT, NBD_CLEAR_SOCK):
+                with contextlib.suppress(OSError):  # as qemu-nbd -d: whether it let go is seen below
+                    fcntl.ioctl(fd, request)
         finally:
             os.close(fd)
         if not events.wait(lambda: has_exited(pidfd) and is_free(name), DETACH_TIMEOUT, also=pidfd):
