@@ -18,10 +18,13 @@ CONTROL = "/dev/mapper/control"
 #: event_nr, padding, dev, name[128], uuid[129], data[7].
 DM_IOCTL = struct.Struct("=3IIIIiIIIQ128s129s7s")
 DM_VERSION = (4, 0, 0)  # the interface's major version; the kernel answers with its own
-DM_LIST_DEVICES, DM_DEV_STATUS = 2, 7
-DM_READONLY_FLAG, DM_BUFFER_FULL_FLAG = 1 << 0, 1 << 8
+DM_LIST_DEVICES, DM_DEV_STATUS, DM_TABLE_STATUS = 2, 7, 12
+DM_READONLY_FLAG, DM_STATUS_TABLE_FLAG, DM_BUFFER_FULL_FLAG = 1 << 0, 1 << 4, 1 << 8
 #: struct dm_name_list: dev, next (the offset of the next entry from this one; 0 ends the list), name.
 NAME_LIST = struct.Struct("=QI")
+#: struct dm_target_spec: sector_start, length, status, next (the offset of the next one from the start of
+#: the data), target_type[16]; its parameters follow it as a string.
+TARGET_SPEC = struct.Struct("=QQiI16s")
 FIRST_BUFFER, MAX_BUFFER = 16 << 10, 16 << 20
 
 
@@ -30,6 +33,7 @@ class Header(NamedTuple):
 
     data_size: int
     data_start: int
+    target_count: int
     open_count: int
     flags: int
     dev: int
@@ -38,7 +42,7 @@ class Header(NamedTuple):
     @classmethod
     def unpack(cls, buffer: bytes | bytearray) -> Header:
         f = DM_IOCTL.unpack_from(buffer)
-        return cls(f[3], f[4], f[6], f[7], f[10], _text(f[12]))
+        return cls(f[3], f[4], f[5], f[6], f[7], f[10], _text(f[12]))
 
 
 @dataclass(frozen=True)
@@ -62,14 +66,33 @@ def dm_devices() -> list[DmDevice]:
         return [device for device in found if device is not None]
 
 
+def dm_table(name: str) -> list[list[str]] | None:
+    """The live table of the device ``name`` as ``dmsetup table`` shows it, a row of words per target
+    (start, length, type, its parameters); None if there is no such device."""
+    with open(CONTROL, "rb", buffering=0) as control:
+        try:
+            header, data = _call_growing(control.fileno(), DM_TABLE_STATUS, name, DM_STATUS_TABLE_FLAG)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:
+                return None
+            raise
+    return list(parse_targets(data, header.target_count))
+
+
 def _names(fd: int) -> list[str]:
+    _, data = _call_growing(fd, DM_LIST_DEVICES, "", 0)
+    return list(parse_name_list(data))
+
+
+def _call_growing(fd: int, command: int, name: str, flags: int) -> tuple[Header, bytes]:
+    """:func:`_call`, again with a larger buffer while the kernel says its answer did not fit."""
     size = FIRST_BUFFER
     while True:
-        header, data = _call(fd, DM_LIST_DEVICES, "", size)
+        header, data = _call(fd, command, name, size, flags)
         if not header.flags & DM_BUFFER_FULL_FLAG:
-            return list(parse_name_list(data))
+            return header, data
         if size >= MAX_BUFFER:
-            raise OSError(errno.ENOBUFS, f"more device-mapper devices than {MAX_BUFFER} bytes list")
+            raise OSError(errno.ENOBUFS, f"a device-mapper answer of more than {MAX_BUFFER} bytes")
         size *= 4
 
 
@@ -84,10 +107,10 @@ def _status(fd: int, name: str) -> DmDevice | None:
                     bool(header.flags & DM_READONLY_FLAG), header.open_count)
 
 
-def _call(fd: int, command: int, name: str, size: int) -> tuple[Header, bytes]:
+def _call(fd: int, command: int, name: str, size: int, flags: int = 0) -> tuple[Header, bytes]:
     """One dm ioctl with a buffer of ``size`` bytes: the header the kernel wrote back, and its data part."""
     request = (3 << 30) | (DM_IOCTL.size << 16) | (0xFD << 8) | command  # _IOWR(0xfd, command, dm_ioctl)
-    header = DM_IOCTL.pack(*DM_VERSION, size, DM_IOCTL.size, 0, 0, 0, 0, 0, 0, name.encode(), b"", b"")
+    header = DM_IOCTL.pack(*DM_VERSION, size, DM_IOCTL.size, 0, 0, flags, 0, 0, 0, name.encode(), b"", b"")
     buffer = bytearray(header.ljust(size, b"\0"))
     fcntl.ioctl(fd, request, buffer)
     out = Header.unpack(buffer)
@@ -105,6 +128,17 @@ def parse_name_list(data: bytes) -> Iterator[str]:
         if step == 0 or offset + step >= len(data):
             return
         offset += step
+
+
+def parse_targets(data: bytes, count: int) -> Iterator[list[str]]:
+    """The ``count`` targets of a DM_TABLE_STATUS answer, each as start, length, type and parameter words."""
+    offset = 0
+    for _ in range(count):
+        if offset + TARGET_SPEC.size > len(data):
+            raise OSError(errno.EPROTO, "a device-mapper table answer ends inside a target")
+        start, length, _status, following, kind = TARGET_SPEC.unpack_from(data, offset)
+        yield [str(start), str(length), _text(kind), *_text(data[offset + TARGET_SPEC.size:]).split()]
+        offset = following
 
 
 def _text(field: bytes) -> str:

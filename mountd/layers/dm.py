@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 
 from mountd.errors import CommandError, FailedError, InvalidArgumentError, UnsupportedError
 from mountd.host import command
-from mountd.host.dmlist import DmDevice, dm_devices
+from mountd.host.dmlist import DmDevice, dm_devices, dm_table
 from mountd.host.dmsetup import DM_TIMEOUT, remove_past_udev, udev_mode
 from mountd.image.lvmmeta import VolumeGroup
 from mountd.layers.layer import Layer, LayerRecord, Progress, Spec
@@ -164,12 +164,11 @@ class DmLinearLayer(Layer[DmDevice]):
             return False
         if device.read_only != spec.read_only:
             return False
-        shown = command.run(["dmsetup", "table", spec.name], timeout=DM_TIMEOUT).stdout
         try:
             expected = kernel_table(spec.table)
         except OSError:  # a PV node is gone
             return False
-        return [line.split() for line in shown.splitlines() if line.strip()] == expected
+        return dm_table(spec.name) == expected
 
     def _present(self) -> DmDevice | None:
         return _find(self._uuid)

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import struct
 
-from mountd.host.dmlist import NAME_LIST, parse_name_list
+import pytest
+
+from mountd.host.dmlist import NAME_LIST, TARGET_SPEC, parse_name_list, parse_targets
 
 
 def name_list(*names: str, uuids: bool = False) -> bytes:
@@ -43,3 +45,27 @@ def test_an_offset_past_the_data_ends_the_list() -> None:
     data = bytearray(name_list("one", "two"))
     struct.pack_into("=I", data, 8, 1 << 20)  # the first entry's next
     assert list(parse_name_list(bytes(data))) == ["one"]
+
+
+def targets(*rows: tuple[int, int, str, str]) -> bytes:
+    """DM_TABLE_STATUS data: each target's spec, its parameters (NUL-ended), aligned to 8 bytes; ``next`` is
+    the offset of the next spec from the start of the data."""
+    out = b""
+    for start, length, kind, params in rows:
+        body = params.encode() + b"\0"
+        size = TARGET_SPEC.size + len(body)
+        size += -size % 8
+        out += (TARGET_SPEC.pack(start, length, 0, len(out) + size, kind.encode()) + body).ljust(size, b"\0")
+    return out
+
+
+def test_targets_as_dmsetup_table_shows_them() -> None:
+    data = targets((0, 8192, "linear", "43:2 2048"), (8192, 4096, "striped", "2 128 43:2 10240 43:3 2048"))
+    assert list(parse_targets(data, 2)) == [["0", "8192", "linear", "43:2", "2048"],
+                                            ["8192", "4096", "striped", "2", "128", "43:2", "10240", "43:3", "2048"]]
+    assert list(parse_targets(b"", 0)) == []
+
+
+def test_a_count_past_the_data_is_an_error_not_a_short_table() -> None:
+    with pytest.raises(OSError, match="ends inside a target"):
+        list(parse_targets(targets((0, 8, "zero", "")), 2))

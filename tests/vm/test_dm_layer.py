@@ -22,7 +22,7 @@ import pytest
 from imgmount_testkit import images
 from mountd.errors import BusyError, FailedError
 from mountd.host import dmlist
-from mountd.host.dmlist import DmDevice, dm_devices
+from mountd.host.dmlist import DmDevice, dm_devices, dm_table
 from mountd.host.dmsetup import UDEV_SYNC, release_host_activations, udev_running
 from mountd.image.blockio import FileReader
 from mountd.image.lvmlabel import PhysicalVolume, read_pv
@@ -203,9 +203,9 @@ def dmsetup_info() -> list[DmDevice]:
 
 
 def test_the_kernels_answer_is_what_dmsetup_shows(guest: Guest, monkeypatch: pytest.MonkeyPatch) -> None:
-    """dm_devices() asks the kernel by ioctl: names, uuids, device numbers, read-only and open counts are
-    those dmsetup shows, for LVs of two images and one of them mounted; a first buffer too small for the
-    names (made so here) is grown."""
+    """dm_devices() and dm_table() ask the kernel by ioctl: names, uuids, device numbers, read-only, open
+    counts and tables are those dmsetup shows, for LVs of two images and one of them mounted; a first buffer
+    too small for the answer (made so here) is grown."""
     monkeypatch.setattr(dmlist, "FIRST_BUFFER", 512)  # room for one name
     with mapped(guest.a, "m8") as one, mapped(guest.b, "m9", ("lin",)), mounted_ro(one.lvs["str"].node):
         found = sorted(dm_devices(), key=lambda d: d.name)
@@ -213,6 +213,10 @@ def test_the_kernels_answer_is_what_dmsetup_shows(guest: Guest, monkeypatch: pyt
         assert {d.name: d.open_count for d in found if d.name.startswith("imgmount-m8-")} == {
             f"imgmount-m8-{VG}-lin": 0, f"imgmount-m8-{VG}-two": 0, f"imgmount-m8-{VG}-str": 1}
         assert len(found) >= 4 and all(d.read_only for d in found if d.name.startswith("imgmount-"))
+        for d in found:  # linear, two-segment and striped tables, as dmsetup prints them
+            shown = images.run(["dmsetup", "table", d.name])
+            assert dm_table(d.name) == [line.split() for line in shown.splitlines()]
+    assert dm_table(f"imgmount-m8-{VG}-lin") is None  # gone
 
 
 def test_udev_makes_the_node_where_udevd_runs(guest: Guest) -> None:
