@@ -5,6 +5,7 @@ backend and ``--info``'s "this host" line all come from this one check."""
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -70,7 +71,9 @@ def check_host() -> HostSupport:
                        md=Path("/sys/module/md_mod").exists() or _can_load("md_mod", found))
 
 
+@functools.lru_cache(maxsize=8)
 def _can_load(module: str, programs: frozenset[str]) -> bool:
+    """Asked once a process: whether a module can be loaded changes only with the packages installed."""
     if "modprobe" not in programs:
         return False
     return command.run(["modprobe", "--dry-run", "--quiet", module], check=False).status == 0
