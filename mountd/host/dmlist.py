@@ -5,6 +5,7 @@ reads this list, and under emulation each ``dmsetup`` took a third of a second o
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
@@ -12,6 +13,8 @@ import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import NamedTuple
+
+from mountd.errors import FailedError
 
 CONTROL = "/dev/mapper/control"
 #: struct dm_ioctl (linux/dm-ioctl.h): version[3], data_size, data_start, target_count, open_count, flags,
@@ -60,23 +63,47 @@ class DmDevice:
 
 
 def dm_devices() -> list[DmDevice]:
-    """Every device-mapper device, with its open count (a device removed meanwhile is left out)."""
-    with open(CONTROL, "rb", buffering=0) as control:
-        found = (_status(control.fileno(), name) for name in _names(control.fileno()))
+    """Every device-mapper device, with its open count (a device removed meanwhile is left out; a kernel
+    without device-mapper has none)."""
+    with _control() as fd:
+        if fd < 0:
+            return []
+        found = (_status(fd, name) for name in _names(fd))
         return [device for device in found if device is not None]
 
 
 def dm_table(name: str) -> list[list[str]] | None:
     """The live table of the device ``name`` as ``dmsetup table`` shows it, a row of words per target
     (start, length, type, its parameters); None if there is no such device."""
-    with open(CONTROL, "rb", buffering=0) as control:
+    with _control() as fd:
+        if fd < 0:
+            return None
         try:
-            header, data = _call_growing(control.fileno(), DM_TABLE_STATUS, name, DM_STATUS_TABLE_FLAG)
+            header, data = _call_growing(fd, DM_TABLE_STATUS, name, DM_STATUS_TABLE_FLAG)
         except OSError as exc:
             if exc.errno == errno.ENXIO:
                 return None
             raise
-    return list(parse_targets(data, header.target_count))
+        return list(parse_targets(data, header.target_count))
+
+
+@contextlib.contextmanager
+def _control() -> Iterator[int]:
+    """The control device open (-1 where the kernel has no device-mapper); any other failure, of it or of
+    an ioctl on it, is a FailedError naming it."""
+    try:
+        fd = os.open(CONTROL, os.O_RDWR | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno in (errno.ENOENT, errno.ENODEV):
+            yield -1
+            return
+        raise FailedError(f"cannot open {CONTROL}: {exc.strerror}") from None
+    try:
+        yield fd
+    except OSError as exc:
+        raise FailedError(f"device-mapper refused a query ({exc.strerror or exc})") from None
+    finally:
+        os.close(fd)
 
 
 def _names(fd: int) -> list[str]:
