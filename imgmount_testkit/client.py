@@ -152,3 +152,14 @@ def client(address: str) -> Iterator[Client]:
         yield c
     finally:
         c.close()
+
+
+def plain(value: Any) -> Any:
+    """A reply's value with every Variant unwrapped, for comparing with plain data."""
+    if isinstance(value, Variant):
+        return plain(value.value)
+    if isinstance(value, dict):
+        return {k: plain(x) for k, x in value.items()}
+    if isinstance(value, list):
+        return [plain(x) for x in value]
+    return value

@@ -97,13 +97,15 @@ class Service:
 
     # --- calls ---------------------------------------------------------------------------------------------
 
-    async def inspect(self, caller: Caller, image: str, options: dict[str, Any]) -> dict[str, Any]:
+    async def inspect(self, caller: Caller, image: str, options: dict[str, Any],
+                      key_fd: int = -1) -> dict[str, Any]:
         await self.authority.require(caller, ACTION_MOUNT, interactive=caller.interactive,
                                      details={"image": image})
         full = await _image(caller, image)
+        keys = await asyncio.to_thread(keys_from, options.get("passphrases", {}), key_fd)
         async with self.locks.hold(full):
             found = await asyncio.to_thread(inspect_image, full, fmt=options.get("format"),
-                                            confined=confined(caller), host=self.engine.host)
+                                            confined=confined(caller), host=self.engine.host, keys=keys)
             return inspection_to_dict(found)
 
     async def mount(self, caller: Caller, image: str, options: dict[str, Any], key_fd: int = -1) -> MountInfo:

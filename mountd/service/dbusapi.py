@@ -58,7 +58,7 @@ __all__ = [
 # Each method's options: key -> variant signature. Anything else is InvalidArgument.
 MOUNT_OPTIONS = {"read-only": "b", "volumes": "as", "mount-root": "s", "format": "s", "snapshot": "s",
                  "backend": "s", "mount-options": "as", "passphrases": "a{ss}", "key-file": "h"}
-INSPECT_OPTIONS = {"format": "s"}
+INSPECT_OPTIONS = {"format": "s", "passphrases": "a{ss}", "key-file": "h"}
 UNMOUNT_OPTIONS = {"force": "b"}
 # Lists in Inspect's result whose elements are strings; every other list holds dictionaries.
 STRING_LISTS = frozenset({"extents", "warnings", "physical-volumes", "logical-volumes", "backends",
@@ -236,6 +236,13 @@ def to_vardict(data: Mapping[str, Any]) -> dict[str, Variant]:
 # --- the interfaces ---------------------------------------------------------------------------------------
 
 
+def _key_fd(method: str, options: dict[str, Any], fds: list[int]) -> int:
+    """The descriptor of the ``key-file`` option (-1 without one); a call may send no other."""
+    if len(fds) > ("key-file" in options):
+        raise InvalidArgumentError(f"{method} takes no file descriptors but the one of its option key-file")
+    return key_file_fd(options, fds)
+
+
 class ManagerInterface(ApiInterface):
     constant = frozenset({"Version", "Backends"})
     signal_args = {"MountAdded": ("mount",), "MountRemoved": ("mount",)}
@@ -245,17 +252,17 @@ class ManagerInterface(ApiInterface):
         self.service = service
         self.backends = backends
 
-    @api_method("Inspect", (("image", "s"), ("options", "a{sv}")), (("info", "a{sv}"),))
-    async def inspect(self, caller: Caller, image: str, options: dict[str, Variant]) -> dict[str, Variant]:
-        data = await self.service.inspect(caller, image, parse_options(options, INSPECT_OPTIONS))
+    @api_method("Inspect", (("image", "s"), ("options", "a{sv}")), (("info", "a{sv}"),), takes_fds=True)
+    async def inspect(self, caller: Caller, image: str, options: dict[str, Variant],
+                      fds: list[int]) -> dict[str, Variant]:
+        parsed = parse_options(options, INSPECT_OPTIONS)
+        data = await self.service.inspect(caller, image, parsed, _key_fd("Inspect", parsed, fds))
         return to_vardict(data)
 
     @api_method("Mount", (("image", "s"), ("options", "a{sv}")), (("mount", "o"),), takes_fds=True)
     async def mount(self, caller: Caller, image: str, options: dict[str, Variant], fds: list[int]) -> str:
         parsed = parse_options(options, MOUNT_OPTIONS)
-        if len(fds) > ("key-file" in parsed):
-            raise InvalidArgumentError("Mount takes no file descriptors but the one of its option key-file")
-        info = await self.service.mount(caller, image, parsed, key_file_fd(parsed, fds))
+        info = await self.service.mount(caller, image, parsed, _key_fd("Mount", parsed, fds))
         return mount_path(info.id)
 
     @api_method("Unmount", (("mount", "o"), ("options", "a{sv}")))

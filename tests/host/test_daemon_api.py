@@ -11,11 +11,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from dbus_fast import Variant
-
 import mountd
 from imgmount_testkit.bus import Bus
-from imgmount_testkit.client import Client, call_message, client, connect, reply_of
+from imgmount_testkit.client import Client, call_message, client, connect, plain, reply_of
 from imgmount_testkit.daemon import Daemon
 from mountd.engine.inspection import inspect_image
 from mountd.engine.render import inspection_to_dict
@@ -105,19 +103,9 @@ def test_inspect_returns_the_json_shape(c: Client, shared: Path) -> None:
     image = qcow2(mbr.raw, shared / "mbr.qcow2")
     found = c.manager("Inspect", "sa{sv}", str(image), {"format": v("s", "qcow2")}).value()
     in_process = inspect_image(str(image), host=check_host())  # the daemon's host is this one
-    assert _plain(found) == _without_nulls(inspection_to_dict(in_process))
+    assert plain(found) == _without_nulls(inspection_to_dict(in_process))
     assert found["host"].value["backends"].signature == "as"
     assert found["chain"].signature == "aa{sv}" and found["chain"].value[0]["extents"].signature == "as"
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, Variant):
-        return _plain(value.value)
-    if isinstance(value, dict):
-        return {k: _plain(x) for k, x in value.items()}
-    if isinstance(value, list):
-        return [_plain(x) for x in value]
-    return value
 
 
 def _without_nulls(value: Any) -> Any:

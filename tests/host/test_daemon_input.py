@@ -166,7 +166,8 @@ def test_200_fds_are_closed_and_refused(c: Client, daemon: Daemon, guest: Guest)
     before = daemon.fd_count()
     fds = [os.open("/dev/null", os.O_RDONLY) for _ in range(200)]
     try:
-        for member, signature, body in (("ListMounts", "", []), ("Mount", "sa{sv}", [str(guest.raw), {}])):
+        for member, signature, body in (("ListMounts", "", []), ("Mount", "sa{sv}", [str(guest.raw), {}]),
+                                        ("Inspect", "sa{sv}", [str(guest.raw), {}])):
             reply = c.call(MANAGER_PATH, MANAGER_IFACE, member, signature, body, fds=fds)
             assert "takes no file descriptors" in error(reply, "InvalidArgument")
         reply = c.call(MANAGER_PATH, PROPS, "Get", "ss", [MANAGER_IFACE, "Version"], fds=fds[:50])

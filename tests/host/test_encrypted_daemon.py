@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 
 from imgmount_testkit.bus import Bus
-from imgmount_testkit.client import Client
+from imgmount_testkit.client import Client, plain
 from imgmount_testkit.daemon import Daemon
 from imgmount_testkit.users import OtherUser
-from mountd.service.dbusapi import MOUNT_IFACE
+from mountd.service.dbusapi import MANAGER_IFACE, MANAGER_PATH, MOUNT_IFACE
 from tests.support import guests, leftovers
 from tests.support.bitlocker_guest import RECOVERY, bitlocker_guest
 from tests.support.crypt_guests import IMAGE_PASSPHRASE, PASSPHRASE
@@ -126,6 +126,26 @@ def test_no_key_names_the_locked_volume_and_how_to_give_one(c: Client, luks1_dis
     text = error(c.mount(luks_qcow2.raw), "InvalidArgument")
     assert "is encrypted by QEMU (luks): give its passphrase" in text
     assert c.manager("ListMounts").value() == []
+
+
+def test_inspect_looks_inside_a_qemu_encrypted_image_with_its_key(c: Client, daemon: Daemon, luks_qcow2: Guest,
+                                                                  key_file: Callable[[bytes], Path]) -> None:
+    """Inspect takes the Mount call's keys: without one it says the image is locked and shows nothing in
+    it; with the passphrase, or a key file sent as an fd, it shows the filesystem inside; a wrong one is one
+    sentence. Nothing stays, and the key is in no file of the daemon's."""
+    image = str(luks_qcow2.raw)
+    locked = plain(c.manager("Inspect", "sa{sv}", image, {}).value())
+    assert (locked["locked"], locked["volumes"]) == ("QEMU luks", [])
+    given = c.manager("Inspect", "sa{sv}", image, {"passphrases": v("a{ss}", {"image": IMAGE_PASSPHRASE.decode()})})
+    with open(key_file(IMAGE_PASSPHRASE), "rb") as key:
+        sent = c.call(MANAGER_PATH, MANAGER_IFACE, "Inspect", "sa{sv}", [image, {"key-file": v("h", 0)}],
+                      fds=[key.fileno()])
+    for reply in (plain(given.value()), plain(sent.value())):
+        assert [(x["name"], x["filesystem"]["type"]) for x in reply["volumes"]] == [("p1", "ext4")]
+    wrong = c.manager("Inspect", "sa{sv}", image, {"passphrases": v("a{ss}", {"image": "not it"})})
+    assert error(wrong, "InvalidArgument") == "wrong passphrase for the image"
+    assert c.manager("ListMounts").value() == []
+    assert_no_secret_kept(daemon, IMAGE_PASSPHRASE)
 
 
 def test_a_users_key_file_is_read_from_her_fd(c: Client, other: Callable[..., OtherUser],
