@@ -184,12 +184,18 @@ def mountable_types() -> frozenset[str]:
 
 
 def _loadable(release: str, missing: frozenset[str]) -> frozenset[str]:
-    # No /proc/sys/kernel/modprobe: a kernel without module support. No /lib/modules/RELEASE: none installed.
-    if not os.path.exists("/proc/sys/kernel/modprobe") or not os.path.isdir(f"/lib/modules/{release}"):
-        return frozenset()
-    if _read_first("/proc/sys/kernel/modules_disabled") == "1" or not command.have("modprobe"):
+    if not _modules_load(release):
         return frozenset()
     return frozenset(fstype for fstype in missing if _module_loads(release, fstype))
+
+
+@functools.lru_cache(maxsize=4)
+def _modules_load(release: str) -> bool:
+    """Whether this kernel loads modules at all (asked once a process, as before: each mount asks)."""
+    # No /proc/sys/kernel/modprobe: a kernel without module support. No /lib/modules/RELEASE: none installed.
+    if not os.path.exists("/proc/sys/kernel/modprobe") or not os.path.isdir(f"/lib/modules/{release}"):
+        return False
+    return _read_first("/proc/sys/kernel/modules_disabled") != "1" and command.have("modprobe")
 
 
 @functools.lru_cache(maxsize=64)
