@@ -39,8 +39,6 @@ def _nbds() -> set[str]:
 
 
 def _dm_devices() -> set[str]:
-    if not Path("/sys/class/misc/device-mapper").exists():  # no device-mapper in this kernel
-        return set()
     return {f"device-mapper device {d.name} (uuid {d.uuid or 'none'})" for d in dmlist.dm_devices()}
 
 
